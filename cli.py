@@ -1,4 +1,4 @@
-"""Command line: click wiring only. Each command parses its options, calls one function, prints its summary.
+"""Command line: click wiring only; each command parses options, calls one function, prints.
 
     python cli.py extract --dataset ucf101        # phase one, once per dataset
     python cli.py train-heads --shots 5           # phase two, minutes per experiment

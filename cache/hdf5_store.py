@@ -32,7 +32,8 @@ def _open_file(path: str, mode: str) -> h5py.File:
     except FileNotFoundError:
         raise UserError(f"no cache at {path}") from None
     except FileExistsError:
-        raise UserError(f"{path} already exists; open it, or pass overwrite to replace it") from None
+        raise UserError(f"{path} already exists; open it, or pass overwrite to replace it") \
+            from None
     except BlockingIOError:
         raise UserError(_locked_message(path)) from None
     except OSError as e:

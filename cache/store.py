@@ -63,7 +63,7 @@ def _contiguous_runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
 
 @dataclass(frozen=True)
 class SplitData:
-    """One split in memory: features (n, C, T, H, W), labels (n,), and the cache rows they came from."""
+    """One split in memory: features (n, C, T, H, W), labels (n,), the cache rows they came from."""
 
     features: np.ndarray | torch.Tensor
     labels: np.ndarray
@@ -258,7 +258,8 @@ class FeatureCache:
         self._require_writable()
         features = np.asarray(features)
         if features.shape != self.shape:
-            raise ValueError(f"row {row}: features of shape {features.shape}, cache holds {self.shape}")
+            raise ValueError(f"row {row}: features of shape {features.shape}, "
+                             f"the cache holds {self.shape}")
         if self._backend.read("done", row):
             self._backend.write("done", row, False)  # never leave a done flag over stale data
         dtype = self.attrs["dtype"]

@@ -19,8 +19,9 @@ from cache.errors import UserError
 COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
+def _storage_options(path: str) -> dict | None:
+    # fsspec's local filesystem does not create folders unless asked to
+    return {"auto_mkdir": True} if path.startswith("file://") else None
 
 
 class ZarrBackend:
@@ -33,7 +34,8 @@ class ZarrBackend:
     @classmethod
     def create(cls, path: str, arrays: dict[str, dict], attrs: dict, overwrite: bool):
         try:
-            group = zarr.open_group(path, mode="w" if overwrite else "w-")
+            group = zarr.open_group(path, mode="w" if overwrite else "w-",
+                                    storage_options=_storage_options(path))
         except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
             raise UserError(
                 f"{path} already exists; open it, or pass overwrite to replace it"

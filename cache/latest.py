@@ -1,0 +1,39 @@
+"""Remembers the most recently written cache, so that `train-heads` works with no arguments.
+
+`extract` (and `synth`) call ``remember_cache`` when they finish; `train-heads` calls
+``latest_cache`` when no ``--cache`` is given. The record is a small JSON file,
+``caches/latest.json`` under the working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from cache.errors import UserError
+
+LATEST_FILE = Path("caches") / "latest.json"
+
+
+def default_cache_path(dataset: str, backend: str = "zarr") -> str:
+    """Where `extract --dataset D` writes unless told otherwise."""
+    return str(Path("caches") / f"{dataset}.{'h5' if backend == 'hdf5' else 'zarr'}")
+
+
+def remember_cache(path: str, dataset: str) -> None:
+    LATEST_FILE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = LATEST_FILE.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"path": str(path), "dataset": dataset}))
+    os.replace(tmp, LATEST_FILE)
+
+
+def latest_cache() -> tuple[str, str]:
+    """(path, dataset) of the most recently extracted cache."""
+    if not LATEST_FILE.exists():
+        raise UserError(
+            "no cache given and none extracted yet: run `python cli.py extract --dataset D` "
+            "first, or pass --cache PATH"
+        )
+    record = json.loads(LATEST_FILE.read_text())
+    return record["path"], record["dataset"]
