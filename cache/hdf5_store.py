@@ -81,6 +81,9 @@ class HDF5Backend:
     def array(self, name: str):
         return self.file[name]
 
+    def read_done(self) -> np.ndarray:
+        return self.file["done"][:].astype(bool)
+
     def read_strings(self, name: str) -> list[str]:
         return list(self.file[name].asstr()[:])
 

@@ -235,7 +235,7 @@ class FeatureCache:
     @property
     def done(self) -> np.ndarray:
         """Done flags of all rows, read fresh (other processes may be writing)."""
-        return self._backend.read("done", slice(None)).astype(bool)
+        return self._backend.read_done()
 
     def rows(self, split: str | None = None, done_only: bool = True) -> np.ndarray:
         """Sorted row indices of one split (all splits for None), by default only done rows."""
@@ -280,7 +280,7 @@ class FeatureCache:
 
     # ----------------------------------------------------------------- reading
     def _check_done(self, rows: np.ndarray) -> None:
-        done = self.done[rows]
+        done = self.done[rows] if len(rows) > 1 else self._backend.read("done", rows).astype(bool)
         if not done.all():
             missing = np.asarray(rows)[~done][:5].tolist()
             raise UserError(f"{self.path}: rows {missing} are not done (extraction unfinished)")

@@ -311,3 +311,11 @@ def test_hdf5_refuses_a_second_writer_with_a_clear_message(tmp_path):
     writer.close()
     assert "in use by another process" in second.stdout
     assert "one writer at a time" in second.stdout
+
+
+def test_done_flags_read_by_listing_match_the_stored_array(empty_cache):
+    fill(empty_cache, [0, 2, 5, 8])
+    empty_cache._backend.write("done", 2, False)
+    stored = empty_cache._backend.read("done", slice(None)).astype(bool)
+    assert stored.tolist() == [i in (0, 5, 8) for i in range(9)]
+    np.testing.assert_array_equal(empty_cache.done, stored)
