@@ -1,0 +1,69 @@
+"""OTAM (Cao et al. 2020) ordered temporal alignment: the soft-min cumulative path distance
+between two frame sequences, used by the training-free ``otam`` head.
+
+The frame cosine-distance matrix D (rows: one sequence's frames, columns: the other's) gets a
+zero column at both ends of the column axis. A path runs from the top-left to the bottom-right
+corner moving right or diagonally; inside the zero columns it may also move down, so it can
+skip rows at the start and at the end for free. The cumulative cost uses a soft minimum
+min_lambda(x) = -lambda * logsumexp(-x / lambda) with lambda = 0.1. The head sums both
+directions (rows = query, then rows = support) and averages over the shots of a class.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LAMBDA = 0.1
+
+
+def frame_distances(query: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """1 - cos of every query frame with every support frame.
+
+    query (M, C, T), support (S, C, T) -> (M, S, T_query, T_support).
+    """
+    # in float32 even under autocast: the soft-min path sums these, and ranks classes by it
+    with torch.autocast(query.device.type, enabled=False):
+        dtype = torch.promote_types(query.dtype, torch.float32)
+        q = F.normalize(query.to(dtype), dim=1)  # (M, C, T)
+        s = F.normalize(support.to(dtype), dim=1)  # (S, C, T)
+        return 1 - torch.einsum("mcx,scy->msxy", q, s)  # (M, S, T, T)
+
+
+def soft_min(values: list[torch.Tensor], lam: float = LAMBDA) -> torch.Tensor:
+    """-lam * logsumexp(-v / lam) over a list of equally shaped tensors."""
+    return -lam * torch.logsumexp(torch.stack(values) / -lam, dim=0)
+
+
+def cumulative_alignment(dist: torch.Tensor, lam: float = LAMBDA) -> torch.Tensor:
+    """Soft-min OTAM path cost of ``dist`` (..., R, S) with zero columns padded at both ends.
+
+    Row 0 can only move right; in the padded first and last columns a path may also move
+    down; between them it moves right or diagonally. Returns (...,) the cost at the last row
+    of the last (padded) column.
+    """
+    rows = dist.shape[-2]
+    padded = F.pad(dist, (1, 1))  # (..., R, S + 2)
+    cols = padded.shape[-1]
+    prev = list(padded[..., 0, :].cumsum(-1).unbind(-1))  # row 0: right moves only
+    for i in range(1, rows):
+        cur = [padded[..., i, 0] + prev[0]]  # first padded column: down only
+        for j in range(1, cols):
+            options = [prev[j - 1], cur[j - 1]]  # diagonal, right
+            if j == cols - 1:
+                options.append(prev[j])  # down, inside the last padded column
+            cur.append(padded[..., i, j] + soft_min(options, lam))
+        prev = cur
+    return prev[-1]  # (...,)
+
+
+def otam_distance(query: torch.Tensor, support: torch.Tensor, lam: float = LAMBDA) -> torch.Tensor:
+    """Both-direction OTAM distance of every query (M, C, T) to every support video (S, C, T).
+
+    Returns (M, S): alignment with the support axis padded plus alignment with the query axis
+    padded.
+    """
+    dist = frame_distances(query, support)  # (M, S, T, T)
+    forward = cumulative_alignment(dist, lam)  # (M, S) rows = query frames
+    backward = cumulative_alignment(dist.transpose(-1, -2), lam)  # (M, S) rows = support frames
+    return forward + backward
