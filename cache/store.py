@@ -389,5 +389,8 @@ def format_info(info: dict) -> str:
                  + (f" (compression {ratio:.2f}x)" if ratio else ""))
     for key in ("backbone", "weights", "image_size", "sampling", "dataset", "created"):
         if key in attrs:
-            lines.append(f"{key:<10} {attrs[key]}")
+            value = attrs[key]
+            if isinstance(value, dict):  # e.g. weights: {source, description, sha256 ...}
+                value = value.get("description", value)
+            lines.append(f"{key:<10} {value}")
     return "\n".join(lines)

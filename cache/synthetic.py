@@ -56,8 +56,8 @@ class SynthConfig:
     size: int = 7
     patterns: int = 4
     train_classes: int = 12
-    val_classes: int = 4
-    test_classes: int = 8
+    val_classes: int = 5
+    test_classes: int = 7
     videos_per_class: int = 20
     min_duration: float = 0.5
     evolution: float = 2.0

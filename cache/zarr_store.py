@@ -104,6 +104,9 @@ class ZarrBackend:
         return dict(self.group.attrs)
 
     def update_attrs(self, values: dict) -> None:
+        # zarr rewrites the whole attribute document from its in-memory copy: re-read it first so
+        # that keys other processes added since this group was opened are kept.
+        self.group = zarr.open_group(self.group.store, path=self.group.path, mode="r+")
         self.group.attrs.update(values)
 
     def bytes_stored(self) -> int:

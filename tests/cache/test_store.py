@@ -319,3 +319,15 @@ def test_done_flags_read_by_listing_match_the_stored_array(empty_cache):
     stored = empty_cache._backend.read("done", slice(None)).astype(bool)
     assert stored.tolist() == [i in (0, 5, 8) for i in range(9)]
     np.testing.assert_array_equal(empty_cache.done, stored)
+
+
+def test_update_attrs_keeps_keys_another_writer_added(tmp_path):
+    video_ids, splits, labels = make_rows(3)
+    path = tmp_path / "attrs.zarr"
+    first = FeatureCache.create(path, video_ids=video_ids, splits=splits, labels=labels,
+                                classes=CLASSES, shape=SHAPE)
+    second = FeatureCache.open(path, mode="r+")
+    second.update_attrs(errors_rank1=["b/v1"])
+    first.update_attrs(errors_rank0=["a/v0"])
+    attrs = FeatureCache.open(path).attrs
+    assert attrs["errors_rank0"] == ["a/v0"] and attrs["errors_rank1"] == ["b/v1"]

@@ -1,0 +1,220 @@
+"""Split lists -> video records: which videos a dataset has, their labels, where they are on disk.
+
+The few-shot split lists are vendored under ``extract/splits/`` (see its README): one video a line,
+``<class folder>/<video stem>``. This module turns the lines of the chosen splits into
+``VideoRecord`` s (video id, split, label, path) and lists the videos it cannot find on disk.
+
+Where a line's video is looked for, in order (the first match wins):
+
+- ucf101, hmdb51, custom: ``<root>/<class>/<stem>.<video ext>``, or the frame folder
+  ``<root>/<class>/<stem>/``
+- kinetics: the same, with the class folder spelt with spaces or with underscores
+- ssv2, ssv2-cmn: ``<root>/<stem>.<video ext>`` or ``<root>/<stem>/``; then as above
+
+Class names are the class folders of the lines; for SSv2 they are the split-prefixed labels of the
+lists (``train8``, ``val3``), which are unique across splits because they carry the split's name.
+Labels index the class list: classes of the chosen splits in split order (train, val, test),
+sorted naturally within a split, taken from the whole lists so that labels never depend on what
+is on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cache import SPLITS, UserError
+
+SPLITS_DIR = Path(__file__).resolve().parent / "splits"
+DATASETS = ("ucf101", "hmdb51", "ssv2", "ssv2-cmn", "kinetics", "custom")
+SPLIT_FOLDERS = {
+    "ucf101": "ucf_ARN",
+    "hmdb51": "hmdb_ARN",
+    "ssv2": "ssv2_OTAM",
+    "ssv2-cmn": "ssv2_CMN",
+    "kinetics": "kinetics_CMN",
+}
+# SSv2 classes depend on left/right ("pushing something from left to right"): never flip them.
+NO_FLIP_DATASETS = ("ssv2", "ssv2-cmn")
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
+                    ".wmv", ".3gp", ".ogv")
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One video of a split list, found on disk. ``kind`` is "file" or "frames" (a frame folder)."""
+
+    video_id: str
+    split: str
+    label: int
+    class_name: str
+    path: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class VideoList:
+    """The chosen splits of a dataset: videos found, lines not found, and the class list."""
+
+    records: list[VideoRecord]
+    missing: list[str]
+    classes: list[str]
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders ``train2`` before ``train10`` and ``img_9`` before ``img_10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def split_list_files(dataset: str, split_dir: str | os.PathLike | None) -> dict[str, Path]:
+    """The split-list file of each split: the vendored lists, or ``--split-dir`` for custom."""
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if dataset == "custom" or split_dir is not None:
+        if split_dir is None:
+            raise UserError("--dataset custom needs --split-dir DIR holding trainlist.txt, "
+                            "vallist.txt and testlist.txt")
+        folder = Path(split_dir)
+        files = {s: folder / f"{s}list.txt" for s in SPLITS}
+        if not any(f.exists() for f in files.values()):
+            raise UserError(f"{folder} holds none of trainlist.txt, vallist.txt, testlist.txt")
+        return files
+    folder = SPLITS_DIR / SPLIT_FOLDERS[dataset]
+    return {s: folder / f"{s}list03.txt" for s in SPLITS}
+
+
+def read_split_lines(path: Path) -> list[str]:
+    """Lines ``<class>/<stem>`` of one split list (a missing custom list is an empty split)."""
+    if not path.exists():
+        return []
+    lines = []
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "/" not in line:
+            raise UserError(f"{path}:{number}: expected '<class>/<stem>', got {line!r}")
+        lines.append(line)
+    return lines
+
+
+class _DirIndex:
+    """Lists each folder once, so that finding 80k videos costs one ``scandir`` per folder."""
+
+    def __init__(self):
+        self._folders: dict[str, dict[str, tuple[str, str]]] = {}
+
+    def lookup(self, folder: str, stem: str) -> tuple[str, str] | None:
+        """(path, kind) of ``<folder>/<stem>.<video ext>`` or of the frame folder
+        ``<folder>/<stem>``."""
+        if folder not in self._folders:
+            self._folders[folder] = self._scan(folder)
+        return self._folders[folder].get(stem)
+
+    @staticmethod
+    def _scan(folder: str) -> dict[str, tuple[str, str]]:
+        found: dict[str, tuple[str, str, int]] = {}
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        for entry in entries:
+            if entry.is_dir():
+                found.setdefault(entry.name, (entry.path, "frames", len(VIDEO_EXTENSIONS)))
+                continue
+            stem, ext = os.path.splitext(entry.name)
+            ext = ext.lower()
+            if ext in VIDEO_EXTENSIONS:
+                rank = VIDEO_EXTENSIONS.index(ext)
+                if stem not in found or rank < found[stem][2]:
+                    found[stem] = (entry.path, "file", rank)
+        return {stem: (path, kind) for stem, (path, kind, _) in found.items()}
+
+
+def candidate_folders(dataset: str, root: str, class_name: str) -> list[str]:
+    """Folders where a line's video may sit, most likely first."""
+    by_class = [os.path.join(root, class_name)]
+    if dataset == "kinetics":
+        for variant in (class_name.replace(" ", "_"), class_name.replace("_", " ")):
+            if variant != class_name:
+                by_class.append(os.path.join(root, variant))
+    if dataset in NO_FLIP_DATASETS:
+        return [root, *by_class]
+    return by_class
+
+
+def list_classes(lines_by_split: dict[str, list[str]]) -> list[str]:
+    """Classes in split order, naturally sorted within each split, each once."""
+    classes: list[str] = []
+    seen: set[str] = set()
+    for split in SPLITS:
+        names = {line.split("/", 1)[0] for line in lines_by_split.get(split, [])}
+        for name in sorted(names - seen, key=natural_key):
+            classes.append(name)
+            seen.add(name)
+    return classes
+
+
+class VideoLocator:
+    """Finds the file or frame folder of split-list lines under a dataset root."""
+
+    def __init__(self, dataset: str, root: str | os.PathLike):
+        self.dataset = dataset
+        self.root = str(root)
+        self._index = _DirIndex()
+
+    def locate(self, line: str) -> tuple[str, str] | None:
+        """(path, kind) of the line's video, or None when it is not on disk."""
+        class_name, stem = line.split("/", 1)
+        for folder in candidate_folders(self.dataset, self.root, class_name):
+            hit = self._index.lookup(folder, stem)
+            if hit:
+                return hit
+        return None
+
+
+def find_videos(
+    dataset: str,
+    root: str | os.PathLike,
+    *,
+    splits: tuple[str, ...] = SPLITS,
+    split_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+) -> VideoList:
+    """Records of the chosen splits' videos found under ``root``; lines not found are ``missing``.
+
+    Args:
+        dataset: one of ``DATASETS``.
+        root: the dataset's folder (videos or frame folders).
+        splits: which splits to take, in any order (records keep train, val, test order).
+        split_dir: folder with trainlist.txt / vallist.txt / testlist.txt (custom, or to override).
+        limit: keep only the first ``limit`` videos found per split.
+    """
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise UserError(f"unknown split(s) {', '.join(unknown)}; choose from {', '.join(SPLITS)}")
+    if not os.path.isdir(root):
+        raise UserError(f"dataset folder {root} does not exist; pass --root DIR")
+    files = split_list_files(dataset, split_dir)
+    lines_by_split = {s: read_split_lines(files[s]) for s in SPLITS if s in splits}
+    classes = list_classes(lines_by_split)
+    label_of = {name: i for i, name in enumerate(classes)}
+    locator = VideoLocator(dataset, root)
+    records: list[VideoRecord] = []
+    missing: list[str] = []
+    for split, lines in lines_by_split.items():
+        kept = 0
+        for line in lines:
+            if limit is not None and kept >= limit:
+                break
+            hit = locator.locate(line)
+            if hit is None:
+                missing.append(line)
+                continue
+            class_name = line.split("/", 1)[0]
+            records.append(VideoRecord(line, split, label_of[class_name], class_name, *hit))
+            kept += 1
+    return VideoList(records=records, missing=missing, classes=classes)

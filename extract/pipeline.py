@@ -1,0 +1,637 @@
+"""Phase one end to end: videos -> parallel decode -> batched backbone forward -> cache rows.
+
+``run_extract(config, device)`` is what ``cli.py extract`` calls. The flow of one process:
+
+    decode workers (DecodePool, processes)      one video each, crops of all its views (uint8)
+      -> producer thread -> bounded queue       prefetch: at most ``prefetch`` decoded videos wait
+      -> main thread: Batcher + forward         frames of several videos in one forward pass
+      -> writer thread -> FeatureCache.write_row   compress + write while the next batch runs
+
+The backbone never waits while decoded frames are queued: a batch is run as soon as
+``batch_size`` frames are ready, or with whatever is ready when the queue is empty. Memory stays
+bounded whatever the dataset size (prefetch queue + one batch + a short write queue).
+
+Resume: rows already done are skipped; a cache made with other backbone, weights, frames, image
+size, resize, views, dtype or selection of videos is refused unless ``overwrite``.
+
+Scale-out (``torchrun``, or RANK / WORLD_SIZE set by hand, also across machines on a shared
+filesystem): rank k extracts rows k, k+W, k+2W ... into the same Zarr store. Rank 0 creates the
+cache; the others wait (up to ``wait_timeout``) until it is complete. Rows and done flags are
+separate chunks, so writers never touch the same object. Error reports: one process writes attr
+``errors`` = {"missing": [...], "failed": [{video, reason}]}; under W > 1 processes rank k writes
+its failures to ``errors_rank<k>`` instead (a key of its own, written on a freshly opened group and
+checked again after a pause, since every attribute write rewrites the whole attribute object).
+``read_errors`` merges them and drops failures whose row is done by now. HDF5 is single-writer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import subprocess
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cache import SPLITS, FeatureCache, UserError
+from cache.latest import default_cache_path, remember_cache
+from extract.backbone import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, load_backbone
+from extract.datasets import NO_FLIP_DATASETS, VideoList, VideoLocator, find_videos
+from extract.decode import DecodedVideo, DecodeFailure, DecodePool, DecodeTask
+
+SAMPLING = "tsn-centre"
+_STARTED = datetime.now(UTC)
+# Attributes that decide a row's content: a cache is resumed only if they all agree.
+FINGERPRINT = ("dataset", "backbone", "weights_state_sha256", "frames", "image_size", "resize",
+               "aug_views", "aug_seed", "aug_flip", "dtype", "sampling", "selection")
+
+
+@dataclass
+class ExtractConfig:
+    """Every option of ``cli.py extract`` (stored in the cache attributes as ``extract_config``)."""
+
+    dataset: str
+    root: str | None = None
+    split_dir: str | None = None
+    splits: tuple[str, ...] = SPLITS
+    limit: int | None = None
+    out: str | None = None
+    backend: str = "zarr"
+    backbone: str = "resnet50"
+    weights: str = "imagenet"
+    frames: int = 8
+    image_size: int = 224
+    resize: int = 256
+    aug_views: int = 0
+    seed: int = 0
+    dtype: str = "float16"
+    batch_size: int | None = None  # frames per forward; None: 256 on CUDA, 32 on CPU
+    workers: int | None = None  # decode processes; None: see default_workers
+    timeout: float = 60.0
+    overwrite: bool = False
+    wait_timeout: float = 900.0  # how long ranks > 0 wait for rank 0's cache
+
+    def __post_init__(self):
+        self.root = self.root or os.path.join("data", self.dataset)
+        self.out = self.out or default_cache_path(self.dataset, self.backend)
+        unknown = sorted(set(self.splits) - set(SPLITS))
+        if unknown or not self.splits:
+            raise UserError(f"--splits takes a comma-separated list of {', '.join(SPLITS)}, "
+                            f"not {','.join(self.splits) or 'nothing'}")
+        self.splits = tuple(s for s in SPLITS if s in self.splits)
+        if self.image_size > self.resize:
+            raise UserError(f"--image-size {self.image_size} is larger than --resize {self.resize}")
+        for name in ("frames", "image_size", "resize"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.aug_views < 0:
+            raise UserError("--aug-views must be 0 or more")
+        if self.limit is not None and self.limit < 1:
+            raise UserError("--limit must be at least 1")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of the rows: rows r with r % world_size == rank."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Shard:
+        """From torchrun's RANK / WORLD_SIZE / LOCAL_RANK (one process when they are unset)."""
+        try:
+            rank = int(os.environ.get("RANK", 0))
+            world = int(os.environ.get("WORLD_SIZE", 1))
+            local = int(os.environ.get("LOCAL_RANK", rank))
+        except ValueError:
+            raise UserError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
+        if world < 1 or not 0 <= rank < world:
+            raise UserError(f"RANK={rank} is not within WORLD_SIZE={world}")
+        return cls(rank, world, local)
+
+    def rows(self, n: int) -> np.ndarray:
+        return np.arange(self.rank, n, self.world_size)
+
+
+@dataclass
+class ExtractSummary:
+    """What one process did; ``lines()`` is what the command prints."""
+
+    cache_path: str
+    rank: int
+    world_size: int
+    rows: int
+    shard_rows: int
+    already_done: int
+    extracted: int = 0
+    frames: int = 0
+    seconds: float = 0.0
+    failed: list[dict] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    fallbacks: list[dict] = field(default_factory=list)
+    cache_bytes: int = 0
+    done_rows: int = 0
+    device: str = "cpu"
+
+    def lines(self, show: int = 20) -> list[str]:
+        rate = self.extracted / self.seconds if self.seconds else 0.0
+        fps = self.frames / self.seconds if self.seconds else 0.0
+        who = f"rank {self.rank}/{self.world_size}: " if self.world_size > 1 else ""
+        lines = [
+            f"{who}extracted {self.extracted} videos ({self.frames} frames) in "
+            f"{self.seconds:.1f} s: {rate:.2f} videos/s, {fps:.1f} frames/s on {self.device}",
+            f"{who}{self.already_done} already done, {len(self.failed)} failed, "
+            f"{len(self.missing)} missing on disk; cache {self.done_rows}/{self.rows} rows done",
+            f"cache {self.cache_path} ({self.cache_bytes / 2**20:.1f} MB)",
+        ]
+        if self.fallbacks:
+            lines.append(f"{len(self.fallbacks)} videos decoded by PyAV after decord failed")
+        for item in self.failed[:show]:
+            lines.append(f"  failed  {item['video']}: {item['reason']}")
+        for video in self.missing[:show]:
+            lines.append(f"  missing {video}")
+        hidden = max(0, len(self.failed) - show) + max(0, len(self.missing) - show)
+        if hidden:
+            lines.append(f"  ... {hidden} more in the cache's error report (attrs 'errors')")
+        return lines
+
+
+# ------------------------------------------------------------------------------ attributes
+def code_version() -> str:
+    """Package version, plus ``git describe`` when the code runs from a git checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("ta2n-cache")
+    except PackageNotFoundError:
+        release = "unknown"
+    try:
+        described = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return release
+    return f"{release}+{described}" if described else release
+
+
+def build_attrs(config: ExtractConfig, weights_attrs: dict, found: VideoList) -> dict:
+    flip = config.dataset not in NO_FLIP_DATASETS
+    return {
+        "dataset": config.dataset,
+        "backbone": config.backbone,
+        "weights": weights_attrs,
+        "weights_state_sha256": weights_attrs["state_sha256"],
+        "frames": config.frames,
+        "dtype": config.dtype,
+        "aug_views": config.aug_views,
+        "image_size": config.image_size,
+        "resize": config.resize,
+        "sampling": SAMPLING,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "aug_seed": config.seed if config.aug_views else None,
+        "aug_flip": flip if config.aug_views else None,
+        "augmentation": {"views": config.aug_views, "seed": config.seed, "flip": flip,
+                         "frames": "random frame per segment", "crop": "random"},
+        "selection": {"splits": list(config.splits), "limit": config.limit},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "extract_config": json.loads(json.dumps(asdict(config))),
+        "errors": {"missing": list(found.missing), "failed": []},
+    }
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def fingerprint_mismatch(existing: dict, wanted: dict) -> list[str]:
+    """Fingerprint attributes that differ, as 'name: cache X, this run Y'."""
+    return [f"{key}: cache {existing.get(key)!r}, this run {wanted[key]!r}"
+            for key in FINGERPRINT if existing.get(key) != _jsonable(wanted[key])]
+
+
+def read_errors(cache: FeatureCache) -> dict:
+    """The merged error report: missing videos and failures of rows that are still not done."""
+    attrs = cache.attrs
+    report = attrs.get("errors") or {}
+    done_ids = set(cache.video_ids[cache.done].tolist()) if len(cache) else set()
+    failed: dict[str, str] = {}
+    keys = sorted(k for k in attrs if k.startswith("errors_rank")) + ["errors"]
+    for key in keys:  # a video failed in several reports keeps one reason
+        for item in (attrs.get(key) or {}).get("failed", []):
+            if item["video"] not in done_ids:
+                failed[item["video"]] = item["reason"]
+    return {"missing": list(report.get("missing", [])),
+            "failed": [{"video": v, "reason": r} for v, r in sorted(failed.items())]}
+
+
+# ------------------------------------------------------------------------------ the cache
+def _create(config: ExtractConfig, found: VideoList, attrs: dict, shape) -> FeatureCache:
+    if not found.records:
+        raise UserError(
+            f"no video of the {'/'.join(config.splits)} split lists was found under "
+            f"{config.root} ({len(found.missing)} listed); check --root")
+    cache = FeatureCache.create(
+        config.out, video_ids=[r.video_id for r in found.records],
+        splits=[r.split for r in found.records], labels=[r.label for r in found.records],
+        classes=found.classes, shape=shape, dtype=config.dtype, aug_views=config.aug_views,
+        attrs=attrs, backend=config.backend, overwrite=True)
+    cache.update_attrs(extract_ready=True)  # the mark other ranks wait for
+    return cache
+
+
+def _exists(path: str) -> bool:
+    return "://" in path or os.path.exists(path)
+
+
+def _open_existing(config: ExtractConfig) -> FeatureCache | None:
+    """The cache at ``config.out`` opened for writing; None if there is none (or half-created)."""
+    if not _exists(config.out):
+        return None
+    try:
+        cache = FeatureCache.open(config.out, mode="r+", backend=config.backend)
+    except UserError as e:
+        if "://" in config.out and "no cache" in e.message:
+            return None
+        raise UserError(f"{e.message}; pass --overwrite to replace it") from None
+    if not cache.attrs.get("extract_ready"):
+        cache.close()  # creation was interrupted: nothing in it is worth keeping
+        return None
+    return cache
+
+
+def _run_token() -> str | None:
+    """torchrun's id of this launch (the same on every rank), if there is one."""
+    token = os.environ.get("TORCHELASTIC_RUN_ID")
+    return token if token and token != "none" else None
+
+
+def _made_by_this_launch(attrs: dict) -> bool:
+    """Whether a cache was (re)created by this launch's rank 0: same torchrun id, or else
+    created after this process started (less a margin for clocks and start-up order)."""
+    token = _run_token()
+    if token:
+        return attrs.get("run_id") == token
+    return attrs.get("created", "") >= (_STARTED - timedelta(minutes=5)).isoformat(
+        timespec="seconds")
+
+
+def open_cache(config: ExtractConfig, shard: Shard, found: VideoList, attrs: dict,
+               shape: tuple[int, int, int, int]) -> FeatureCache:
+    """Rank 0 creates or resumes the cache; other ranks wait until it is there and matches."""
+    attrs = {**attrs, "run_id": _run_token()}
+    if shard.rank == 0:
+        cache = None if config.overwrite else _open_existing(config)
+        if cache is None:
+            return _create(config, found, attrs, shape)
+        problems = fingerprint_mismatch(cache.attrs, attrs)
+        if problems:
+            cache.close()
+            raise UserError(f"{config.out} was extracted with other settings "
+                            f"({'; '.join(problems)}); pass --overwrite to replace it, "
+                            "or --out to write elsewhere")
+        return cache
+    deadline = time.monotonic() + config.wait_timeout
+    while True:
+        try:
+            cache = _open_existing(config)
+        except UserError:
+            cache = None  # rank 0 may be creating it right now
+        if cache is not None:
+            problems = fingerprint_mismatch(cache.attrs, attrs)
+            if not problems and (not config.overwrite or _made_by_this_launch(cache.attrs)):
+                return cache
+            cache.close()
+            if problems and not config.overwrite:
+                raise UserError(f"{config.out} was extracted with other settings "
+                                f"({'; '.join(problems)}); rank 0 will refuse it too")
+        if time.monotonic() > deadline:
+            raise UserError(f"rank {shard.rank}: no complete cache appeared at {config.out} "
+                            f"within {config.wait_timeout:g} s; is rank 0 running?")
+        time.sleep(1.0)
+
+
+def _write_rank_errors(config: ExtractConfig, shard: Shard, report: dict, tries: int = 5) -> None:
+    """Store this rank's failures under its own key, surviving other ranks' attribute writes."""
+    key = f"errors_rank{shard.rank}"
+    for _ in range(tries):
+        with FeatureCache.open(config.out, mode="r+", backend=config.backend) as cache:
+            cache.update_attrs(**{key: report})
+        time.sleep(1.0 + 0.1 * shard.rank)  # another rank's stale rewrite lands within this pause
+        with FeatureCache.open(config.out, backend=config.backend) as cache:
+            if cache.attrs.get(key) == _jsonable(report):
+                return
+
+
+# ------------------------------------------------------------------------------ batching
+@dataclass
+class _Pending:
+    video: DecodedVideo
+    frames: np.ndarray  # (V*T, 3, S, S) uint8
+    taken: int = 0
+    outputs: list = field(default_factory=list)
+    got: int = 0
+
+
+class Batcher:
+    """Packs the frames of queued videos into forward batches and reassembles each video's maps."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.queue: deque[_Pending] = deque()
+        self.waiting = 0  # frames not yet in a batch
+
+    def add(self, video: DecodedVideo) -> None:
+        frames = video.views.reshape(-1, *video.views.shape[2:])
+        self.queue.append(_Pending(video, frames))
+        self.waiting += len(frames)
+
+    def take(self) -> tuple[np.ndarray, list[tuple[_Pending, int]]]:
+        """Up to ``batch_size`` frames from the oldest videos, and who they belong to."""
+        parts, owners, room = [], [], self.batch_size
+        for item in self.queue:
+            if room == 0:
+                break
+            count = min(room, len(item.frames) - item.taken)
+            if count == 0:
+                continue
+            parts.append(item.frames[item.taken:item.taken + count])
+            owners.append((item, count))
+            item.taken += count
+            room -= count
+        self.waiting -= self.batch_size - room
+        return np.concatenate(parts), owners
+
+    def give(self, maps: torch.Tensor, owners: list[tuple[_Pending, int]]) -> list[_Pending]:
+        """Hand a batch's maps back to their videos; return the videos now complete."""
+        start = 0
+        for item, count in owners:
+            item.outputs.append(maps[start:start + count])
+            item.got += count
+            start += count
+        complete = []
+        while self.queue and self.queue[0].got == len(self.queue[0].frames):
+            complete.append(self.queue.popleft())
+        return complete
+
+
+def video_maps(item: _Pending, frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """A complete video's maps: cached view (C, T, h, w) and augmented views (V-1, C, T, h, w)."""
+    maps = torch.cat(item.outputs)  # (V*T, C, h, w)
+    maps = maps.view(-1, frames, *maps.shape[1:]).permute(0, 2, 1, 3, 4)  # (V, C, T, h, w)
+    maps = maps.numpy()
+    return maps[0], maps[1:]
+
+
+# ------------------------------------------------------------------------------ threads
+_END = object()
+
+
+class _Producer(threading.Thread):
+    """Feeds decoded videos (and failures) from the pool into a bounded queue."""
+
+    def __init__(self, pool: DecodePool, tasks: list[DecodeTask], capacity: int):
+        super().__init__(daemon=True)
+        self.pool, self.tasks = pool, tasks
+        self.out: queue.Queue = queue.Queue(maxsize=capacity)
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        results = self.pool.imap(self.tasks)
+        try:
+            for item in results:
+                while not self.stop.is_set():
+                    try:
+                        self.out.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop.is_set():
+                    break
+        except BaseException as e:  # handed to the main thread, which re-raises it
+            self.error = e
+        finally:
+            results.close()  # kills or stops the workers
+            self.out.put(_END)
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        while self.is_alive():
+            try:
+                self.out.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+
+class _Writer(threading.Thread):
+    """Writes finished rows through the cache API while the main thread runs the next batch."""
+
+    def __init__(self, cache: FeatureCache, progress: tqdm, capacity: int):
+        super().__init__(daemon=True)
+        self.cache, self.progress = cache, progress
+        self.inbox: queue.Queue = queue.Queue(maxsize=capacity)
+        self.error: BaseException | None = None
+        self.written = 0
+        self.frames = 0
+        self.started = time.perf_counter()
+
+    def run(self) -> None:
+        while True:
+            item = self.inbox.get()
+            if item is _END:
+                return
+            if self.error is not None:
+                continue  # drain, so the main thread never blocks on a full inbox
+            row, features, aug, n_frames = item
+            try:
+                self.cache.write_row(row, features, aug if aug.shape[0] else None)
+            except BaseException as e:  # handed to the main thread, which re-raises it
+                self.error = e
+                continue
+            self.written += 1
+            self.frames += n_frames
+            elapsed = max(time.perf_counter() - self.started, 1e-9)
+            self.progress.set_postfix_str(f"{self.frames / elapsed:.1f} frames/s", refresh=False)
+            self.progress.update(1)
+
+
+# ------------------------------------------------------------------------------ the run
+def default_workers(device: torch.device) -> int:
+    """Decode processes: on CUDA all cores but the feeding one; on CPU few, as they steal cores
+    from the backbone (one decoding process keeps up with a CPU ResNet on ~8 cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    if device.type == "cuda":
+        return max(1, min(cores - 2, 32))
+    return max(1, cores // 8)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Settings derived from the options and the device."""
+
+    batch_size: int  # frames per forward pass
+    workers: int  # decode processes
+    prefetch: int  # decoded videos that may wait for the backbone
+    nice: int  # niceness of the decode processes
+    timeout: float  # seconds per video and decoder
+
+    @classmethod
+    def make(cls, config: ExtractConfig, device: torch.device) -> RunPlan:
+        cuda = device.type == "cuda"
+        batch_size = config.batch_size or (256 if cuda else 32)
+        workers = default_workers(device) if config.workers is None else config.workers
+        per_video = (1 + config.aug_views) * config.frames
+        prefetch = max(2 * max(workers, 1), 2 * math.ceil(batch_size / per_video))
+        # A CPU backbone keeps every core busy: niced workers decode in the gaps instead of
+        # stalling its OpenMP threads (a descheduled thread holds up the whole forward pass).
+        return cls(batch_size, workers, prefetch, 0 if cuda else 10, config.timeout)
+
+
+def run_extract(config: ExtractConfig, device: torch.device, shard: Shard | None = None,
+                echo=print) -> ExtractSummary:
+    """Extract this process's shard of the dataset into ``config.out`` and summarise the run."""
+    shard = shard or Shard.from_env()
+    if config.backend == "hdf5" and shard.world_size > 1:
+        raise UserError(f"the hdf5 backend takes one writer; WORLD_SIZE={shard.world_size} "
+                        "processes need --backend zarr")
+    found = find_videos(config.dataset, config.root, splits=config.splits,
+                        split_dir=config.split_dir, limit=config.limit)
+    trunk, weights = load_backbone(config.backbone, config.weights, seed=config.seed)
+    if weights.warning:
+        echo(f"warning: {weights.warning}")
+    extractor = FeatureExtractor(trunk, device, out_dtype=getattr(torch, config.dtype))
+    channels, height, width = extractor.output_shape(config.image_size)
+    attrs = build_attrs(config, weights.to_attrs(), found)
+    if found.missing and shard.rank == 0:
+        echo(f"{len(found.missing)} listed videos are missing under {config.root} "
+             f"(skipped; full list in the cache's error report)")
+    cache = open_cache(config, shard, found, attrs, (channels, config.frames, height, width))
+    try:
+        rows = shard.rows(len(cache))
+        done = cache.done[rows]
+        summary = ExtractSummary(config.out, shard.rank, shard.world_size, len(cache), len(rows),
+                                 int(done.sum()), device=str(device))
+        if shard.rank == 0:
+            summary.missing = list(cache.attrs.get("errors", {}).get("missing", []))
+        tasks = _tasks(config, cache, rows[~done], summary)
+        if tasks:
+            _extract(tasks, cache, extractor, RunPlan.make(config, device), summary)
+    finally:
+        cache.close()
+    _finish(config, shard, summary)
+    return summary
+
+
+def _tasks(config: ExtractConfig, cache: FeatureCache, rows: np.ndarray,
+           summary: ExtractSummary) -> list[DecodeTask]:
+    """One decode task per row to do; rows whose video is not on this machine are failures."""
+    locator = VideoLocator(config.dataset, config.root)
+    flip = config.dataset not in NO_FLIP_DATASETS
+    tasks = []
+    for row in rows.tolist():
+        video_id = str(cache.video_ids[row])
+        hit = locator.locate(video_id)
+        if hit is None:
+            summary.failed.append({"video": video_id, "reason": f"not found under {config.root}"})
+            continue
+        tasks.append(DecodeTask(row, video_id, hit[0], hit[1], config.frames, config.aug_views,
+                                config.seed, config.resize, config.image_size, flip))
+    return tasks
+
+
+def _finish(config: ExtractConfig, shard: Shard, summary: ExtractSummary) -> None:
+    """Store the error report, complete the summary, decide success, remember the cache."""
+    if shard.world_size > 1:
+        _write_rank_errors(config, shard, {"failed": summary.failed,
+                                           "world_size": shard.world_size})
+    elif summary.failed or summary.extracted:
+        with FeatureCache.open(config.out, mode="r+", backend=config.backend) as cache:
+            missing = cache.attrs.get("errors", {}).get("missing", [])
+            cache.update_attrs(errors={"missing": missing, "failed": summary.failed})
+    with FeatureCache.open(config.out, backend=config.backend) as cache:
+        summary.done_rows = int(cache.done.sum())
+        summary.cache_bytes = int(cache.info()["bytes_on_disk"])
+    if summary.extracted == 0 and summary.already_done == 0 and summary.shard_rows:
+        first = summary.failed[0]
+        raise UserError(f"no video could be extracted ({len(summary.failed)} failed, e.g. "
+                        f"{first['video']}: {first['reason']})")
+    if shard.rank == 0:
+        remember_cache(config.out, config.dataset)
+
+
+def _extract(tasks: list[DecodeTask], cache: FeatureCache, extractor: FeatureExtractor,
+             plan: RunPlan, summary: ExtractSummary) -> None:
+    """Decode ``tasks`` in parallel, run the backbone on batches, write the rows."""
+    pool = DecodePool(workers=plan.workers, timeout=plan.timeout, nice=plan.nice)
+    producer = _Producer(pool, tasks, capacity=plan.prefetch)
+    rank = f" rank {summary.rank}" if summary.world_size > 1 else ""
+    progress = tqdm(total=len(tasks), desc=f"extract{rank}", unit="video", dynamic_ncols=True)
+    frames = int(cache.attrs["frames"])
+    writer = _Writer(cache, progress, capacity=max(8, 2 * plan.prefetch))
+    started = time.perf_counter()
+    producer.start()
+    writer.start()
+    try:
+        _feed_backbone(producer, writer, extractor, Batcher(plan.batch_size), frames, summary,
+                       progress)
+        writer.inbox.put(_END)
+        writer.join()
+    finally:
+        producer.shutdown()
+        if writer.is_alive():
+            writer.inbox.put(_END)
+            writer.join()
+        progress.close()
+    if writer.error is not None:
+        raise writer.error
+    summary.seconds = time.perf_counter() - started
+    summary.extracted = writer.written
+    summary.frames = writer.frames
+
+
+def _feed_backbone(producer: _Producer, writer: _Writer, extractor: FeatureExtractor,
+                   batcher: Batcher, frames: int, summary: ExtractSummary, progress) -> None:
+    """The main loop: take decoded videos, run full (or, rather than wait, partial) batches,
+    hand finished videos to the writer."""
+    finished = False
+    while not finished or batcher.queue:
+        # Take what is decoded; block only when there is nothing to run the backbone on.
+        while not finished and batcher.waiting < batcher.batch_size:
+            try:
+                item = producer.out.get(block=batcher.waiting == 0)
+            except queue.Empty:
+                break
+            if item is _END:
+                finished = True
+            elif isinstance(item, DecodeFailure):
+                summary.failed.append({"video": item.video_id, "reason": item.reason})
+                progress.update(1)
+            else:
+                if item.fallback_reason:
+                    summary.fallbacks.append({"video": item.video_id,
+                                              "reason": item.fallback_reason})
+                batcher.add(item)
+        for error in (producer.error, writer.error):
+            if error is not None:
+                raise error
+        if batcher.waiting == 0:
+            continue
+        crops, owners = batcher.take()
+        maps = extractor(crops)  # (B, C, h, w)
+        for item in batcher.give(maps, owners):
+            features, aug = video_maps(item, frames)
+            writer.inbox.put((item.video.row, features, aug, len(item.frames)))
