@@ -81,7 +81,8 @@ class ExtractConfig:
     wait_timeout: float = 900.0  # how long ranks > 0 wait for rank 0's cache
 
     def __post_init__(self):
-        self.root = self.root or os.path.join("data", self.dataset)
+        # absolute, so that visualize finds the videos from any working directory
+        self.root = os.path.abspath(self.root or os.path.join("data", self.dataset))
         self.out = self.out or default_cache_path(self.dataset, self.backend)
         unknown = sorted(set(self.splits) - set(SPLITS))
         if unknown or not self.splits:

@@ -1,0 +1,279 @@
+"""`make demo` (`python cli.py demo`): the whole pipeline, end to end, on the built-in toy dataset.
+
+It runs the very commands a user types, each as its own process, and times them:
+
+    python cli.py toy-data      --out data/demo                       the videos and split lists
+    python cli.py extract       --dataset custom ... --out caches/demo.zarr
+    python cli.py train-heads   --cache caches/demo.zarr --head ta2n ... --out runs/demo/ta2n
+    python cli.py evaluate      --checkpoint runs/demo/ta2n/best.pt --save-episodes ...
+    python cli.py evaluate      --head protonet --episodes-from ...   the same test episodes
+    python cli.py visualize     --checkpoint runs/demo/ta2n/best.pt --episodes-from ...
+
+then prints a summary (accuracy +- CI per head, time per phase) and writes runs/demo/report.md.
+The backbone gets torchvision's ImageNet weights when its cache already holds them (nothing is
+downloaded); otherwise the demo says so and uses random weights. Everything is seeded: the same
+seed and weights give the same videos, features, episodes and numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+
+from cache import UserError
+
+CLI = Path(__file__).resolve().parents[1] / "cli.py"
+
+
+@dataclass
+class DemoConfig:
+    """The demo's settings: a small, fast version of the paper's protocol.
+
+    Args:
+        data, cache, run: where the videos, the feature cache and the run outputs go.
+        workdir: the folder the commands run in (relative paths are relative to it).
+        weights: "auto" (ImageNet when torchvision's cache has it, else random), "imagenet",
+            "none", or a weights file.
+        backbone, frames, image_size, resize: extraction (resize 128 / crop 112 gives 4 x 4 maps).
+        extract_workers: decode processes (None: extract's default; 0 decodes inline).
+        train_classes, val_classes, test_classes, videos_per_class, video_frames, video_size:
+            the toy dataset.
+        way, shots, train_queries: the episodes.
+        epochs, episodes_per_epoch, tasks_per_batch, lr, lr_step, val_every, val_episodes:
+            the short training schedule.
+        eval_episodes: test episodes both heads are scored on.
+        vis_episodes, vis_pairs: what `visualize` draws.
+        seed: seeds the videos, the training, the episodes.
+        device: auto, cpu or cuda.
+    """
+
+    data: str = "data/demo"
+    cache: str = "caches/demo.zarr"
+    run: str = "runs/demo"
+    workdir: str = "."
+    weights: str = "auto"
+    backbone: str = "resnet50"
+    frames: int = 8
+    image_size: int = 112
+    resize: int = 128
+    extract_workers: int | None = None
+    train_classes: int = 8
+    val_classes: int = 5
+    test_classes: int = 5
+    videos_per_class: int = 5
+    video_frames: int = 32
+    video_size: int = 128
+    way: int = 5
+    shots: int = 1
+    train_queries: int = 2
+    epochs: int = 4
+    episodes_per_epoch: int = 12
+    tasks_per_batch: int = 4
+    lr: float = 0.003
+    lr_step: int = 2
+    val_every: int = 2
+    val_episodes: int = 12
+    eval_episodes: int = 100
+    vis_episodes: int = 1
+    vis_pairs: str = "all"
+    seed: int = 0
+    device: str = "auto"
+
+
+def cached_imagenet_weights(arch: str) -> str | None:
+    """The file of torchvision's ImageNet weights for ``arch`` if its cache holds it (no
+    download): <torch hub dir>/checkpoints/<file name of the weights URL>."""
+    weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    return str(path) if path.is_file() else None
+
+
+def choose_weights(cfg: DemoConfig) -> tuple[str, str | None]:
+    """(the --weights to pass, a notice to print or None)."""
+    if cfg.weights != "auto":
+        return cfg.weights, None
+    if cached_imagenet_weights(cfg.backbone):
+        return "imagenet", None
+    url = torchvision.models.get_model_weights(cfg.backbone).IMAGENET1K_V1.url
+    return "none", (
+        f"NOTICE: torchvision's cache has no ImageNet weights for {cfg.backbone} "
+        f"({Path(torch.hub.get_dir()) / 'checkpoints' / os.path.basename(url)}), so this demo "
+        "uses a RANDOMLY initialised backbone: the pipeline runs end to end, but the features "
+        "carry little about the videos and every head scores near chance. To see real numbers, "
+        f"fetch the weights once (python -c \"import torchvision; torchvision.models."
+        f"{cfg.backbone}(weights='IMAGENET1K_V1')\", or download {url} into that folder) and "
+        "run `make demo` again.")
+
+
+def commands(cfg: DemoConfig, weights: str) -> list[tuple[str, list[str]]]:
+    """(phase name, cli.py arguments) of every step, in order."""
+    run = Path(cfg.run)
+    checkpoint = str(run / "ta2n" / "best.pt")
+    episodes = str(run / "test-episodes.json")
+    toy = ["toy-data", "--out", cfg.data, "--train-classes", cfg.train_classes,
+           "--val-classes", cfg.val_classes, "--test-classes", cfg.test_classes,
+           "--videos-per-class", cfg.videos_per_class, "--frames", cfg.video_frames,
+           "--size", cfg.video_size, "--seed", cfg.seed]
+    extract = ["extract", "--dataset", "custom", "--root", f"{cfg.data}/videos",
+               "--split-dir", f"{cfg.data}/splits", "--out", cfg.cache,
+               "--backbone", cfg.backbone, "--weights", weights, "--frames", cfg.frames,
+               "--image-size", cfg.image_size, "--resize", cfg.resize, "--seed", cfg.seed,
+               "--device", cfg.device, "--overwrite"]
+    if cfg.extract_workers is not None:
+        extract += ["--workers", cfg.extract_workers]
+    train = ["train-heads", "--cache", cfg.cache, "--head", "ta2n", "--way", cfg.way,
+             "--shots", cfg.shots, "--queries", cfg.train_queries, "--epochs", cfg.epochs,
+             "--episodes-per-epoch", cfg.episodes_per_epoch,
+             "--tasks-per-batch", cfg.tasks_per_batch, "--lr", cfg.lr, "--lr-step", cfg.lr_step,
+             "--val-every", cfg.val_every, "--val-episodes", cfg.val_episodes,
+             "--seed", cfg.seed, "--device", cfg.device, "--out", str(run / "ta2n")]
+    eval_ta2n = ["evaluate", "--checkpoint", checkpoint, "--way", cfg.way,
+                 "--episodes", cfg.eval_episodes, "--seed", cfg.seed,
+                 "--save-episodes", episodes, "--report", str(run / "eval-ta2n.json"),
+                 "--device", cfg.device]
+    eval_proto = ["evaluate", "--head", "protonet", "--cache", cfg.cache,
+                  "--episodes-from", episodes, "--report", str(run / "eval-protonet.json"),
+                  "--device", cfg.device]
+    visualize = ["visualize", "--checkpoint", checkpoint, "--episodes-from", episodes,
+                 "--episodes", cfg.vis_episodes, "--pairs", cfg.vis_pairs,
+                 "--out", str(run / "figures"), "--device", cfg.device]
+    steps = [("toy-data", toy), ("extract", extract), ("train-heads", train),
+             ("evaluate ta2n", eval_ta2n), ("evaluate protonet", eval_proto),
+             ("visualize", visualize)]
+    return [(name, [str(a) for a in args]) for name, args in steps]
+
+
+def shown(args: list[str]) -> str:
+    """The command as a user would type it."""
+    return "python cli.py " + shlex.join(args)
+
+
+def _clear_run(cfg: DemoConfig) -> None:
+    """Remove what an earlier demo left in the run folder (only the demo's own outputs)."""
+    run = Path(cfg.workdir) / cfg.run
+    for name in ("ta2n", "figures"):
+        shutil.rmtree(run / name, ignore_errors=True)
+    for name in ("test-episodes.json", "eval-ta2n.json", "eval-protonet.json", "report.md"):
+        (run / name).unlink(missing_ok=True)
+
+
+def run_demo(cfg: DemoConfig, *, echo=print, quiet: bool = False) -> dict:
+    """Run every phase (each a `python cli.py ...` process), time it, summarise, write the report.
+
+    ``quiet`` hides the commands' own output (tests); a failing command's output is shown.
+    """
+    start = time.perf_counter()
+    weights, notice = choose_weights(cfg)
+    if notice:
+        echo(notice)
+    _clear_run(cfg)
+    phases = []
+    for name, args in commands(cfg, weights):
+        echo(f"\n==> [{name}] {shown(args)}")
+        tick = time.perf_counter()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        result = subprocess.run([sys.executable, str(CLI), *args], cwd=cfg.workdir, env=env,
+                                capture_output=quiet, text=True)
+        seconds = time.perf_counter() - tick
+        if result.returncode != 0:
+            if quiet:
+                echo((result.stdout or "") + (result.stderr or ""))
+            raise UserError(f"demo: the {name} step failed (exit {result.returncode}): "
+                            f"{shown(args)}")
+        phases.append({"name": name, "seconds": round(seconds, 2), "command": shown(args)})
+    summary = _collect(cfg, weights, notice, phases, time.perf_counter() - start)
+    summary["report"] = str(_write_report(cfg, summary))
+    return summary
+
+
+def _collect(cfg: DemoConfig, weights: str, notice: str | None, phases: list[dict],
+             total: float) -> dict:
+    """Read the evaluation reports and the figure index the commands wrote."""
+    run = Path(cfg.workdir) / cfg.run
+    results = []
+    for head in ("ta2n", "protonet"):
+        path = run / f"eval-{head}.json"
+        report = json.loads(path.read_text())
+        results.append({"head": head, "accuracy": report["accuracy"], "ci95": report["ci95"],
+                        "episodes": report["episodes"], "report": str(path),
+                        "summary": report["summary"]})
+    index = json.loads((run / "figures" / "index.json").read_text())
+    here = Path(cfg.workdir)  # the commands wrote paths relative to their working folder
+
+    def located(p: str | None) -> str | None:
+        return None if p is None else str(p if Path(p).is_absolute() else here / p)
+
+    index["curves"] = located(index.get("curves"))
+    for record in index.get("figures", []):
+        record["path"] = located(record["path"])
+    return {"config": asdict(cfg), "weights": weights, "notice": notice, "results": results,
+            "phases": phases, "total_seconds": round(total, 2), "figures": index,
+            "figures_dir": str(run / "figures")}
+
+
+def _write_report(cfg: DemoConfig, summary: dict) -> Path:
+    from align.visualize import write_report
+
+    run = Path(cfg.workdir) / cfg.run
+    weights = {"imagenet": "ImageNet weights (torchvision's cache)",
+               "none": "random weights (no ImageNet weights in torchvision's cache)"}.get(
+        summary["weights"], f"weights {summary['weights']}")
+    intro = [
+        f"The built-in toy dataset ({cfg.train_classes} train / {cfg.val_classes} val / "
+        f"{cfg.test_classes} test classes, {cfg.videos_per_class} videos each: a shape drawing "
+        "a two-stroke path; classes differ only by the order and direction of the strokes, "
+        "every video is misaligned in time window, speed and position), "
+        f"{cfg.backbone} with {weights}, T = {cfg.frames}, {cfg.image_size} px crops, "
+        f"{cfg.way}-way {cfg.shots}-shot, seed {cfg.seed}.",
+        "",
+        f"TA2N was trained for {cfg.epochs} epochs of {cfg.episodes_per_epoch} episodes (a "
+        "demo-length schedule, far shorter than the paper's); both heads are scored on the same "
+        f"{cfg.eval_episodes} test episodes.",
+    ]
+    notes = [summary["notice"]] if summary["notice"] else []
+    if summary["weights"] == "none" and not notes:
+        notes.append("The backbone has random weights (--weights none): the features carry "
+                     "little about the videos and every head scores near chance.")
+    return write_report(run / "report.md", title="TA2N demo", intro=intro,
+                        results=summary["results"], phases=summary["phases"],
+                        figures={"curves": summary["figures"].get("curves"),
+                                 "pairs": summary["figures"].get("figures")},
+                        notes=notes)
+
+
+def format_demo(summary: dict) -> str:
+    """The table the demo ends with."""
+    cfg = summary["config"]
+    weights = {"imagenet": "ImageNet", "none": "random"}.get(summary["weights"], "file")
+    lines = ["", "=" * 72,
+             f"TA2N demo: {cfg['way']}-way {cfg['shots']}-shot on the toy dataset, "
+             f"{cfg['backbone']} ({weights} weights), seed {cfg['seed']}",
+             "",
+             f"  {'head':<10} {'test accuracy (%)':<22} episodes"]
+    for r in summary["results"]:
+        lines.append(f"  {r['head']:<10} {r['accuracy']:6.2f} +- {r['ci95']:<12.2f} "
+                     f"{r['episodes']}")
+    lines += ["", f"  {'phase':<20} time"]
+    for p in summary["phases"]:
+        lines.append(f"  {p['name']:<20} {p['seconds']:7.1f} s")
+    lines.append(f"  {'total':<20} {summary['total_seconds']:7.1f} s "
+                 f"({summary['total_seconds'] / 60:.1f} min)")
+    figures = summary["figures"].get("figures") or []
+    lines += ["", f"report   {summary['report']}",
+              f"figures  {summary['figures_dir']}/ ({len(figures)} pair figures"
+              + (", training_curves.png)" if summary["figures"].get("curves") else ")")]
+    if summary["weights"] == "none":
+        lines += ["", "random backbone weights: the features carry little about the videos, so "
+                  "the accuracies are near chance"]
+    lines.append("=" * 72)
+    return "\n".join(lines)

@@ -1,0 +1,543 @@
+"""Seeing the alignment (`python cli.py visualize`): pair figures in the style of the paper's
+Fig. 7, training curves, and the demo's report (runs/demo/report.md).
+
+A pair figure shows one (prototype n, query m) pair of a test episode:
+
+- the T frames of the support and of the query as the backbone saw them, re-decoded from the
+  videos with the cache's sampling rule (centre frame of each of T segments, resize, centre crop);
+- TTM's action window over each strip: the warp reads the input at s = a*u + b for u in [-1, 1],
+  so it spans s in [b - |a|, b + |a|] (clipped to [-1, 1], s = -1 is frame 0, s = +1 frame T-1);
+  frames outside are dimmed;
+- SC's region as a box on every frame: the mask keeps the part of the map shifted by +o[t] for
+  the support and by -o[t] for the query, drawn where its weight is at least 1/2 (offsets are in
+  grid units, the H x W map spanning [-1, 1] over the crop);
+- TC's attention A[n, m][x, y] as a heatmap (support time x against query time y).
+
+Re-decoding is the one place phase two reads videos: it reuses extract's locator and decoder, so
+the pixels are exactly those the cached features were computed from. A cache without videos (a
+`synth` cache, or a dataset root that moved: pass ``--root``) shows each frame's feature energy
+(the L2 norm over channels of its H x W map) instead.
+
+Figures are drawn headless (Agg) at fixed pixel sizes: ``pair_figure_size`` and ``CURVES_SIZE``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display is ever needed
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from align.episodes import Episode, EpisodeSampler, load_episodes  # noqa: E402
+from align.evaluate import EVAL_STREAM, latest_run, read_episode_file_header  # noqa: E402
+from align.heads import load_head_checkpoint  # noqa: E402
+from cache import FeatureCache, UserError  # noqa: E402
+
+DPI = 100
+FRAME_PX = 104  # displayed side of one frame
+GAP_PX = 6  # between frames of a strip
+LEFT_PX, HEAT_PX, RIGHT_PX = 150, 230, 80
+TOP_PX, STRIP_GAP_PX, BOTTOM_PX = 92, 62, 30
+CURVES_SIZE = (1000, 380)  # (width, height) in pixels of training_curves.png
+PAIR_CHOICES = ("all", "true", "true+predicted")
+SUPPORT_COLOUR, QUERY_COLOUR, BOX_COLOUR = "#1f77b4", "#d62728", "#ffd21f"
+
+
+def pair_figure_size(frames: int) -> tuple[int, int]:
+    """(width, height) in pixels of a pair figure for T = ``frames``."""
+    strip = frames * FRAME_PX + (frames - 1) * GAP_PX
+    return LEFT_PX + strip + HEAT_PX + RIGHT_PX, TOP_PX + 2 * FRAME_PX + STRIP_GAP_PX + BOTTOM_PX
+
+
+# ------------------------------------------------------------------------------ geometry
+def ttm_window(theta: tuple[float, float], frames: int) -> tuple[float, float]:
+    """Fractional frame positions [lo, hi] that TTM's warp (a, b) reads from, within [0, T-1]."""
+    a, b = float(theta[0]), float(theta[1])
+    lo, hi = np.clip([b - abs(a), b + abs(a)], -1.0, 1.0)
+    return (lo + 1) / 2 * (frames - 1), (hi + 1) / 2 * (frames - 1)
+
+
+def mask_span(offset: float, cells: int, pixels: float) -> tuple[float, float]:
+    """[lo, hi) in pixels of one axis of SC's mask for ``offset`` (grid units) on ``cells`` cells
+    spanning ``pixels``: the cells whose shifted coordinate stays inside [-1, 1] have weight 1
+    and the weight falls to 0 one cell further out, so the half-weight edge lies half a cell
+    beyond the last full cell centre."""
+    lo = max(-1.0, -1.0 - offset)  # grid coordinate of the first full-weight cell centre
+    hi = min(1.0, 1.0 - offset)
+    cell = pixels / cells
+    to_index = (cells - 1) / 2  # grid coordinate -> cell index
+    start = ((lo + 1) * to_index) * cell  # half a cell before the first centre
+    stop = ((hi + 1) * to_index + 1) * cell  # half a cell after the last centre
+    return float(np.clip(start, 0, pixels)), float(np.clip(stop, 0, pixels))
+
+
+def mask_box(offset: np.ndarray, height: int, width: int,
+             pixels: int) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) in pixels of a ``pixels``-square frame for offset (ox, oy)."""
+    x0, x1 = mask_span(float(offset[0]), width, pixels)
+    y0, y1 = mask_span(float(offset[1]), height, pixels)
+    return x0, y0, x1, y1
+
+
+# ------------------------------------------------------------------------------ frames
+def energy_frames(maps: np.ndarray, pixels: int = 112) -> np.ndarray:
+    """(T, P, P, 3) uint8 images of each frame's feature energy ||map[:, t, y, x]||_2."""
+    energy = np.sqrt((maps.astype(np.float32) ** 2).sum(0))  # (T, H, W)
+    energy = (energy - energy.min()) / max(float(np.ptp(energy)), 1e-6)
+    t, h, w = energy.shape
+    rows, cols = (np.arange(pixels) * h) // pixels, (np.arange(pixels) * w) // pixels
+    upsampled = energy[:, rows][:, :, cols]  # (T, P, P) nearest
+    return (plt.get_cmap("viridis")(upsampled)[..., :3] * 255).astype(np.uint8)
+
+
+class FrameSource:
+    """The sampled frames of cache rows: re-decoded from the videos, or feature energy.
+
+    Args:
+        cache: the open cache (its attrs say the dataset, root, T, resize and crop).
+        root: the dataset folder, overriding the one recorded at extraction.
+    """
+
+    def __init__(self, cache: FeatureCache, root: str | None = None):
+        self.cache = cache
+        attrs = cache.attrs
+        extract_cfg = attrs.get("extract_config") or {}
+        self.dataset = attrs.get("dataset")
+        self.root = root or extract_cfg.get("root")
+        self.frames = cache.shape[1]
+        self.resize = int(attrs.get("resize") or 256)
+        self.image_size = int(attrs.get("image_size") or 224)
+        self.locator = None
+        self.reason = None
+        if not extract_cfg and root is None:
+            self.reason = "the cache records no videos (not written by extract)"
+        elif self.root is None or not os.path.isdir(self.root):
+            self.reason = f"the dataset folder {self.root} is not here (pass --root DIR)"
+        else:
+            from extract.datasets import VideoLocator
+
+            self.locator = VideoLocator(self.dataset, self.root)
+        self._memo: dict[int, np.ndarray] = {}
+
+    @property
+    def note(self) -> str:
+        if self.locator is not None:
+            return (f"frames     re-decoded from {self.root} "
+                    f"(centre view, {self.image_size} px crop)")
+        return f"frames     feature energy per frame: {self.reason}"
+
+    def __call__(self, row: int) -> np.ndarray:
+        """(T, S, S, 3) uint8 frames of cache row ``row``."""
+        if row not in self._memo:
+            self._memo[row] = self._decode(row)
+        return self._memo[row]
+
+    def _decode(self, row: int) -> np.ndarray:
+        if self.locator is not None:
+            from extract.decode import DecodeTask, decode_task
+
+            video_id = str(self.cache.video_ids[row])
+            hit = self.locator.locate(video_id)
+            if hit is not None:
+                task = DecodeTask(row=row, video_id=video_id, path=hit[0], kind=hit[1],
+                                  frames=self.frames, resize=self.resize,
+                                  image_size=self.image_size)
+                methods = ("frames",) if hit[1] == "frames" else ("decord", "pyav")
+                for method in methods:
+                    try:
+                        views = decode_task(task, method).views  # (V, T, 3, S, S)
+                        return views[0].transpose(0, 2, 3, 1)  # (T, S, S, 3)
+                    except Exception:  # a decoder failure: try the next one, then energy
+                        continue
+        return energy_frames(self.cache.read_row(row))
+
+
+# ------------------------------------------------------------------------------ drawing
+def wrap_class(name: str, width: int = 16) -> str:
+    """A class name on short lines for a row label (``a-then-b`` breaks at "then")."""
+    return textwrap.fill(name.replace("-then-", " then "), width)
+
+
+def _strip(frames: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Frames side by side with white gaps: (image, frame side S, step S + gap) in image px."""
+    side = frames.shape[1]
+    gap = max(1, round(side * GAP_PX / FRAME_PX))
+    t = len(frames)
+    image = np.full((side, t * side + (t - 1) * gap, 3), 255, np.uint8)
+    for i, frame in enumerate(frames):
+        image[:, i * (side + gap):i * (side + gap) + side] = frame
+    return image, side, side + gap
+
+
+def _draw_strip(ax, frames: np.ndarray, theta, offsets, sign: int, map_hw: tuple[int, int],
+                colour: str, label: str) -> None:
+    image, side, step = _strip(frames)
+    ax.imshow(image, interpolation="bilinear")
+    ax.set_xlim(-0.5, image.shape[1] - 0.5)
+    ax.set_ylim(side - 0.5, -0.5)
+    ax.set_xticks([i * step + side / 2 for i in range(len(frames))])
+    ax.set_xticklabels([str(i + 1) for i in range(len(frames))], fontsize=7)
+    ax.tick_params(length=0, pad=1)
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8.5, color=colour,
+                  labelpad=8, linespacing=1.3)
+    if offsets is not None:
+        h, w = map_hw
+        for t in range(len(frames)):
+            x0, y0, x1, y1 = mask_box(sign * offsets[t], h, w, side)
+            inset = 1.0  # keep a full-frame box visible inside the frame's edge
+            ax.add_patch(Rectangle((t * step + x0 - 0.5 + inset, y0 - 0.5 + inset),
+                                   x1 - x0 - 2 * inset, y1 - y0 - 2 * inset, fill=False,
+                                   edgecolor=BOX_COLOUR, linewidth=1.3, linestyle=(0, (4, 2))))
+    if theta is not None:
+        lo, hi = ttm_window(theta, len(frames))
+        left, right = lo * step - 0.5, hi * step + side - 0.5
+        for a, b in ((-0.5, left), (right, image.shape[1] - 0.5)):  # dim what TTM leaves out
+            if b > a:
+                ax.add_patch(Rectangle((a, -0.5), b - a, side, color="black", alpha=0.55,
+                                       linewidth=0))
+        ax.add_patch(Rectangle((left, -0.5), right - left, side, fill=False, edgecolor=colour,
+                               linewidth=2.5, clip_on=False))
+        a_val, b_val = float(theta[0]), float(theta[1])
+        reversed_note = ", reversed" if a_val < 0 else ""
+        ax.text(left, -4, f"TTM window  a={a_val:+.2f}  b={b_val:+.2f}{reversed_note}",
+                fontsize=8, color=colour, va="bottom", ha="left")
+
+
+def draw_pair(path: str | os.PathLike, *, support_frames: np.ndarray, query_frames: np.ndarray,
+              support_theta=None, query_theta=None, offsets: np.ndarray | None = None,
+              attention: np.ndarray | None = None, map_hw: tuple[int, int] = (7, 7),
+              title: str = "", support_label: str = "support", query_label: str = "query",
+              ) -> Path:
+    """Draw one pair figure (Fig. 7 style) to ``path``; see the module docstring.
+
+    Args:
+        support_frames, query_frames: (T, S, S, 3) uint8.
+        support_theta, query_theta: TTM's (a, b), or None when TTM is off.
+        offsets: (T, 2) SC offsets (ox, oy) in grid units, or None when SC is off.
+        attention: (T, T) TC attention (support time x, query time y), or None.
+        map_hw: (H, W) of the feature maps the offsets refer to.
+    """
+    frames = len(support_frames)
+    width, height = pair_figure_size(frames)
+    strip_w = frames * FRAME_PX + (frames - 1) * GAP_PX
+    fig = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+
+    def box(x, y, w, h):  # pixel rectangle from the top-left -> figure fractions
+        return [x / width, 1 - (y + h) / height, w / width, h / height]
+
+    fig.text(20 / width, 1 - 8 / height, title, fontsize=10, va="top", ha="left",
+             linespacing=1.5)
+    top = TOP_PX
+    ax_s = fig.add_axes(box(LEFT_PX, top, strip_w, FRAME_PX))
+    _draw_strip(ax_s, support_frames, support_theta, offsets, +1, map_hw, SUPPORT_COLOUR,
+                support_label)
+    ax_q = fig.add_axes(box(LEFT_PX, top + FRAME_PX + STRIP_GAP_PX, strip_w, FRAME_PX))
+    _draw_strip(ax_q, query_frames, query_theta, offsets, -1, map_hw, QUERY_COLOUR, query_label)
+
+    heat_x = LEFT_PX + strip_w + 40
+    heat_side = min(HEAT_PX - 40, 2 * FRAME_PX + STRIP_GAP_PX - 20)
+    ax_h = fig.add_axes(box(heat_x, top + 6, heat_side, heat_side))
+    if attention is not None:
+        image = ax_h.imshow(attention, cmap="magma", vmin=0, vmax=max(float(attention.max()),
+                                                                       1e-6))
+        ticks = range(frames)
+        ax_h.set_xticks(list(ticks), [str(i + 1) for i in ticks], fontsize=7)
+        ax_h.set_yticks(list(ticks), [str(i + 1) for i in ticks], fontsize=7)
+        ax_h.set_xlabel("query frame", fontsize=8, color=QUERY_COLOUR)
+        ax_h.set_ylabel("support frame", fontsize=8, color=SUPPORT_COLOUR)
+        ax_h.set_title("TC attention", fontsize=9)
+        cax = fig.add_axes(box(heat_x + heat_side + 8, top + 6, 10, heat_side))
+        fig.colorbar(image, cax=cax).ax.tick_params(labelsize=7)
+    else:
+        ax_h.axis("off")
+        ax_h.text(0.5, 0.5, "TC off", ha="center", va="center", fontsize=10, color="grey")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Rows of a run's metrics.csv with numbers as floats (None where empty)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: (float(v) if v not in ("", None, "None") else None) for k, v in r.items()}
+            for r in rows]
+
+
+def plot_training_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike,
+                         chance: float | None = None) -> Path:
+    """Loss and train / val accuracy per epoch of a run (its metrics.csv) as a PNG; ``chance``
+    (percent) draws the chance level of the episodes."""
+    rows = read_metrics(metrics_csv)
+    if not rows:
+        raise UserError(f"{metrics_csv} holds no epochs yet")
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(CURVES_SIZE[0] / DPI,
+                                                         CURVES_SIZE[1] / DPI), dpi=DPI)
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", color="#444444", ms=4)
+    ax_loss.set(xlabel="epoch", ylabel="loss per episode",
+                title="training loss (cross-entropy summed over the queries)")
+    ax_acc.plot(epochs, [r["train_acc"] for r in rows], "o-", ms=4, label="train (episodes)")
+    val = [(r["epoch"], r["val_acc"], r.get("val_ci95") or 0.0) for r in rows
+           if r.get("val_acc") is not None]
+    if val:
+        x, y, ci = zip(*val)
+        ax_acc.errorbar(x, y, yerr=ci, fmt="s-", ms=4, capsize=3, label="val (95% CI)")
+    if chance is not None:
+        ax_acc.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.0f}%)")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="episode accuracy")
+    ax_acc.legend(fontsize=8, loc="lower right")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        if len(epochs) < 15:
+            ax.set_xticks(epochs)
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.14, top=0.9, wspace=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------ the command
+@dataclass
+class VisualizeConfig:
+    """What `visualize` draws.
+
+    Args:
+        checkpoint: a trained head (None: the most recent run's best.pt).
+        cache: the feature cache (None: the checkpoint's run's cache).
+        out: the figure folder (None: <run dir>/figures).
+        episodes: how many episodes to draw (the first ones `evaluate` would score with ``seed``).
+        episodes_from: draw episodes of this saved episode file instead.
+        split, way, queries, seed: the episodes, as in `evaluate`.
+        pairs: "all" (every prototype with every query), "true" (each query with its own
+            class), "true+predicted" (and with the class it was taken for, when wrong).
+        root: the dataset folder, when it moved since extraction.
+    """
+
+    checkpoint: str | None = None
+    cache: str | None = None
+    out: str | None = None
+    episodes: int = 1
+    episodes_from: str | None = None
+    split: str = "test"
+    way: int = 5
+    queries: int = 1
+    seed: int = 0
+    pairs: str = "all"
+    root: str | None = None
+
+
+def _pairs(kind: str, targets: np.ndarray, predicted: np.ndarray, way: int) -> list[tuple]:
+    """(n, m) pairs to draw for an episode."""
+    if kind == "all":
+        return [(n, m) for m in range(len(targets)) for n in range(way)]
+    out = []
+    for m, (t, p) in enumerate(zip(targets, predicted)):
+        out.append((int(t), m))
+        if kind == "true+predicted" and p != t:
+            out.append((int(p), m))
+    return out
+
+
+def _episodes(cfg: VisualizeConfig, cache: FeatureCache, shot: int) -> list[Episode]:
+    if cfg.episodes_from:
+        episodes, header = load_episodes(cfg.episodes_from, cache)
+        return episodes[:cfg.episodes]
+    sampler = EpisodeSampler(cache, cfg.split, way=cfg.way, shot=shot, queries=cfg.queries,
+                             seed=cfg.seed, stream=EVAL_STREAM)
+    return sampler.episodes(0, cfg.episodes)
+
+
+def _resolve(cfg: VisualizeConfig, log) -> tuple[str, str, int, dict]:
+    """(checkpoint, cache path, shot, the run's training config) with the defaults filled in."""
+    checkpoint = cfg.checkpoint
+    if checkpoint is None:
+        checkpoint = latest_run()["checkpoint"]
+        log(f"checkpoint {checkpoint} (best.pt of the most recent run)")
+    if not Path(checkpoint).is_file():
+        raise UserError(f"no checkpoint at {checkpoint}")
+    run_file = Path(checkpoint).parent / "config.json"
+    train_cfg = json.loads(run_file.read_text()).get("train", {}) if run_file.exists() else {}
+    cache_path = cfg.cache or train_cfg.get("cache")
+    if cache_path is None:
+        raise UserError(f"{checkpoint} has no run config.json naming its cache: pass --cache")
+    shot = int(train_cfg.get("shot") or 1)
+    if cfg.episodes_from:
+        shot = int(read_episode_file_header(cfg.episodes_from)["shot"])
+    return checkpoint, cache_path, shot, train_cfg
+
+
+def visualize(cfg: VisualizeConfig, *, device: torch.device, log=print,
+              progress: bool = True) -> dict:
+    """Draw the pair figures of ``cfg.episodes`` episodes and the run's training curves.
+
+    Returns a summary: out folder, curves path (or None), and one record per pair figure
+    (episode, query / support video ids and classes, same class, predicted, distance, path).
+    """
+    if cfg.pairs not in PAIR_CHOICES:
+        raise UserError(f"--pairs must be one of {', '.join(PAIR_CHOICES)}")
+    checkpoint, cache_path, shot, train_cfg = _resolve(cfg, log)
+    out = Path(cfg.out or Path(checkpoint).parent / "figures")
+    out.mkdir(parents=True, exist_ok=True)
+    head, _ = load_head_checkpoint(checkpoint, map_location="cpu", shot=shot)
+    head = head.to(device).eval()
+    if not hasattr(head, "explain"):
+        raise UserError(f"{checkpoint}: this head has no explain() to visualise")
+    curves = None
+    metrics = Path(checkpoint).parent / "metrics.csv"
+    if metrics.exists() and read_metrics(metrics):
+        way = train_cfg.get("way")
+        curves = str(plot_training_curves(metrics, out / "training_curves.png",
+                                          chance=100 / way if way else None))
+    records = []
+    with FeatureCache.open(cache_path) as cache:
+        frames_of = FrameSource(cache, cfg.root)
+        log(frames_of.note)
+        c, t, h, w = cache.shape
+        episodes = _episodes(cfg, cache, shot)
+        names, ids = cache.classes, cache.video_ids
+        jobs = []
+        for e, episode in enumerate(episodes):
+            support = torch.from_numpy(cache.read_rows(episode.support, dtype="float32"))
+            query = torch.from_numpy(cache.read_rows(episode.query, dtype="float32"))
+            info = head.explain(support.to(device), query.to(device), episode.way,
+                                episode.shot)
+            info = {k: v.float().cpu().numpy() for k, v in info.items()}
+            predicted = info["logits"].argmax(-1)  # (M,)
+            targets = episode.query_targets
+            for n, m in _pairs(cfg.pairs, targets, predicted, episode.way):
+                jobs.append((e, episode, info, predicted, targets, n, m))
+        for e, episode, info, predicted, targets, n, m in tqdm(
+                jobs, desc="visualize", unit="fig", disable=not progress):
+            ref = int(episode.support[n * episode.shot])  # a prototype shows its first shot
+            q_row = int(episode.query[m])
+            s_class = names[int(episode.classes[n])]
+            q_class = names[int(episode.classes[targets[m]])]
+            p_class = names[int(episode.classes[predicted[m]])]
+            distance = float(info["distances"][n, m])
+            same = n == targets[m]
+            verdict = ("classified correctly" if predicted[m] == targets[m]
+                       else f"wrongly taken for {p_class}")
+            title = (f"episode {e}, query {m} ({ids[q_row]}) against the prototype of "
+                     f"{'its own class' if same else 'another class'}, {s_class}\n"
+                     f"distance {distance:.3f}   ·   query {verdict}")
+            shots_note = f" (1st of {episode.shot})" if episode.shot > 1 else ""
+            path = draw_pair(
+                out / f"ep{e:02d}_q{m:02d}_p{n}.png",
+                support_frames=frames_of(ref), query_frames=frames_of(q_row),
+                support_theta=info["ttm_support"][n * episode.shot] if "ttm_support" in info
+                else None,
+                query_theta=info["ttm_query"][m] if "ttm_query" in info else None,
+                offsets=info["sc_offsets"][n, m] if "sc_offsets" in info else None,
+                attention=info["tc_attention"][n, m] if "tc_attention" in info else None,
+                map_hw=(h, w), title=title,
+                support_label=f"support{shots_note}\n{wrap_class(s_class)}",
+                query_label=f"query\n{wrap_class(q_class)}")
+            records.append({"episode": e, "query": str(ids[q_row]), "support": str(ids[ref]),
+                            "query_class": q_class, "support_class": s_class,
+                            "same_class": bool(same), "predicted": p_class,
+                            "correct": bool(predicted[m] == targets[m]),
+                            "distance": round(distance, 4), "path": str(path)})
+    index = out / "index.json"
+    index.write_text(json.dumps({"checkpoint": checkpoint, "cache": cache_path,
+                                 "curves": curves, "figures": records}, indent=1) + "\n")
+    return {"out": str(out), "curves": curves, "figures": records, "index": str(index),
+            "frames": frames_of.note}
+
+
+def format_visualize(summary: dict) -> str:
+    """What `visualize` prints."""
+    figures = summary["figures"]
+    lines = [summary["frames"],
+             f"figures    {len(figures)} pair figures in {summary['out']}"]
+    if figures:
+        lines.append(f"           e.g. {figures[0]['path']}")
+    lines.append(f"curves     {summary['curves'] or '(no metrics.csv next to the checkpoint)'}")
+    lines.append(f"index      {summary['index']}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ the demo report
+def _fmt_time(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def write_report(path: str | os.PathLike, *, title: str, intro: list[str],
+                 results: list[dict], phases: list[dict], figures: dict,
+                 notes: list[str] = ()) -> Path:
+    """A markdown report: what ran, accuracy +- CI per head, time per phase, the figures.
+
+    Args:
+        results: dicts with head, accuracy, ci95, episodes, report (JSON path).
+        phases: dicts with name, seconds, command.
+        figures: {"curves": path or None, "pairs": [visualize records]}; paths are written
+            relative to the report's folder.
+    """
+    path = Path(path)
+    base = path.parent
+
+    def rel(p: str) -> str:
+        return os.path.relpath(p, base)
+
+    lines = [f"# {title}", "", *intro, "", "## Results", "",
+             "| head | accuracy (%) | 95% CI | episodes | report |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['head']} | {r['accuracy']:.2f} | +- {r['ci95']:.2f} | "
+                     f"{r['episodes']} | [{Path(r['report']).name}]({rel(r['report'])}) |")
+    total = sum(p["seconds"] for p in phases)
+    lines += ["", "## Phases", "", "| phase | time | command |", "|---|---|---|"]
+    for p in phases:
+        lines.append(f"| {p['name']} | {_fmt_time(p['seconds'])} | `{p['command']}` |")
+    lines += [f"| total | {_fmt_time(total)} | |", ""]
+    if figures.get("curves"):
+        lines += ["## Training curves", "", f"![training curves]({rel(figures['curves'])})", ""]
+    pairs = figures.get("pairs") or []
+    if pairs:
+        lines += ["## Alignment (paper Fig. 7 style)", "",
+                  "Each figure: support (top) and query (bottom) frames as the backbone saw "
+                  "them; the framed, undimmed frames are the window TTM's (a, b) reads; the "
+                  "yellow boxes are the regions SC's offsets select; right: TC's attention.", ""]
+        shown = [r for r in pairs if r["same_class"]][:3] or pairs[:3]
+        for r in shown:
+            lines += [f"**{r['query']}** against the prototype of **{r['support_class']}** "
+                      f"(distance {r['distance']:.3f}, "
+                      f"{'correct' if r['correct'] else 'taken for ' + r['predicted']})", "",
+                      f"![{r['query']}]({rel(r['path'])})", ""]
+        lines += [f"All {len(pairs)} pair figures:", ""]
+        lines += [f"- [{Path(r['path']).name}]({rel(r['path'])}): query {r['query']} vs "
+                  f"{r['support_class']}, distance {r['distance']:.3f}" for r in pairs]
+        lines.append("")
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return path
+
+
+def png_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from a PNG's header; raises ValueError when it is not a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        raise ValueError(f"{path} is not a PNG file")
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
