@@ -39,24 +39,362 @@ def info(cache_path):
 
 
 # ------------------------------------------------------------------------------------ extract
-@cli.command(context_settings={"ignore_unknown_options": True})
-def extract():
-    """Phase one: decode videos, sample T frames, run the frozen backbone, write the cache."""
-    raise UserError("extract is not built yet")
+@cli.command()
+@click.option("--dataset", required=True,
+              type=click.Choice(["ucf101", "hmdb51", "ssv2", "ssv2-cmn", "kinetics", "custom"]),
+              help="Which split lists to use (custom: --split-dir).")
+@click.option("--root", type=click.Path(), help="Dataset folder.  [default: data/<dataset>]")
+@click.option("--split-dir", type=click.Path(exists=True, file_okay=False),
+              help="Folder with trainlist.txt, vallist.txt, testlist.txt of '<class>/<stem>' "
+                   "lines (custom datasets).")
+@click.option("--splits", default="train,val,test", show_default=True,
+              help="Comma-separated splits to extract.")
+@click.option("--limit", type=click.IntRange(min=1),
+              help="Only the first N videos found per split (for trying things).")
+@click.option("--out", help="Cache path.  [default: caches/<dataset>.zarr (.h5 for hdf5)]")
+@click.option("--backend", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
+@click.option("--backbone", type=click.Choice(["resnet18", "resnet34", "resnet50"]),
+              default="resnet50", show_default=True)
+@click.option("--weights", default="imagenet", show_default=True,
+              help="imagenet, none (random: meaningless features), or a weights file: state "
+                   "dict, torchvision checkpoint, or the authors' TA2N checkpoint.")
+@click.option("--frames", "-T", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Frames per video (TSN segments).")
+@click.option("--image-size", type=click.IntRange(min=1), default=224, show_default=True,
+              help="Side of the (centre) crop fed to the backbone.")
+@click.option("--resize", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Frames are resized to RESIZE x RESIZE before cropping.")
+@click.option("--aug-views", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Extra training views per video (random frame per segment, random crop, "
+                   "flip except SSv2), stored in aug_features.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the augmented views (and of --weights none).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
+              show_default=True, help="Dtype of the stored maps.")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Frames per forward pass.  [default: 256 on CUDA, 32 on CPU]")
+@click.option("--workers", type=click.IntRange(min=0),
+              help="Decode processes (0: decode in the main process, no timeout).  "
+                   "[default: cores-2 on CUDA, cores/8 on CPU, at least 1]")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              show_default=True, help="Seconds one video may take to decode before its worker "
+                                      "is killed (decord, then PyAV is tried).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache at --out.")
+@click.option("--device", type=DEVICE_CHOICES, default="auto", show_default=True)
+def extract(dataset, root, split_dir, splits, limit, out, backend, backbone, weights, frames,
+            image_size, resize, aug_views, seed, dtype, batch_size, workers, timeout, overwrite,
+            device):
+    """Phase one: decode videos, sample T frames, run the frozen backbone, write the cache.
+
+    Under torchrun (RANK / WORLD_SIZE set) each process extracts a disjoint shard of the rows
+    into the same Zarr cache, on GPU LOCAL_RANK. Rerunning the command resumes.
+    """
+    from extract.pipeline import ExtractConfig, Shard, run_extract
+
+    config = ExtractConfig(
+        dataset=dataset, root=root, split_dir=split_dir,
+        splits=tuple(s.strip() for s in splits.split(",") if s.strip()), limit=limit, out=out,
+        backend=backend, backbone=backbone, weights=weights, frames=frames,
+        image_size=image_size, resize=resize, aug_views=aug_views, seed=seed, dtype=dtype,
+        batch_size=batch_size, workers=workers, timeout=timeout, overwrite=overwrite)
+    shard = Shard.from_env()
+    torch_device = pick_device(device)
+    if torch_device.type == "cuda" and torch_device.index is None:
+        torch_device = torch.device("cuda", shard.local_rank % torch.cuda.device_count())
+    summary = run_extract(config, torch_device, shard, echo=lambda m: click.echo(m, err=True))
+    click.echo("\n".join(summary.lines()))
 
 
 # ------------------------------------------------------------------------------------ train-heads
+PRELOAD_CHOICES = click.Choice(["auto", "ram", "device", "none"])
+HEAD_CHOICES = click.Choice(["ta2n", "protonet", "otam"])
+
+
 @cli.command("train-heads")
-def train_heads():
+@click.option("--cache", "cache_path", default=None,
+              help="Feature cache [default: the most recently extracted one].")
+@click.option("--head", default="ta2n", show_default=True, type=HEAD_CHOICES)
+@click.option("--ttm/--no-ttm", default=True, show_default=True, help="Temporal transform.")
+@click.option("--tc/--no-tc", default=True, show_default=True, help="Temporal coordination.")
+@click.option("--sc/--no-sc", default=True, show_default=True, help="Spatial coordination.")
+@click.option("--sc-mode", default="mask", show_default=True,
+              type=click.Choice(["mask", "grid", "enumerate"]))
+@click.option("--shots", default=5, show_default=True, help="K support videos per class.")
+@click.option("--way", default=5, show_default=True, help="N classes per episode.")
+@click.option("--queries", default=5, show_default=True, help="Q query videos per class.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--epochs", type=int, default=None, help="[default: the dataset's recipe]")
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--lr-step", type=int, default=None, help="Epochs per lr decay [default: recipe].")
+@click.option("--lr-gamma", type=float, default=None, help="lr factor per step [default: recipe].")
+@click.option("--momentum", type=float, default=None, help="SGD momentum [default: recipe].")
+@click.option("--weight-decay", default=0.0, show_default=True)
+@click.option("--episodes-per-epoch", default=200, show_default=True)
+@click.option("--tasks-per-batch", type=int, default=None,
+              help="Episodes whose gradients are accumulated per SGD step [default: recipe, "
+                   "16 as the authors].")
+@click.option("--dropout", default=0.5, show_default=True, help="On the input maps in training.")
+@click.option("--decay-every", default=40, show_default=True,
+              help="Epochs between decays of the SC perturbation.")
+@click.option("--val-every", type=int, default=None, help="Epochs between validations "
+              "[default: recipe].")
+@click.option("--val-episodes", default=500, show_default=True, help="0: no validation.")
+@click.option("--val-queries", default=1, show_default=True)
+@click.option("--batch-episodes", default=16, show_default=True,
+              help="Validation episodes per forward pass.")
+@click.option("--preload", default="auto", show_default=True, type=PRELOAD_CHOICES,
+              help="Hold the split in RAM / on the device, or stream it.")
+@click.option("--workers", default=4, show_default=True, help="Reader threads when streaming.")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 on CUDA.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
+@click.option("--out", default=None,
+              help="Run directory [default: runs/<dataset>-<head>-<K>shot-<timestamp>].")
+@click.option("--resume", default=None, metavar="RUN_DIR",
+              help="Continue a killed or interrupted run exactly (its saved config is used).")
+def train_heads(cache_path, head, shots, device, resume, **options):
     """Phase two: train the alignment heads episodically from a cache."""
-    raise UserError("train-heads is not built yet")
+    from align.train import TrainConfig, format_summary, train
+
+    cfg = TrainConfig(cache=cache_path, head=head, shot=shots, **options)
+    summary = train(None if resume else cfg, device=pick_device(device), resume=resume,
+                    log=click.echo)
+    click.echo(format_summary(summary))
+    if summary["interrupted"]:
+        raise SystemExit(130)  # like a shell's Ctrl-C: `train-heads && evaluate` stops here
 
 
 # ------------------------------------------------------------------------------------ evaluate
 @cli.command()
-def evaluate():
+@click.option("--checkpoint", default=None,
+              help="A head from train-heads or the authors' code [default: the latest run's].")
+@click.option("--head", "head_kind", default=None, type=click.Choice(["protonet", "otam"]),
+              help="A training-free baseline instead of a checkpoint.")
+@click.option("--cache", "cache_path", default=None,
+              help="[default: the checkpoint's run's cache, else the latest extracted one]")
+@click.option("--episodes", default=5000, show_default=True)
+@click.option("--shots", type=int, default=None, help="[default: the run's K, else 5]")
+@click.option("--way", default=5, show_default=True)
+@click.option("--queries", default=1, show_default=True)
+@click.option("--split", default="test", show_default=True,
+              type=click.Choice(["train", "val", "test"]))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--save-episodes", default=None, metavar="FILE", help="Write the episode list.")
+@click.option("--episodes-from", default=None, metavar="FILE",
+              help="Replay an episode list (its split, way, shots and queries win).")
+@click.option("--report", default=None, metavar="FILE",
+              help="JSON report [default: next to the checkpoint, or under runs/].")
+@click.option("--batch-episodes", default=16, show_default=True,
+              help="Episodes per forward pass.")
+@click.option("--preload", default="auto", show_default=True, type=PRELOAD_CHOICES)
+@click.option("--workers", default=4, show_default=True)
+@click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 on CUDA.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
+def evaluate(checkpoint, head_kind, cache_path, shots, device, report, **options):
     """Evaluate a head on test episodes: accuracy with its 95% confidence interval."""
-    raise UserError("evaluate is not built yet")
+    from align.evaluate import EvalConfig, evaluate_command
+
+    result = evaluate_command(EvalConfig(**options), checkpoint=checkpoint, head_kind=head_kind,
+                              cache_path=cache_path, shot=shots, device=pick_device(device),
+                              report=report, log=click.echo)
+    click.echo(result["summary"])
+    click.echo(f"report     {result['report']}  ({result['episodes_per_s']:.1f} episodes/s)")
+
+
+# ------------------------------------------------------------------------------------ analyze
+@cli.group()
+def analyze():
+    """Measure misalignment, see what alignment does, compare evaluation reports."""
+
+
+def _analysis_cache(cache_path: str | None) -> str:
+    if cache_path is not None:
+        return cache_path
+    from cache.latest import latest_cache
+
+    path, dataset = latest_cache()
+    click.echo(f"cache      {path} (the most recently written one, {dataset})")
+    return path
+
+
+@analyze.command("misalignment")
+@click.argument("cache_path", metavar="[CACHE]", required=False)
+@click.option("--out", "out_dir", default=None,
+              help="Output folder [default: runs/analyze-<cache name>].")
+@click.option("--split", default="all", show_default=True,
+              type=click.Choice(["all", "train", "val", "test"]), help="Videos to analyse.")
+@click.option("--readout", default="frame", show_default=True,
+              type=click.Choice(["frame", "online"]),
+              help="p_t from frame t alone, or from frames 0..t (order-defined classes).")
+@click.option("--folds", default=5, show_default=True, help="k-fold split by video.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the folds.")
+@click.option("--weight-decay", default=1e-2, show_default=True, help="L2 of the classifier.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
+def analyze_misalignment(cache_path, out_dir, split, readout, folds, seed, weight_decay, device):
+    """Action start times and AEM score of a cache (paper Fig. 2, Table 1)."""
+    from align.analyze import MisalignmentConfig, default_out, format_misalignment, run_misalignment
+
+    cache_path = _analysis_cache(cache_path)
+    cfg = MisalignmentConfig(split=split, readout=readout, folds=folds, seed=seed,
+                             weight_decay=weight_decay)
+    summary = run_misalignment(cache_path, out_dir or default_out(cache_path), cfg,
+                               pick_device(device))
+    click.echo(format_misalignment(summary))
+
+
+@analyze.command("embedding")
+@click.argument("cache_path", metavar="[CACHE]", required=False)
+@click.option("--checkpoint", default=None,
+              help="A trained head [default: the latest run's best.pt, on its cache].")
+@click.option("--head", "head_kind", default=None, type=click.Choice(["ta2n", "protonet"]),
+              help="An untrained head instead of a checkpoint (protonet: after = before).")
+@click.option("--out", "out_dir", default=None,
+              help="Output folder [default: runs/analyze-<cache name>].")
+@click.option("--split", default="test", show_default=True,
+              type=click.Choice(["train", "val", "test"]))
+@click.option("--episodes", default=10, show_default=True)
+@click.option("--way", default=5, show_default=True)
+@click.option("--shots", type=int, default=None, help="[default: the run's K, else 1]")
+@click.option("--queries", default=5, show_default=True, help="Queries per class.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the episodes and t-SNE.")
+@click.option("--perplexity", default=30.0, show_default=True, help="t-SNE perplexity.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
+def analyze_embedding(cache_path, checkpoint, head_kind, out_dir, shots, device, **options):
+    """t-SNE of queries and prototypes before / after alignment (paper Fig. 8)."""
+    from align.analyze import EmbeddingConfig, embedding_command, format_embedding
+
+    summary = embedding_command(EmbeddingConfig(**options), checkpoint=checkpoint,
+                                head_kind=head_kind, cache_path=cache_path, shot=shots,
+                                out_dir=out_dir, device=pick_device(device), log=click.echo)
+    click.echo(format_embedding(summary))
+
+
+@analyze.command("compare")
+@click.argument("report_a", metavar="REPORT_A")
+@click.argument("report_b", metavar="REPORT_B")
+@click.option("--out", "out_dir", default=None,
+              help="Output folder [default: runs/analyze-<REPORT_B name>].")
+@click.option("--top", default=3, show_default=True, help="How many top-gaining classes to name.")
+@click.option("--allow-different-episodes", is_flag=True,
+              help="Compare reports made on different episodes (with a warning).")
+def analyze_compare(report_a, report_b, out_dir, top, allow_different_episodes):
+    """Per-class accuracy gain of REPORT_B over REPORT_A, same episodes (paper Fig. 9)."""
+    from align.analyze import default_out, format_compare, run_compare
+
+    summary = run_compare(report_a, report_b, out_dir or default_out(report_b), top=top,
+                          allow_different=allow_different_episodes)
+    click.echo(format_compare(summary))
+
+
+# ------------------------------------------------------------------------------------ synth
+@cli.command()
+@click.option("--out", default=None, help="[default: caches/synthetic.zarr]")
+@click.option("--channels", default=64, show_default=True, help="C")
+@click.option("--frames", default=8, show_default=True, help="T")
+@click.option("--size", default=7, show_default=True, help="H = W")
+@click.option("--patterns", default=4, show_default=True,
+              help="Shared patterns every class is made of.")
+@click.option("--length", default=4, show_default=True,
+              help="Patterns per class sequence (no immediate repeats); 0: every class is a "
+                   "permutation of all patterns, so classes differ only in order.")
+@click.option("--train-classes", default=64, show_default=True)
+@click.option("--val-classes", default=16, show_default=True)
+@click.option("--test-classes", default=24, show_default=True)
+@click.option("--videos-per-class", default=20, show_default=True)
+@click.option("--min-duration", default=0.5, show_default=True,
+              help="Shortest action window, fraction of T.")
+@click.option("--evolution", default=2.0, show_default=True,
+              help="Progress exponents in [1/e, e].")
+@click.option("--background", default=0.3, show_default=True)
+@click.option("--noise", default=0.3, show_default=True)
+@click.option("--aug-views", default=0, show_default=True, help="Extra training views per row.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--backend", default="zarr", show_default=True, type=click.Choice(["zarr", "hdf5"]))
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache at --out.")
+def synth(out, backend, overwrite, **options):
+    """Write a synthetic cache: classes are orders of shared patterns, misaligned in time/space."""
+    from cache.latest import default_cache_path
+    from cache.synthetic import SynthConfig, generate_synthetic
+
+    out = out or default_cache_path("synthetic", backend)
+    summary = generate_synthetic(out, SynthConfig(**options), backend=backend,
+                                 overwrite=overwrite)
+    click.echo(f"synthetic cache {summary['path']}: {summary['rows']} videos of "
+               f"{summary['classes']} classes {summary['per_split']}, C,T,H,W = "
+               f"{tuple(summary['shape'])}")
+
+
+# ------------------------------------------------------------------------------------ toy-data
+@cli.command("toy-data")
+@click.option("--out", default="data/demo", show_default=True,
+              help="Folder for videos/, splits/ and toydata.json.")
+@click.option("--train-classes", default=8, show_default=True)
+@click.option("--val-classes", default=5, show_default=True)
+@click.option("--test-classes", default=5, show_default=True)
+@click.option("--videos-per-class", default=5, show_default=True)
+@click.option("--frames", default=32, show_default=True, help="Frames per video.")
+@click.option("--size", default=128, show_default=True, help="Frame side in pixels.")
+@click.option("--min-duration", default=0.4, show_default=True,
+              help="Shortest motion window, as a fraction of the video.")
+@click.option("--evolution", default=2.0, show_default=True,
+              help="Progress exponents are log-uniform in [1/E, E].")
+@click.option("--seed", default=0, show_default=True)
+def toy_data(out, **options):
+    """Write the built-in demo dataset: videos of a shape drawing a two-stroke path."""
+    from extract.toydata import ToyConfig, format_toy_dataset, make_toy_dataset
+
+    click.echo(format_toy_dataset(make_toy_dataset(out, ToyConfig(**options))))
+
+
+# ------------------------------------------------------------------------------------ visualize
+@cli.command()
+@click.option("--checkpoint", default=None,
+              help="A head trained by train-heads [default: the latest run's best.pt].")
+@click.option("--cache", default=None, help="[default: the checkpoint's run's cache]")
+@click.option("--episodes", default=1, show_default=True, help="Episodes to draw.")
+@click.option("--episodes-from", default=None, metavar="FILE",
+              help="Draw the first episodes of a saved episode list (evaluate --save-episodes).")
+@click.option("--split", default="test", show_default=True,
+              type=click.Choice(["train", "val", "test"]))
+@click.option("--way", default=5, show_default=True)
+@click.option("--queries", default=1, show_default=True, help="Queries per class.")
+@click.option("--seed", default=0, show_default=True,
+              help="Same seed as evaluate: the same first episodes.")
+@click.option("--pairs", default="all", show_default=True,
+              type=click.Choice(["all", "true", "true+predicted"]),
+              help="Every prototype with every query, each query with its own class, or also "
+                   "with the class it was wrongly taken for.")
+@click.option("--root", default=None, help="Dataset folder, if it moved since extraction.")
+@click.option("--out", default=None, help="Figure folder [default: <run dir>/figures].")
+@click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
+def visualize(device, **options):
+    """Pair figures (paper Fig. 7 style: frames, TTM window, SC boxes, TC attention) and
+    training curves of a trained head."""
+    from align.visualize import VisualizeConfig, format_visualize
+    from align.visualize import visualize as draw
+
+    summary = draw(VisualizeConfig(**options), device=pick_device(device), log=click.echo)
+    click.echo(format_visualize(summary))
+
+
+# ------------------------------------------------------------------------------------ demo
+@cli.command()
+@click.option("--weights", default="auto", show_default=True,
+              help="auto: ImageNet if torchvision's cache has it (no download), else random; "
+                   "or imagenet, none, a weights file.")
+@click.option("--backbone", default="resnet50", show_default=True,
+              type=click.Choice(["resnet18", "resnet34", "resnet50"]))
+@click.option("--epochs", default=4, show_default=True, help="TA2N training epochs.")
+@click.option("--episodes-per-epoch", default=12, show_default=True)
+@click.option("--eval-episodes", default=100, show_default=True,
+              help="Test episodes both heads are scored on.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
+def demo(**options):
+    """The whole pipeline on the built-in toy dataset (what `make demo` runs): toy-data ->
+    extract -> train-heads -> evaluate (ta2n, protonet) -> visualize, with a summary."""
+    from align.demo import DemoConfig, format_demo, run_demo
+
+    click.echo(format_demo(run_demo(DemoConfig(**options), echo=click.echo)))
 
 
 if __name__ == "__main__":

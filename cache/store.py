@@ -292,11 +292,19 @@ class FeatureCache:
             return self._backend.read("features", row)
         return self._backend.read("aug_features", (row, view))
 
-    def read_rows(self, rows: Sequence[int], array: str = "features",
-                  dtype: str | None = None) -> np.ndarray:
-        """Done rows, in the order given, stacked as (n, ...) — read as few slices as possible."""
+    def read_rows(self, rows: Sequence[int], array: str = "features", dtype: str | None = None,
+                  views: Sequence[int] | None = None, check_done: bool = True) -> np.ndarray:
+        """Done rows, in the order given, stacked as (n, ...) — read as few slices as possible.
+
+        ``views`` picks one augmented view per row (from ``aug_features``). ``check_done=False``
+        skips re-reading the done flags, for rows that came from ``rows(split)`` already.
+        """
         rows = np.asarray(rows, dtype=np.int64)
-        self._check_done(rows)
+        if check_done:
+            self._check_done(rows)
+        if views is not None:
+            return np.stack([self._backend.read("aug_features", (int(r), int(v)))
+                             for r, v in zip(rows, views)]).astype(dtype or self.attrs["dtype"])
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         source = self._backend.array(array)

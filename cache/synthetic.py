@@ -1,8 +1,11 @@
-"""The `synth` benchmark cache: classes that differ only in the temporal ORDER of shared patterns.
+"""The `synth` benchmark cache: classes are temporal ORDERS of a few shared patterns.
 
-Every class is a permutation of the same ``patterns`` channel patterns (so a video's bag of
-patterns says nothing about its class; only their order does). Each video plays its class's
-sequence
+Every class is a sequence of the same few channel patterns: by default ``length`` = 4 patterns out
+of ``patterns`` = 4, without immediate repeats (e.g. 0-2-1-2); with ``length`` = 0 every class is
+a permutation of all the patterns, so a video's bag of patterns says nothing about its class and
+only the order does. (In that strict mode free temporal attention such as TA2N's TC cannot help
+by design - it matches content regardless of order - while order-preserving alignment (TTM, OTAM)
+can.) Each video plays its class's sequence
 
 - inside a random time window of the T frames (duration misalignment: TTM's job),
 - with non-linear progress ``p ** g`` inside the window, g random per video (evolution
@@ -38,7 +41,11 @@ class SynthConfig:
 
     Args:
         channels, frames, size: C, T and H = W of every feature map.
-        patterns: shared channel patterns; the classes are permutations of them (patterns! at most).
+        patterns: shared channel patterns every class is made of.
+        length: 0 (default): every class is a permutation of all the patterns, so classes differ
+            only in their order (patterns! classes at most); L > 0: every class is a sequence of
+            L patterns without immediate repeats (classes also differ in which patterns they
+            show and how often).
         train_classes, val_classes, test_classes: classes per split (disjoint, as in few-shot).
         videos_per_class: rows per class.
         min_duration: shortest action window, as a fraction of T.
@@ -55,15 +62,16 @@ class SynthConfig:
     frames: int = 8
     size: int = 7
     patterns: int = 4
-    train_classes: int = 12
-    val_classes: int = 5
-    test_classes: int = 7
+    length: int = 4
+    train_classes: int = 64
+    val_classes: int = 16
+    test_classes: int = 24
     videos_per_class: int = 20
     min_duration: float = 0.5
     evolution: float = 2.0
     blob_sigma: float = 1.0
-    background: float = 1.0
-    noise: float = 1.0
+    background: float = 0.3
+    noise: float = 0.3
     aug_views: int = 0
     seed: int = 0
     dtype: str = "float16"
@@ -73,13 +81,21 @@ class SynthConfig:
             raise UserError(f"synth needs frames >= 4, size >= 4, channels >= 1 "
                             f"(got T={self.frames}, size={self.size}, C={self.channels})")
         total = self.train_classes + self.val_classes + self.test_classes
-        if total > math.factorial(self.patterns):
-            raise UserError(f"{total} classes need more than {self.patterns}! orders: raise "
-                            f"--patterns")
+        if total > len(class_sequences(self)):
+            raise UserError(f"{total} classes need more distinct pattern orders than "
+                            f"{self.patterns} patterns give: raise --patterns (or --length)")
         if not 0 < self.min_duration <= 1:
             raise UserError("--min-duration is a fraction of the frames in (0, 1]")
         if self.evolution < 1:
             raise UserError("--evolution must be >= 1 (1 = linear progress)")
+
+
+def class_sequences(cfg: SynthConfig) -> list[tuple[int, ...]]:
+    """Every possible class: the pattern order it shows."""
+    if cfg.length <= 0:
+        return list(itertools.permutations(range(cfg.patterns)))
+    return [seq for seq in itertools.product(range(cfg.patterns), repeat=cfg.length)
+            if all(a != b for a, b in zip(seq, seq[1:]))]
 
 
 def _blob(size: int, x: float, y: float, sigma: float) -> np.ndarray:
@@ -90,12 +106,12 @@ def _blob(size: int, x: float, y: float, sigma: float) -> np.ndarray:
     return wy[:, None] * wx[None, :]
 
 
-def _segments(start: int, stop: int, exponent: float, frames: int, patterns: int) -> np.ndarray:
+def _segments(start: int, stop: int, exponent: float, frames: int, segments: int) -> np.ndarray:
     """(T,) sequence position shown at each frame, -1 outside the action window."""
     seg = np.full(frames, -1, dtype=np.int64)
     t = np.arange(start, stop)
     progress = ((t - start + 0.5) / (stop - start)) ** exponent  # non-linear evolution
-    seg[start:stop] = np.minimum(patterns - 1, np.floor(progress * patterns)).astype(np.int64)
+    seg[start:stop] = np.minimum(segments - 1, np.floor(progress * segments)).astype(np.int64)
     return seg
 
 
@@ -123,7 +139,7 @@ class _Video:
             x = float(np.clip(x + rng.uniform(-1, 1), 0, s - 1))
             y = float(np.clip(y + rng.uniform(-1, 1), 0, s - 1))
         blob = _blob(s, x, y, cfg.blob_sigma)  # (H, W)
-        seg = _segments(start, stop, self.exponent, t, cfg.patterns)  # (T,)
+        seg = _segments(start, stop, self.exponent, t, len(sequence))  # (T,)
         maps = np.broadcast_to(self.clutter[:, None], (cfg.channels, t, s, s)).copy()  # (C,T,H,W)
         maps += cfg.noise * rng.standard_normal(maps.shape, dtype=np.float32)
         for frame in np.flatnonzero(seg >= 0):
@@ -137,7 +153,7 @@ def generate_synthetic(out: str, cfg: SynthConfig, *, backend: str | None = None
     cfg.check()
     rng = np.random.default_rng(cfg.seed)
     patterns = rng.standard_normal((cfg.patterns, cfg.channels), dtype=np.float32)
-    orders = list(itertools.permutations(range(cfg.patterns)))
+    orders = class_sequences(cfg)
     chosen = rng.permutation(len(orders))
     counts = {"train": cfg.train_classes, "val": cfg.val_classes, "test": cfg.test_classes}
     sequences, class_split = [], []

@@ -331,3 +331,15 @@ def test_update_attrs_keeps_keys_another_writer_added(tmp_path):
     first.update_attrs(errors_rank0=["a/v0"])
     attrs = FeatureCache.open(path).attrs
     assert attrs["errors_rank0"] == ["a/v0"] and attrs["errors_rank1"] == ["b/v1"]
+
+
+def test_read_rows_picks_one_augmented_view_per_row(tmp_path):
+    video_ids, splits, labels = make_rows(3)
+    cache = FeatureCache.create(tmp_path / "views.zarr", video_ids=video_ids, splits=splits,
+                                labels=labels, classes=CLASSES, shape=SHAPE, aug_views=2)
+    for row in range(3):
+        cache.write_row(row, row_values(row), aug=np.stack([row_values(10 + row),
+                                                            row_values(20 + row)]))
+    got = cache.read_rows([2, 0], views=[1, 0], check_done=False)
+    expected = np.stack([row_values(22), row_values(10)]).astype(np.float16)
+    np.testing.assert_array_equal(got, expected)

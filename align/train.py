@@ -1,0 +1,427 @@
+"""Episodic training of an alignment head from a feature cache (`python cli.py train-heads`).
+
+The loop (``train``) reads top to bottom: episodes from the train split -> dropout on the maps ->
+head -> cross-entropy summed over the queries -> gradients accumulated over ``tasks_per_batch``
+episodes -> SGD step; per epoch: lr schedule, the head's ``decay()``, validation on fixed val
+episodes, ``best.pt`` / ``last.pt`` / ``metrics.csv``. Defaults are the paper's recipe
+(supplementary material) per dataset, read from the cache's ``dataset`` attribute.
+
+Every random choice of episode ``i`` (classes, videos, views, dropout mask) is a function of
+(seed, i), and ``last.pt`` holds the optimizer, the scheduler, the RNG state, the position inside
+the epoch and any accumulated gradients, so ``--resume`` continues bit for bit where a killed or
+interrupted (Ctrl-C) run stopped. Checkpoints are written atomically (temp file + os.replace).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from align.episodes import EpisodeSampler
+from align.evaluate import (
+    RUNS_ROOT,
+    autocast,
+    check_head_fits,
+    compact_attrs,
+    remember_run,
+    run_episodes,
+    score,
+    write_json,
+)
+from align.feed import Feeder
+from align.heads import build_head, load_head_checkpoint, save_head
+from cache import FeatureCache, UserError
+from cache.latest import latest_cache
+
+TRAIN_STREAM, VAL_STREAM, DROPOUT_STREAM = 0, 1, 3  # independent episode streams of one seed
+
+# The paper's supplementary recipe; "synthetic" is a short schedule for the `synth` cache.
+RECIPES = {
+    "ucf101": dict(epochs=200, lr_step=5, lr_gamma=0.5, momentum=0.9, val_every=5,
+                   tasks_per_batch=16),
+    "hmdb51": dict(epochs=200, lr_step=5, lr_gamma=0.5, momentum=0.9, val_every=5,
+                   tasks_per_batch=16),
+    "ssv2": dict(epochs=600, lr_step=30, lr_gamma=0.8, momentum=0.9, val_every=10,
+                 tasks_per_batch=16),
+    "ssv2-cmn": dict(epochs=600, lr_step=30, lr_gamma=0.8, momentum=0.9, val_every=10,
+                     tasks_per_batch=16),
+    "kinetics": dict(epochs=200, lr_step=20, lr_gamma=0.9, momentum=0.0, val_every=5,
+                     tasks_per_batch=16),
+    # short: more, smaller SGD steps (the synthetic cache is learnt in a few epochs)
+    "synthetic": dict(epochs=10, lr_step=5, lr_gamma=0.5, momentum=0.9, val_every=1,
+                      tasks_per_batch=4),
+}
+DEFAULT_RECIPE = "ucf101"
+METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_acc", "val_ci95", "best_val_acc",
+                 "epoch_time_s", "episodes_per_s")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; saved as config.json in the run directory.
+
+    Args:
+        cache: path of the feature cache (None: the most recently extracted one).
+        head: "ta2n" | "protonet" | "otam"; ttm, tc, sc, sc_mode: the ablation switches.
+        way, shot, queries: N-way K-shot, Q queries per class in training (the authors: 5).
+        seed: every random choice of the run derives from it.
+        epochs, lr_step, lr_gamma, momentum, val_every, tasks_per_batch: None = the dataset's
+            recipe.
+        lr, weight_decay: SGD.
+        episodes_per_epoch: 200 in the paper.
+        tasks_per_batch: episodes whose gradients are accumulated per SGD step (the authors: 16).
+        dropout: dropout on the input maps in training.
+        decay_every: epochs between calls of the head's ``decay()`` (SC perturbation).
+        val_episodes, val_queries: fixed validation episodes (0 episodes: no validation).
+        batch_episodes: validation episodes per forward pass.
+        preload, workers: how rows reach the device (align/feed.py).
+        amp: bfloat16 autocast on CUDA.
+        out: the run directory (None: runs/<dataset>-<head>-<K>shot-<timestamp>).
+    """
+
+    cache: str | None = None
+    head: str = "ta2n"
+    ttm: bool = True
+    tc: bool = True
+    sc: bool = True
+    sc_mode: str = "mask"
+    way: int = 5
+    shot: int = 5
+    queries: int = 5
+    seed: int = 0
+    epochs: int | None = None
+    lr: float = 1e-3
+    lr_step: int | None = None
+    lr_gamma: float | None = None
+    momentum: float | None = None
+    weight_decay: float = 0.0
+    episodes_per_epoch: int = 200
+    tasks_per_batch: int | None = None
+    dropout: float = 0.5
+    decay_every: int = 40
+    val_every: int | None = None
+    val_episodes: int = 500
+    val_queries: int = 1
+    batch_episodes: int = 16
+    preload: str = "auto"
+    workers: int = 4
+    amp: bool = True
+    out: str | None = None
+    dataset: str | None = None
+
+    def resolve(self, dataset: str) -> list[str]:
+        """Fill the unset recipe values from the dataset's recipe; returns notes to print."""
+        notes = []
+        self.dataset = dataset
+        recipe = RECIPES.get(dataset.lower())
+        if recipe is None:
+            recipe = RECIPES[DEFAULT_RECIPE]
+            notes.append(f"no recipe for dataset {dataset!r}: using the {DEFAULT_RECIPE} recipe")
+        for key, value in recipe.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        return notes
+
+    @classmethod
+    def from_json(cls, payload: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in payload.items() if k in names})
+
+
+# ------------------------------------------------------------------------------ run directory
+def default_run_dir(dataset: str, head: str, shot: int) -> str:
+    return str(RUNS_ROOT / f"{dataset}-{head}-{shot}shot-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+# ------------------------------------------------------------------------------ helpers
+def make_scheduler(optimizer, cfg: TrainConfig):
+    """lr x gamma every lr_step epochs (stepped once per epoch)."""
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+
+
+def input_dropout(maps: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Dropout on the backbone maps with a mask drawn from ``seed`` (no global RNG)."""
+    if p <= 0:
+        return maps
+    gen = torch.Generator(device=maps.device).manual_seed(seed)
+    keep = torch.rand(maps.shape, generator=gen, device=maps.device) >= p  # (n, C, T, H, W)
+    return maps * keep / (1 - p)
+
+
+def episode_seed(seed: int, index: int) -> int:
+    return int(np.random.default_rng([seed, DROPOUT_STREAM, index]).integers(2**62))
+
+
+def validate(head, feeder, episodes, cfg: TrainConfig, device,
+             progress: bool) -> tuple[float, float]:
+    """Accuracy (percent) and 95% CI on the fixed validation episodes."""
+    preds = run_episodes(head, feeder, episodes, device=device, batch_episodes=cfg.batch_episodes,
+                         amp=cfg.amp, desc="validate", progress=progress)
+    result = score(episodes, preds, feeder.cache.classes)
+    return result["accuracy"], result["ci95"]
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+class StopFlag:
+    """Ctrl-C sets a flag the loop checks after every episode; a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _head_config(head) -> dict:
+    config = getattr(head, "config", None)
+    return asdict(config) if config is not None else {}
+
+
+def open_run(cfg: TrainConfig | None, resume: str | None, log) -> tuple:
+    """(cfg, cache, run_dir, head, state): a new run, or the one in ``resume`` with its
+    last.pt (head weights, SC step and BatchNorm statistics included) and training state."""
+    state = None
+    if resume:
+        run_dir = Path(resume)
+        if not (run_dir / "last.pt").exists():
+            raise UserError(f"{resume} holds no last.pt to resume from")
+        cfg = TrainConfig.from_json(json.loads((run_dir / "config.json").read_text())["train"])
+        cfg.out = str(run_dir)
+        head, state = load_head_checkpoint(run_dir / "last.pt", map_location="cpu")
+        log(f"resuming {run_dir} at epoch {state['epoch'] + 1}, episode {state['episode']}")
+    if cfg.cache is None:
+        cfg.cache, dataset = latest_cache()
+        log(f"cache  {cfg.cache} (the most recently written one, {dataset})")
+    cache = FeatureCache.open(cfg.cache)
+    for note in cfg.resolve(cache.attrs.get("dataset", "unknown")):
+        log(note)
+    run_dir = Path(cfg.out or default_run_dir(cfg.dataset, cfg.head, cfg.shot))
+    if state is None:
+        if (run_dir / "last.pt").exists():
+            raise UserError(f"{run_dir} already holds a run: pass --resume {run_dir} or "
+                            "another --out")
+        c, t, h, w = cache.shape
+        head = build_head(cfg.head, channels=c, frames=t, height=h, width=w, shot=cfg.shot,
+                          seed=cfg.seed, ttm=cfg.ttm, tc=cfg.tc, sc=cfg.sc, sc_mode=cfg.sc_mode)
+    check_head_fits(_head_config(head), cache)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.out = str(run_dir)
+    return cfg, cache, run_dir, head, state
+
+
+def new_stats() -> dict:
+    return {"loss": 0.0, "correct": 0, "queries": 0, "time": 0.0}
+
+
+def metrics_row(epoch: int, lr: float, stats: dict, episodes: int, val: tuple,
+                best: float) -> dict:
+    val_acc, val_ci = val
+    return {"epoch": epoch, "lr": lr, "train_loss": round(stats["loss"] / episodes, 5),
+            "train_acc": round(100 * stats["correct"] / max(1, stats["queries"]), 3),
+            "val_acc": None if val_acc is None else round(val_acc, 3),
+            "val_ci95": None if val_ci is None else round(val_ci, 3),
+            "best_val_acc": round(best, 3) if best >= 0 else None,
+            "epoch_time_s": round(stats["time"], 3),
+            "episodes_per_s": round(episodes / stats["time"], 3) if stats["time"] else None}
+
+
+def episode_requests(episodes):
+    """(rows, views) per episode: support then query, as the feeder serves them."""
+    for e in episodes:
+        views = (None if e.support_views is None
+                 else np.concatenate([e.support_views, e.query_views]))
+        yield np.concatenate([e.support, e.query]), views
+
+
+# ------------------------------------------------------------------------------ the loop
+def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str | None = None,
+          log: Callable[[str], None] = print, progress: bool = True,
+          on_episode: Callable[[int, int], None] | None = None) -> dict:
+    """Train a head episodically on ``cfg.cache`` (or continue the run in ``resume``).
+
+    ``on_episode(epoch, episode)`` is called after every training episode (tests use it to
+    interrupt a run). Returns a summary dict (run dir, best val accuracy, epochs done ...).
+    """
+    # the run: config (with the dataset's recipe), cache, directory, head (restored on resume)
+    cfg, cache, run_dir, head, state = open_run(cfg, resume, log)
+    head = head.to(device).train()
+    params = [p for p in head.parameters() if p.requires_grad]
+    if not params:
+        log(f"{cfg.head} has no trainable parameters here: nothing to train, validating once")
+    epochs = cfg.epochs if params else 0
+
+    # SGD and the step lr schedule (a placeholder parameter keeps SGD happy without any)
+    optimizer = torch.optim.SGD(params or [torch.zeros(1, requires_grad=True)], lr=cfg.lr,
+                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg)
+
+    # episodes: training draws from `train` (random aug views when cached), selection on `val`
+    sampler = EpisodeSampler(cache, "train", way=cfg.way, shot=cfg.shot, queries=cfg.queries,
+                             seed=cfg.seed, stream=TRAIN_STREAM,
+                             aug_views=cache.aug_views if cache.has_aug else 0)
+    feeder = Feeder(cache, "train", device=device, preload=cfg.preload, aug=cache.has_aug,
+                    workers=cfg.workers, progress=progress)
+    log(f"train  {feeder.reason}" + (f"; random views of {cache.aug_views}" if feeder.aug else ""))
+    val_episodes, val_feeder = [], None
+    if cfg.val_episodes > 0:
+        val_episodes = EpisodeSampler(cache, "val", way=cfg.way, shot=cfg.shot,
+                                      queries=cfg.val_queries, seed=cfg.seed,
+                                      stream=VAL_STREAM).episodes(0, cfg.val_episodes)
+        val_feeder = Feeder(cache, "val", device=device, preload=cfg.preload,
+                            workers=cfg.workers, progress=progress)
+
+    # the run directory says how it was made; runs/latest.json lets `evaluate` find it
+    write_json(run_dir / "config.json", {"train": asdict(cfg), "head": _head_config(head),
+                                         "device": str(device),
+                                         "cache_attrs": compact_attrs(cache.attrs)})
+    remember_run({"run": str(run_dir), "checkpoint": str(run_dir / "best.pt"),
+                  "cache": cfg.cache, "head": cfg.head, "way": cfg.way, "shot": cfg.shot,
+                  "dataset": cfg.dataset})
+
+    # restore a resumed run's position, optimizer, lr, RNG and accumulated gradients
+    start_epoch, start_episode, history, best, stats = 0, 0, [], -1.0, new_stats()
+    if state is not None:
+        start_epoch, start_episode = state["epoch"], state["episode"]
+        history, best, stats = state["history"], state["best_val_acc"], state["stats"]
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        for p, g in zip(params, state["grads"] or []):
+            p.grad = None if g is None else g.to(device)
+
+    def checkpoint(name: str, epoch: int, episode: int) -> None:
+        grads = [None if p.grad is None else p.grad.detach().cpu() for p in params]
+        save_head(head, run_dir / name, extra={
+            "epoch": epoch, "episode": episode, "history": history, "best_val_acc": best,
+            "stats": dict(stats), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "grads": grads if episode else None,
+            "rng": {"torch": torch.get_rng_state()}, "config": asdict(cfg)})
+
+    per_epoch, n_support = cfg.episodes_per_epoch, cfg.way * cfg.shot
+    targets = torch.arange(cfg.way, device=device).repeat_interleave(cfg.queries)  # (M,)
+    bar = tqdm(total=epochs * per_epoch, initial=start_epoch * per_epoch + start_episode,
+               desc=f"train {cfg.head}", unit="ep", disable=not progress)
+    with StopFlag() as stop:
+        for epoch in range(start_epoch, epochs):
+            first = epoch * per_epoch + (start_episode if epoch == start_epoch else 0)
+            indices = range(first, (epoch + 1) * per_epoch)
+            episodes = [sampler.episode(i) for i in indices]
+            tick = time.perf_counter()
+            for index, maps in zip(indices, feeder.stream(episode_requests(episodes))):
+                # dropout on the input maps, then the head's logits for the episode's queries
+                maps = input_dropout(maps, cfg.dropout, episode_seed(cfg.seed, index))
+                with autocast(device, cfg.amp):
+                    logits = head(maps[:n_support], maps[n_support:], cfg.way, cfg.shot)  # (M, way)
+                # the episode loss: cross-entropy summed over its queries, averaged over the batch
+                loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+                (loss / cfg.tasks_per_batch).backward()
+                # an SGD step every tasks_per_batch episodes, and at the end of the epoch
+                done = index - epoch * per_epoch + 1
+                if done % cfg.tasks_per_batch == 0 or done == per_epoch:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                # running statistics for the progress bar and metrics.csv
+                stats["loss"] += loss.item()
+                stats["correct"] += int((logits.argmax(-1) == targets).sum())
+                stats["queries"] += len(targets)
+                bar.update()
+                bar.set_postfix(epoch=epoch + 1, loss=f"{stats['loss'] / done:.3f}",
+                                acc=f"{100 * stats['correct'] / stats['queries']:.1f}")
+                if on_episode is not None:
+                    on_episode(epoch, done)
+                # Ctrl-C mid-epoch: keep everything needed to continue from the next episode
+                if stop.requested and done < per_epoch:
+                    stats["time"] += time.perf_counter() - tick
+                    checkpoint("last.pt", epoch, done)
+                    bar.close()
+                    return _summary(run_dir, cfg, history, best, interrupted=True)
+            stats["time"] += time.perf_counter() - tick
+            # end of epoch: lr schedule, the SC perturbation's decay, validation
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            if (epoch + 1) % cfg.decay_every == 0:
+                head.decay()
+            val = (None, None)
+            if val_feeder is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == epochs):
+                val = validate(head, val_feeder, val_episodes, cfg, device, progress)
+                log(f"epoch {epoch + 1}: val {val[0]:.2f} +- {val[1]:.2f} "
+                    f"(best {max(best, val[0]):.2f})")
+            # best.pt by validation accuracy (without validation: the latest epoch)
+            if val_feeder is None or (val[0] is not None and val[0] > best):
+                best = best if val[0] is None else val[0]
+                save_head(head, run_dir / "best.pt", extra={
+                    "epoch": epoch + 1, "val_acc": val[0], "val_ci95": val[1],
+                    "config": asdict(cfg)})
+            # metrics.csv and last.pt at a clean epoch boundary (no pending gradients)
+            history.append(metrics_row(epoch + 1, lr, stats, per_epoch, val, best))
+            write_metrics(run_dir / "metrics.csv", history)
+            stats = new_stats()
+            checkpoint("last.pt", epoch + 1, 0)
+            if stop.requested:
+                bar.close()
+                return _summary(run_dir, cfg, history, best, interrupted=True)
+    bar.close()
+
+    # nothing to train (a training-free head): validate once so best.pt says how good it is
+    if epochs == 0:
+        val = (validate(head, val_feeder, val_episodes, cfg, device, progress)
+               if val_feeder is not None else (None, None))
+        best = best if val[0] is None else val[0]
+        save_head(head, run_dir / "best.pt", extra={"epoch": 0, "val_acc": val[0],
+                                                    "val_ci95": val[1], "config": asdict(cfg)})
+        checkpoint("last.pt", 0, 0)
+    return _summary(run_dir, cfg, history, best, interrupted=False)
+
+
+def _summary(run_dir: Path, cfg: TrainConfig, history: list[dict], best: float,
+             interrupted: bool) -> dict:
+    return {"run": str(run_dir), "best": str(run_dir / "best.pt"), "epochs_done": len(history),
+            "epochs": cfg.epochs, "best_val_acc": best if best >= 0 else None,
+            "interrupted": interrupted, "history": history, "config": asdict(cfg)}
+
+
+def format_summary(summary: dict) -> str:
+    """What `train-heads` prints at the end."""
+    cfg = summary["config"]
+    best = summary["best_val_acc"]
+    lines = [f"run        {summary['run']}",
+             f"trained    {summary['epochs_done']}/{summary['epochs']} epochs of "
+             f"{cfg['episodes_per_epoch']} episodes ({cfg['way']}-way {cfg['shot']}-shot)",
+             f"best val   {best:.2f}" if best is not None else "best val   (no validation)",
+             f"checkpoint {summary['best']}"]
+    if summary["interrupted"]:
+        lines.append(f"interrupted: saved last.pt; continue with `python cli.py train-heads "
+                     f"--resume {summary['run']}`")
+    return "\n".join(lines)
+

@@ -1,0 +1,204 @@
+"""Training: it learns, resumes exactly, refuses bad input, and feeds the heads from the cache."""
+
+import csv
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from align.evaluate import EvalConfig, evaluate
+from align.feed import Feeder, choose_preload
+from align.heads import build_head, load_head, load_head_checkpoint
+from align.train import TrainConfig, train
+from cache import FeatureCache, UserError
+from cache.synthetic import SynthConfig, generate_synthetic
+
+CPU = torch.device("cpu")
+QUIET = dict(device=CPU, progress=False, log=lambda message: None)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two OpenMP threads on a shared 2-core machine are slower than one for these sizes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_synth(path, **overrides):
+    cfg = dict(channels=8, frames=8, size=4, train_classes=6, val_classes=5, test_classes=5,
+               videos_per_class=6, seed=2)
+    generate_synthetic(str(path), SynthConfig(**{**cfg, **overrides}), progress=False)
+    return str(path)
+
+
+def tiny_config(cache, out, **overrides):
+    cfg = dict(cache=cache, out=str(out), shot=1, queries=2, epochs=2, episodes_per_epoch=6,
+               tasks_per_batch=4, lr_step=1, lr_gamma=0.5, decay_every=1, val_every=1,
+               val_episodes=4, momentum=0.9)
+    return TrainConfig(**{**cfg, **overrides})
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/latest.json lands in the test's folder
+    return make_synth(tmp_path / "tiny.zarr")
+
+
+def test_short_training_lowers_the_loss_and_beats_protonet(tmp_path, monkeypatch):
+    """TA2N (TTM + TC) trained for a few hundred episodes clearly beats frame-wise ProtoNet on
+    the synthetic cache, whose classes are orders of shared patterns, misaligned in time."""
+    monkeypatch.chdir(tmp_path)
+    cache_path = make_synth(tmp_path / "synth.zarr", channels=16, size=4, videos_per_class=10,
+                            train_classes=32, val_classes=8, test_classes=16, seed=0)
+    cfg = TrainConfig(cache=cache_path, out=str(tmp_path / "run"), sc=False, shot=1, queries=5,
+                      epochs=3, episodes_per_epoch=100, val_every=3, val_episodes=100)
+    summary = train(cfg, **QUIET)  # the synthetic recipe: lr 1e-3, 4 episodes per SGD step
+    losses = [row["train_loss"] for row in summary["history"]]
+    assert losses[-1] < losses[0] - 1, losses
+    with FeatureCache.open(cache_path) as cache:
+        episodes = EvalConfig(episodes=300, shot=1)
+        ta2n = evaluate(load_head(tmp_path / "run" / "best.pt"), cache, episodes, device=CPU,
+                        progress=False)
+        protonet = evaluate(build_head("protonet", channels=16, frames=8, height=4, width=4),
+                            cache, episodes, device=CPU, progress=False)
+    assert ta2n["accuracy"] > protonet["accuracy"] + 5, (ta2n["summary"], protonet["summary"])
+
+
+def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tiny, tmp_path):
+    """Ctrl-C in the middle of a gradient-accumulation batch, then --resume: the final weights,
+    BatchNorm statistics, SC step, optimizer state and metrics equal those of a straight run."""
+    straight = train(tiny_config(tiny, tmp_path / "straight"), **QUIET)
+    assert not straight["interrupted"] and straight["epochs_done"] == 2
+
+    def interrupt(epoch, episode):
+        if (epoch, episode) == (0, 3):
+            os.kill(os.getpid(), signal.SIGINT)  # the real signal path, handled by train
+
+    stopped = train(tiny_config(tiny, tmp_path / "resumed"), on_episode=interrupt, **QUIET)
+    assert stopped["interrupted"] and stopped["epochs_done"] == 0
+    _, state = load_head_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert (state["epoch"], state["episode"]) == (0, 3) and state["grads"] is not None
+    resumed = train(resume=str(tmp_path / "resumed"), **QUIET)
+    assert not resumed["interrupted"] and resumed["epochs_done"] == 2
+
+    for name in ("last.pt", "best.pt"):
+        a = torch.load(tmp_path / "straight" / name, weights_only=False)
+        b = torch.load(tmp_path / "resumed" / name, weights_only=False)
+        assert a["state_dict"].keys() == b["state_dict"].keys()
+        for key in a["state_dict"]:
+            assert torch.equal(a["state_dict"][key], b["state_dict"][key]), (name, key)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["extra"]
+    assert float(load_head(tmp_path / "resumed" / "last.pt").sc.delta) == pytest.approx(0.05)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["extra"]
+    for key, buf in a["optimizer"]["state"].items():
+        assert torch.equal(buf["momentum_buffer"], b["optimizer"]["state"][key]["momentum_buffer"])
+    assert a["scheduler"] == b["scheduler"]
+
+    def metrics(run):
+        with open(tmp_path / run / "metrics.csv") as f:
+            return [{k: v for k, v in row.items() if k not in ("epoch_time_s", "episodes_per_s")}
+                    for row in csv.DictReader(f)]
+
+    assert metrics("straight") == metrics("resumed") and len(metrics("straight")) == 2
+
+
+def test_run_directory_records_everything(tiny, tmp_path):
+    summary = train(tiny_config(tiny, tmp_path / "run", epochs=1), **QUIET)
+    run = tmp_path / "run"
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["cache"] == tiny and config["train"]["lr_step"] == 1
+    assert config["head"]["kind"] == "ta2n" and config["head"]["channels"] == 8
+    assert config["cache_attrs"]["dataset"] == "synthetic"
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and float(rows[0]["val_acc"]) == summary["best_val_acc"]
+    _, extra = load_head_checkpoint(run / "last.pt")
+    assert {"optimizer", "scheduler", "rng", "epoch", "episode"} <= set(extra)
+    latest = json.loads((tmp_path / "runs" / "latest.json").read_text())
+    assert latest["checkpoint"] == str(run / "best.pt") and latest["shot"] == 1
+    with pytest.raises(UserError, match="already holds a run"):
+        train(tiny_config(tiny, run), **QUIET)
+
+
+def test_recipe_defaults_come_from_the_dataset():
+    cfg = TrainConfig(cache="x")
+    assert cfg.resolve("ucf101") == []
+    assert (cfg.epochs, cfg.lr_step, cfg.lr_gamma, cfg.momentum) == (200, 5, 0.5, 0.9)
+    cfg = TrainConfig(cache="x")
+    cfg.resolve("ssv2")
+    assert (cfg.epochs, cfg.lr_step, cfg.lr_gamma, cfg.momentum) == (600, 30, 0.8, 0.9)
+    cfg = TrainConfig(cache="x", epochs=7)
+    cfg.resolve("kinetics")
+    assert (cfg.epochs, cfg.lr_step, cfg.lr_gamma, cfg.momentum) == (7, 20, 0.9, 0.0)
+    cfg = TrainConfig(cache="x")
+    assert "no recipe" in cfg.resolve("mydata")[0] and cfg.epochs == 200
+    cfg = TrainConfig(cache="x")
+    cfg.resolve("synthetic")
+    assert cfg.epochs < 200 and cfg.dataset == "synthetic" and cfg.tasks_per_batch == 4
+    cfg = TrainConfig(cache="x")
+    cfg.resolve("hmdb51")
+    assert (cfg.lr, cfg.episodes_per_epoch, cfg.tasks_per_batch, cfg.dropout) == \
+        (1e-3, 200, 16, 0.5)
+
+
+def test_bad_input_is_refused_clearly(tiny, tmp_path):
+    with pytest.raises(UserError, match="no cache at"):
+        train(tiny_config(str(tmp_path / "missing.zarr"), tmp_path / "a"), **QUIET)
+    with pytest.raises(UserError, match="split 'val' has 5 classes with done videos, fewer "
+                                        "than --way 6"):
+        train(tiny_config(tiny, tmp_path / "b", way=6), **QUIET)
+    few = make_synth(tmp_path / "few.zarr", videos_per_class=3)
+    with pytest.raises(UserError, match=r"class 'seq-\d{4}' \(3\).* K \+ Q = 1 \+ 5 = 6"):
+        train(tiny_config(few, tmp_path / "c", queries=5), **QUIET)
+    # a run resumed on a cache whose maps do not fit its head
+    train(tiny_config(tiny, tmp_path / "d", epochs=1), **QUIET)
+    wide = make_synth(tmp_path / "wide.zarr", channels=12)
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    config["train"]["cache"] = wide
+    (tmp_path / "d" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="features do not match the head: channels 8"):
+        train(resume=str(tmp_path / "d"), **QUIET)
+
+
+def test_training_draws_random_views_of_an_augmented_cache(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = make_synth(tmp_path / "aug.zarr", aug_views=3)
+    messages = []
+    train(tiny_config(path, tmp_path / "run", epochs=1, sc=False), device=CPU, progress=False,
+          log=messages.append)
+    assert any("random views of 3" in m for m in messages), messages
+
+
+def test_training_free_head_is_validated_not_trained(tiny, tmp_path):
+    summary = train(tiny_config(tiny, tmp_path / "p", head="protonet"), **QUIET)
+    assert summary["epochs_done"] == 0 and summary["best_val_acc"] is not None
+    assert load_head(tmp_path / "p" / "best.pt").config.kind == "protonet"
+
+
+def test_feeder_serves_the_same_maps_in_every_mode(tmp_path):
+    path = make_synth(tmp_path / "aug.zarr", aug_views=2)
+    with FeatureCache.open(path) as cache:
+        rows = cache.rows("train")[[5, 0, 17, 5]]
+        stored = torch.from_numpy(cache.read_rows(rows)).float()
+        served = {}
+        for mode in ("ram", "none", "device"):
+            feeder = Feeder(cache, "train", device=CPU, preload=mode, progress=False)
+            assert feeder.mode == ("ram" if mode == "device" else mode)
+            served[mode] = feeder.load(rows)
+            streamed = list(feeder.stream([(rows, None), (rows[:2], None)]))
+            assert torch.equal(streamed[0], served[mode]) and streamed[1].shape[0] == 2
+        for mode, maps in served.items():
+            assert maps.dtype == torch.float32 and torch.equal(maps, stored), mode
+        views = np.array([1, 0, 1, 1])
+        expected = np.stack([cache.read_row(r, view=v) for r, v in zip(rows, views)])
+        for mode in ("ram", "none"):
+            feeder = Feeder(cache, "train", device=CPU, preload=mode, aug=True, progress=False)
+            assert torch.equal(feeder.load(rows, views), torch.from_numpy(expected).float())
+    mode, why = choose_preload("auto", 10**15, CPU)
+    assert mode == "none" and "streaming" in why
+    assert choose_preload("auto", 1000, CPU)[0] == "ram"
