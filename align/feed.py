@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from cache import FeatureCache, UserError
+from cache.store import human_bytes
 
 PRELOAD_CHOICES = ("auto", "ram", "device", "none")
 MEMORY_SHARE = 0.5  # auto preloads when the split takes at most this share of the free memory
@@ -39,14 +40,6 @@ def available_ram() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 def choose_preload(requested: str, nbytes: int, device: torch.device) -> tuple[str, str]:

@@ -370,7 +370,8 @@ class FeatureCache:
         }
 
 
-def _human_bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KB'."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
             return f"{n:.1f} {unit}"
@@ -393,7 +394,7 @@ def format_info(info: dict) -> str:
         lines.append(f"  {split:<6} {s['videos']:>7} videos {s['done']:>7} done "
                      f"{s['classes']:>4} classes")
     ratio = info["compression_ratio"]
-    lines.append(f"on disk    {_human_bytes(info['bytes_on_disk'])}"
+    lines.append(f"on disk    {human_bytes(info['bytes_on_disk'])}"
                  + (f" (compression {ratio:.2f}x)" if ratio else ""))
     for key in ("backbone", "weights", "image_size", "sampling", "dataset", "created"):
         if key in attrs:

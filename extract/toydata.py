@@ -183,7 +183,8 @@ def _segment_distance(xy: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarra
     """Distance of every pixel centre (S, S, 2) to the segment a-b."""
     ab = b - a
     denom = float(ab @ ab)
-    t = np.zeros(xy.shape[:2]) if denom == 0 else np.clip(((xy - a) @ ab) / denom, 0, 1)
+    # an elementwise dot, not BLAS: its threading may change the last bit, and so a rounded pixel
+    t = np.zeros(xy.shape[:2]) if denom == 0 else np.clip(((xy - a) * ab).sum(-1) / denom, 0, 1)
     return np.linalg.norm(xy - (a + t[..., None] * ab), axis=-1)
 
 
@@ -227,7 +228,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int) -> None:
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.codec_context.thread_count = 1
-        stream.options = {"crf": "12", "preset": "fast"}
+        stream.options = {"crf": "12", "preset": "fast", "threads": "1"}
         for image in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 container.mux(packet)
