@@ -38,11 +38,14 @@ REGION_TAPS = ((0.0, 1.0, 1.0), (1.0, 1.0, 1.0), (1.0, 1.0, 0.0))
 
 
 # ------------------------------------------------------------------------------ TC
-class TemporalCoordination(nn.Module):
-    """TC: A[n,m][x, y] = softmax_y <Wk G(s_n)[:, x], Wq G(q_m)[:, y]> / sqrt(C).
+class KeyQueryValue(nn.Module):
+    """Wk, Wq, Wv: three 1x1 Conv1d C -> C without bias (TC's set, and the multi-shot set).
+
+    The attribute names are the authors' (``keynet``, ``querynet``, ``valuenet``), so their
+    checkpoints map onto these modules key for key.
 
     Args:
-        channels: C of the maps (Wk, Wq, Wv are 1x1 Conv1d C -> C without bias).
+        channels: C of the maps.
     """
 
     def __init__(self, channels: int = 2048):
@@ -55,6 +58,14 @@ class TemporalCoordination(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         for layer in (self.keynet, self.querynet, self.valuenet):
             reset_layer(layer, generator)
+
+
+class TemporalCoordination(KeyQueryValue):
+    """TC: A[n,m][x, y] = softmax_y <Wk G(s_n)[:, x], Wq G(q_m)[:, y]> / sqrt(C).
+
+    Args:
+        channels: C of the maps (Wk, Wq, Wv are 1x1 Conv1d C -> C without bias).
+    """
 
     def forward(self, support: torch.Tensor, query: torch.Tensor):
         """Returns s~ (N, C, T, H, W), the pair term tc (N, M, C, T), the attention (N, M, T, T).

@@ -15,12 +15,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
-from align.ttm import reset_layer
+from align.acm import KeyQueryValue
 
 
-class ShotAlignment(nn.Module):
+class ShotAlignment(KeyQueryValue):
     """Builds (way, C, T, H, W) prototypes from class-major (way*shot, C, T, H, W) supports.
 
     Args:
@@ -29,16 +28,8 @@ class ShotAlignment(nn.Module):
     """
 
     def __init__(self, channels: int = 2048, fast: bool = True):
-        super().__init__()
+        super().__init__(channels)
         self.fast = fast
-        self.keynet = nn.Conv1d(channels, channels, 1, bias=False)
-        self.querynet = nn.Conv1d(channels, channels, 1, bias=False)
-        self.valuenet = nn.Conv1d(channels, channels, 1, bias=False)
-        self.reset_parameters()
-
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        for layer in (self.keynet, self.querynet, self.valuenet):
-            reset_layer(layer, generator)
 
     def project(self, maps: torch.Tensor) -> torch.Tensor:
         """Wv' at every position of maps (n, C, T, H, W) -> (n, C, T, H, W), no residual."""
