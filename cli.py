@@ -10,6 +10,7 @@ from __future__ import annotations
 import click
 import torch
 
+from align.models import head_names
 from cache import FeatureCache, UserError, format_info
 
 DEVICE_CHOICES = click.Choice(["auto", "cpu", "cuda"])
@@ -107,7 +108,7 @@ def extract(dataset, root, split_dir, splits, limit, out, backend, backbone, wei
 
 # ------------------------------------------------------------------------------------ train-heads
 PRELOAD_CHOICES = click.Choice(["auto", "ram", "device", "none"])
-HEAD_CHOICES = click.Choice(["ta2n", "protonet", "otam"])
+HEAD_CHOICES = click.Choice(head_names())
 
 
 @cli.command("train-heads")
@@ -167,7 +168,8 @@ def train_heads(cache_path, head, shots, device, resume, **options):
 @cli.command()
 @click.option("--checkpoint", default=None,
               help="A head from train-heads or the authors' code [default: the latest run's].")
-@click.option("--head", "head_kind", default=None, type=click.Choice(["protonet", "otam"]),
+@click.option("--head", "head_kind", default=None,
+              type=click.Choice(head_names(training_free=True)),
               help="A training-free baseline instead of a checkpoint.")
 @click.option("--cache", "cache_path", default=None,
               help="[default: the checkpoint's run's cache, else the latest extracted one]")

@@ -1,6 +1,5 @@
 """Phase two: episodes, alignment heads, training, evaluation and analysis on cached maps.
 
-Nothing is re-exported here; import from the submodules, for example
-``from align.heads import build_head, load_head`` (the TA2N parts live in ``align.ttm``,
-``align.acm``, ``align.prototypes`` and ``align.otam``).
+Nothing is re-exported here; import from the subpackages, for example
+``from align.models import build_head`` and ``from align.checkpoints import load_head``.
 """

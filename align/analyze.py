@@ -394,7 +394,7 @@ def embed_episode(head, support: torch.Tensor, query: torch.Tensor, way: int,
     before = frame_distance(protos[:, None], queries[None])  # (N, M)
     record = head.explain(support, query, way, shot)
     if "f_s" not in record:
-        raise UserError(f"the {getattr(head, 'kind', 'given')} head has no aligned pair "
+        raise UserError(f"the {head.kind} head has no aligned pair "
                         f"features to embed; use a ta2n checkpoint (or protonet)")
     f_s, f_q = record["f_s"].float(), record["f_q"].float()  # (N, M, T, C) each
     m_index = torch.arange(len(query), device=query.device)
@@ -532,8 +532,9 @@ def embedding_command(cfg: EmbeddingConfig, *, checkpoint: str | None, head_kind
     With neither ``checkpoint`` nor ``head_kind``: the most recent run's best.pt on its cache;
     ``head_kind`` builds an untrained head (protonet: after = before; ta2n: its initialisation).
     """
+    from align.checkpoints import load_head
     from align.evaluate import check_head_fits, latest_run, run_config
-    from align.heads import build_head, load_head
+    from align.models import build_head
 
     if checkpoint and head_kind:
         raise UserError("give --checkpoint or --head, not both")
@@ -566,8 +567,7 @@ def embedding_command(cfg: EmbeddingConfig, *, checkpoint: str | None, head_kind
             head = build_head(head_kind, channels=c, frames=t, height=h, width=w, shot=cfg.shot,
                               seed=cfg.seed)
             name = f"{head_kind}, untrained" if head_kind == "ta2n" else head_kind
-        if hasattr(head, "config"):
-            check_head_fits(asdict(head.config), cache)
+        check_head_fits(asdict(head.config), cache)
         return run_embedding(cache, head, out_dir or default_out(cache_path), cfg, device, name)
 
 

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from align.checkpoints import load_head_checkpoint
 from align.episodes import Episode, EpisodeSampler, load_episodes, save_episodes
 from align.feed import Feeder
-from align.heads import build_head, load_head_checkpoint
+from align.models import build_head, head_class
 from cache import FeatureCache, UserError
 from cache.latest import latest_cache
 
@@ -77,9 +78,7 @@ def _episode_logits(head, stacked: torch.Tensor, batch: list[Episode]) -> torch.
     n_support, n_query = way * shot, len(batch[0].query)
     maps = stacked.view(len(batch), n_support + n_query, *stacked.shape[1:])  # (E, S+M, C, T, H, W)
     support, query = maps[:, :n_support], maps[:, n_support:]  # (E, S, ...), (E, M, ...)
-    if hasattr(head, "forward_episodes"):
-        return head.forward_episodes(support, query, way, shot)  # (E, M, way)
-    return torch.stack([head(s, q, way, shot) for s, q in zip(support, query)])  # (E, M, way)
+    return head.forward_episodes(support, query, way, shot)  # (E, M, way)
 
 
 def run_episodes(head, feeder: Feeder, episodes: list[Episode], *, device: torch.device,
@@ -290,13 +289,13 @@ def evaluate_command(cfg: EvalConfig, *, checkpoint: str | None, head_kind: str 
             facts = {k: extra[k] for k in ("epoch", "val_acc", "val_ci95", "source",
                                            "iteration") if k in extra}
             checkpoint_config = {"run": run_config(checkpoint), **facts}
-        elif head_kind in TRAINING_FREE:
+        elif head_class(head_kind).training_free:
             head = build_head(head_kind, channels=c, frames=t, height=h, width=w, shot=cfg.shot)
             checkpoint_config = None
         else:
             raise UserError(f"--head {head_kind} has trainable parameters: pass --checkpoint "
                             f"(train one with `python cli.py train-heads --head {head_kind}`)")
-        head_config = asdict(head.config) if hasattr(head, "config") else {"kind": head_kind}
+        head_config = asdict(head.config)
         check_head_fits(head_config, cache)
         if report is None:
             report = default_report_path(cfg, checkpoint, head_config.get("kind", head_kind),
@@ -304,9 +303,6 @@ def evaluate_command(cfg: EvalConfig, *, checkpoint: str | None, head_kind: str 
         return evaluate(head, cache, cfg, device=device, head_config=head_config,
                         checkpoint=checkpoint, checkpoint_config=checkpoint_config,
                         report=report, progress=progress, log=log)
-
-
-TRAINING_FREE = ("protonet", "otam")
 
 
 def read_episode_file_header(path: str) -> dict:

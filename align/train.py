@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from align.checkpoints import load_head_checkpoint, save_head
 from align.episodes import EpisodeSampler
 from align.evaluate import (
     RUNS_ROOT,
@@ -41,7 +42,7 @@ from align.evaluate import (
     write_json,
 )
 from align.feed import Feeder
-from align.heads import build_head, load_head_checkpoint, save_head
+from align.models import build_head
 from cache import FeatureCache, UserError
 from cache.latest import latest_cache
 
@@ -204,8 +205,7 @@ class StopFlag:
 
 
 def _head_config(head) -> dict:
-    config = getattr(head, "config", None)
-    return asdict(config) if config is not None else {}
+    return asdict(head.config)
 
 
 def open_run(cfg: TrainConfig | None, resume: str | None, log) -> tuple:

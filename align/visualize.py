@@ -40,9 +40,9 @@ import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from align.checkpoints import load_head_checkpoint  # noqa: E402
 from align.episodes import Episode, EpisodeSampler, load_episodes  # noqa: E402
 from align.evaluate import EVAL_STREAM, latest_run, read_episode_file_header  # noqa: E402
-from align.heads import load_head_checkpoint  # noqa: E402
 from cache import FeatureCache, UserError  # noqa: E402
 
 DPI = 100
@@ -400,8 +400,6 @@ def visualize(cfg: VisualizeConfig, *, device: torch.device, log=print,
     out.mkdir(parents=True, exist_ok=True)
     head, _ = load_head_checkpoint(checkpoint, map_location="cpu", shot=shot)
     head = head.to(device).eval()
-    if not hasattr(head, "explain"):
-        raise UserError(f"{checkpoint}: this head has no explain() to visualise")
     curves = None
     metrics = Path(checkpoint).parent / "metrics.csv"
     if metrics.exists() and read_metrics(metrics):

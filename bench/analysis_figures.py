@@ -33,8 +33,9 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from align import analyze as A  # noqa: E402
+from align.checkpoints import load_head  # noqa: E402
 from align.evaluate import EvalConfig, evaluate  # noqa: E402
-from align.heads import build_head, load_head  # noqa: E402
+from align.models import build_head  # noqa: E402
 from align.train import TrainConfig, train  # noqa: E402
 from cache import FeatureCache  # noqa: E402
 from cache.synthetic import SynthConfig, generate_synthetic  # noqa: E402

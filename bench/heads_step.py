@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from align.heads import build_head  # noqa: E402
+from align.models import build_head  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align.acm import (
+from align.models.acm import (
     PERTURBATIONS,
     SpatialCoordination,
     TemporalCoordination,
@@ -17,7 +17,7 @@ from align.acm import (
     grid_mask,
     offset_mask,
 )
-from align.heads import frame_cosine_distance
+from align.models.layers import frame_cosine_distance
 
 
 def rand(*shape, seed=0, dtype=torch.float32):

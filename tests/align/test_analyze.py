@@ -13,7 +13,7 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from align import analyze as A
-from align.heads import build_head
+from align.models import build_head
 from cache import FeatureCache, UserError
 from cache.synthetic import SynthConfig, generate_synthetic
 from cli import cli

@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from align.checkpoints import save_head
 from align.episodes import Episode
 from align.evaluate import (
     EvalConfig,
@@ -17,7 +18,7 @@ from align.evaluate import (
     format_result,
     score,
 )
-from align.heads import build_head, save_head
+from align.models import build_head
 from cache import FeatureCache, UserError
 from cache.synthetic import SynthConfig, generate_synthetic
 from cli import cli

@@ -9,17 +9,10 @@ import os
 import pytest
 import torch
 
-from align.heads import (
-    HEADS,
-    HeadConfig,
-    build_head,
-    build_head_from_config,
-    load_head,
-    load_head_checkpoint,
-    save_head,
-)
-from align.otam import cumulative_alignment
-from align.prototypes import ShotAlignment
+from align.checkpoints import load_head, load_head_checkpoint, save_head
+from align.models import HEADS, HeadConfig, build_head, build_head_from_config
+from align.models.otam import cumulative_alignment
+from align.models.prototypes import ShotAlignment
 from cache import UserError
 
 

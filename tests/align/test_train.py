@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from align.checkpoints import load_head, load_head_checkpoint
 from align.evaluate import EvalConfig, evaluate
 from align.feed import Feeder, choose_preload
-from align.heads import build_head, load_head, load_head_checkpoint
+from align.models import build_head
 from align.train import TrainConfig, train
 from cache import FeatureCache, UserError
 from cache.synthetic import SynthConfig, generate_synthetic

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align.ttm import TemporalTransform, interp_weights, warp_time
+from align.models.ttm import TemporalTransform, interp_weights, warp_time
 
 
 def maps(n=3, c=8, t=6, h=4, w=4, seed=0, dtype=torch.float32):

@@ -13,8 +13,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from align.acm import axis_weights
-from align.heads import build_head, save_head
+from align.checkpoints import save_head
+from align.models import build_head
+from align.models.acm import axis_weights
 from align.visualize import (
     CURVES_SIZE,
     FrameSource,

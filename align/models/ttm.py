@@ -11,25 +11,10 @@ every device and inspectable.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-
-def interp_weights(pos: torch.Tensor, length: int) -> torch.Tensor:
-    """Linear interpolation weights of fractional positions on ``length`` samples.
-
-    ``pos`` (...,) in sample units (0 is the first sample); returns (..., length) with weight
-    1 - frac on floor(pos) and frac on floor(pos) + 1, dropping samples outside [0, length)
-    (zero padding). The gradient is the one-sided one of ``grid_sample``, also at integers.
-    """
-    base = pos.detach().floor()
-    frac = (pos - base).unsqueeze(-1)  # (..., 1)
-    k = torch.arange(length, device=pos.device, dtype=pos.dtype)  # (length,)
-    lo = (k == base.unsqueeze(-1)).to(pos.dtype)  # (..., length)
-    hi = (k == base.unsqueeze(-1) + 1).to(pos.dtype)  # (..., length)
-    return lo * (1 - frac) + hi * frac
+from align.models.layers import interp_weights, reset_layer
 
 
 def warp_weights(theta: torch.Tensor, frames: int) -> torch.Tensor:
@@ -101,17 +86,3 @@ class TemporalTransform(nn.Module):
         """Warped maps (n, C, T, H, W) and their (a, b) (n, 2)."""
         theta = self.params(x)  # (n, 2)
         return warp_time(x, theta), theta  # (n, C, T, H, W), (n, 2)
-
-
-def reset_layer(layer: nn.Module, generator: torch.Generator | None = None) -> None:
-    """PyTorch's default init of Conv/Linear (U(+-1/sqrt(fan_in)) for weight and bias) and
-    BatchNorm (1, 0, fresh running stats), drawn from ``generator`` instead of the global RNG."""
-    if isinstance(layer, nn.Conv1d | nn.Conv3d | nn.Linear):
-        fan_in = layer.weight[0].numel()
-        bound = 1 / math.sqrt(fan_in)
-        with torch.no_grad():
-            layer.weight.uniform_(-bound, bound, generator=generator)
-            if layer.bias is not None:
-                layer.bias.uniform_(-bound, bound, generator=generator)
-    elif isinstance(layer, nn.BatchNorm3d):
-        layer.reset_parameters()

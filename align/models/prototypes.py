@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from align.acm import KeyQueryValue
+from align.models.acm import KeyQueryValue
 
 
 class ShotAlignment(KeyQueryValue):

@@ -1,5 +1,5 @@
 """OTAM (Cao et al. 2020) ordered temporal alignment: the soft-min cumulative path distance
-between two frame sequences, used by the training-free ``otam`` head.
+between two frame sequences, and the training-free ``otam`` head built on it.
 
 The frame cosine-distance matrix D (rows: one sequence's frames, columns: the other's) gets a
 zero column at both ends of the column axis. A path runs from the top-left to the bottom-right
@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from align.models.layers import at_least_fp32
+from align.models.protonet import ProtoNetHead
 
 LAMBDA = 0.1
 
@@ -67,3 +70,44 @@ def otam_distance(query: torch.Tensor, support: torch.Tensor, lam: float = LAMBD
     forward = cumulative_alignment(dist, lam)  # (M, S) rows = query frames
     backward = cumulative_alignment(dist.transpose(-1, -2), lam)  # (M, S) rows = support frames
     return forward + backward
+
+
+class OTAMHead(ProtoNetHead):
+    """OTAM: per frame spatial means, both-direction soft-min ordered temporal alignment
+    (lambda 0.1) of each query with each support video, averaged over a class's shots.
+    Training-free on frozen maps.
+
+    Args:
+        channels: C of the maps (recorded).
+        frames: T (recorded).
+        height: H (recorded).
+        width: W (recorded).
+        shot: K (recorded).
+        lam: the soft-min temperature.
+    """
+
+    kind = "otam"
+
+    def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,
+                 shot: int = 1, lam: float = LAMBDA):
+        super().__init__(channels, frames, height, width, shot)
+        self.lam = lam
+
+    @torch.no_grad()
+    def explain(self, support: torch.Tensor, query: torch.Tensor, way: int, shot: int) -> dict:
+        """frame_distances (M, way*shot, T_query, T_support), distances (N, M), logits (M, N)."""
+        record: dict = {}
+        self._run(support, query, way, shot, record)
+        return record
+
+    def _run(self, support, query, way, shot, record):
+        self.check_episode(support, query, way, shot)
+        s = at_least_fp32(support).mean((-2, -1))  # (way*shot, C, T)
+        q = at_least_fp32(query).mean((-2, -1))  # (M, C, T)
+        per_video = otam_distance(q, s, self.lam)  # (M, way*shot)
+        distances = per_video.reshape(-1, way, shot).mean(-1).t()  # (N, M)
+        logits = -distances.t()  # (M, N)
+        if record is not None:
+            record.update(frame_distances=frame_distances(q, s), distances=distances,
+                          logits=logits)
+        return logits

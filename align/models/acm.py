@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from align.ttm import interp_weights, reset_layer
+from align.models.layers import at_least_fp32, interp_weights, reset_layer
 
 SC_MODES = ("mask", "grid", "enumerate")
 PERTURBATIONS = ((0, 0), (0, 1), (1, 0), (0, -1), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1))
@@ -100,7 +100,7 @@ def axis_weights(offset: torch.Tensor, length: int) -> torch.Tensor:
 
 def offset_mask(offsets: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Normalised masks (..., H, W) of offsets (..., 2) = (ox along W, oy along H); sum 1."""
-    offsets = _at_least_fp32(offsets)
+    offsets = at_least_fp32(offsets)
     w_x = axis_weights(offsets[..., 0], width)  # (..., W)
     w_y = axis_weights(offsets[..., 1], height)  # (..., H)
     mask = w_y.unsqueeze(-1) * w_x.unsqueeze(-2)  # (..., H, W)
@@ -123,7 +123,7 @@ def grid_axis_weights(offset: torch.Tensor, length: int) -> torch.Tensor:
 
 def grid_mask(offsets: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Normalised grid-variant weights (..., H, W) of offsets (..., 2)."""
-    offsets = _at_least_fp32(offsets)
+    offsets = at_least_fp32(offsets)
     w_x = grid_axis_weights(offsets[..., 0], width)  # (..., W)
     w_y = grid_axis_weights(offsets[..., 1], height)  # (..., H)
     return w_y.unsqueeze(-1) * w_x.unsqueeze(-2)  # (..., H, W)
@@ -135,10 +135,6 @@ def integer_offsets(height: int, width: int, device=None, dtype=torch.float32) -
     dy = torch.arange(-(height - 1), height, device=device, dtype=dtype) * (2 / (height - 1))
     oy, ox = torch.meshgrid(dy, dx, indexing="ij")  # (2H-1, 2W-1)
     return torch.stack([ox.flatten(), oy.flatten()], -1)  # (S, 2)
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 # ------------------------------------------------------------------------------ SC
@@ -252,7 +248,7 @@ class SpatialCoordination(nn.Module):
     def _pair_masks(self, offsets: torch.Tensor, height: int, width: int):
         """Masks of +o (prototype) and -o (query), (N, M, T, H, W); perturbed in training."""
         make = offset_mask if self.mode == "mask" else grid_mask
-        offsets = _at_least_fp32(offsets)
+        offsets = at_least_fp32(offsets)
         if not self.training:
             return make(offsets, height, width), make(-offsets, height, width)
         steps = torch.tensor(PERTURBATIONS, device=offsets.device, dtype=offsets.dtype)  # (9, 2)

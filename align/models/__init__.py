@@ -1,0 +1,19 @@
+"""Phase two's models: the head interface (``base``), the heads (one module each: ``ta2n``,
+``protonet``, ``otam``), TA2N's parts (``ttm``, ``acm``, ``prototypes``), shared layer helpers
+(``layers``) and the registry that builds a head from its name or config.
+
+The public names are re-exported here: ``from align.models import build_head, HEADS, Head``.
+"""
+
+from align.models.base import Head, HeadConfig
+from align.models.registry import (
+    HEADS,
+    SWITCHES,
+    build_head,
+    build_head_from_config,
+    head_class,
+    head_names,
+)
+
+__all__ = ["HEADS", "SWITCHES", "Head", "HeadConfig", "build_head", "build_head_from_config",
+           "head_class", "head_names"]

@@ -1,0 +1,143 @@
+"""The head interface: what every few-shot head provides, so that training, evaluation, reports
+and the CLI never ask a head what it can do (no ``hasattr``), and a new head is one module, one
+line in ``align.models.registry.HEADS`` and its tests.
+
+Every head is called as ``head(support, query, way, shot)``: support (way*shot, C, T, H, W)
+class-major (class 0's shots, then class 1's ...), query (M, C, T, H, W); it returns logits
+(M, way) = minus the distance of each query to each class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from align.models.acm import SC_MODES
+from cache import UserError
+
+
+@dataclass
+class HeadConfig:
+    """How a head was built; stored as JSON with every checkpoint and run.
+
+    ``ttm``, ``tc``, ``sc``, ``sc_mode`` and ``fast`` are TA2N's switches (other heads record
+    them as off). ``frames``, ``height`` and ``width`` record the maps the head was built for;
+    ``shot`` is K (TA2N holds multi-shot prototype weights when K > 1).
+    """
+
+    kind: str = "ta2n"
+    channels: int = 2048
+    frames: int = 8
+    height: int = 7
+    width: int = 7
+    shot: int = 1
+    ttm: bool = True
+    tc: bool = True
+    sc: bool = True
+    sc_mode: str = "mask"
+    fast: bool = True
+
+    def validate(self) -> HeadConfig:
+        """Checks what a config can check alone; the registry checks ``kind``."""
+        if self.sc_mode not in SC_MODES:
+            raise UserError(f"unknown SC mode {self.sc_mode!r}; choose one of {list(SC_MODES)}")
+        sizes = {k: getattr(self, k) for k in ("channels", "frames", "height", "width", "shot")}
+        bad = {k: v for k, v in sizes.items() if int(v) < 1}
+        if bad:
+            raise UserError(f"head sizes must be positive: {bad}")
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HeadConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown head config keys {unknown}")
+        return cls(**data).validate()
+
+    @property
+    def sizes(self) -> dict:
+        """The map and episode sizes every head's constructor takes."""
+        return dict(channels=self.channels, frames=self.frames, height=self.height,
+                    width=self.width, shot=self.shot)
+
+
+class Head(nn.Module):
+    """The base class of every head. A subclass sets ``kind`` (its registry name) and
+    ``training_free``, and implements ``forward`` and ``explain``; the rest has defaults.
+
+    Provides:
+        forward(support, query, way, shot) -> logits (M, way).
+        forward_episodes(support (E, way*shot, ...), query (E, M, ...), way, shot)
+            -> logits (E, M, way).
+        explain(support, query, way, shot) -> dict of detached intermediates (eval, no grad).
+        decay(): the per-epoch schedule step of a head's own (TA2N halves SC's perturbation).
+        trainable: whether the head has parameters that learn.
+        config: the ``HeadConfig`` that rebuilds it (``from_config``).
+        reset_parameters(generator): the seeded initialisation.
+
+    Args:
+        channels: C of the maps.
+        frames: T the head is built for (recorded).
+        height: H the head is built for (recorded).
+        width: W the head is built for (recorded).
+        shot: K of the episodes it is built for.
+    """
+
+    kind: str = ""
+    training_free: bool = False  # True: evaluate can score it without train-heads
+
+    def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,
+                 shot: int = 1):
+        super().__init__()
+        self.channels, self.frames, self.height, self.width = channels, frames, height, width
+        self.shot = shot
+
+    @classmethod
+    def from_config(cls, cfg: HeadConfig) -> Head:
+        """The head ``cfg`` describes (weights at their default init)."""
+        return cls(**cfg.sizes)
+
+    @property
+    def config(self) -> HeadConfig:
+        return HeadConfig(kind=self.kind, channels=self.channels, frames=self.frames,
+                          height=self.height, width=self.width, shot=self.shot,
+                          ttm=False, tc=False, sc=False)
+
+    def forward(self, support: torch.Tensor, query: torch.Tensor, way: int,
+                shot: int) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define forward")
+
+    def explain(self, support: torch.Tensor, query: torch.Tensor, way: int, shot: int) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} must define explain")
+
+    def forward_episodes(self, support: torch.Tensor, query: torch.Tensor, way: int,
+                         shot: int) -> torch.Tensor:
+        """Logits (E, M, way) of E episodes: support (E, way*shot, ...), query (E, M, ...)."""
+        return torch.stack([self(s, q, way, shot) for s, q in zip(support, query)])
+
+    def decay(self) -> None:
+        """A schedule step of the head's own, once per ``decay_every`` epochs; none by default."""
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the head has parameters to train (ProtoNet and OTAM have none)."""
+        return any(p.requires_grad for p in self.parameters())
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Heads without parameters have nothing to initialise."""
+
+    def check_episode(self, support: torch.Tensor, query: torch.Tensor, way: int,
+                      shot: int) -> None:
+        """Raises ValueError unless support / query are one episode's (n, C, T, H, W) maps."""
+        if support.dim() != 5 or query.dim() != 5:
+            raise ValueError(f"maps must be (n, C, T, H, W); got support {tuple(support.shape)}"
+                             f" and query {tuple(query.shape)}")
+        if support.shape[0] != way * shot:
+            raise ValueError(f"support holds {support.shape[0]} videos, not way*shot = "
+                             f"{way}*{shot}")
+        if support.shape[1:] != query.shape[1:]:
+            raise ValueError(f"support {tuple(support.shape[1:])} and query "
+                             f"{tuple(query.shape[1:])} maps differ in (C, T, H, W)")

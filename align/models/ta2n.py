@@ -1,0 +1,156 @@
+"""TA2N (Li et al., AAAI 2022): TTM warps each video in time, the multi-shot step builds class
+prototypes, then ACM's temporal (TC) and spatial (SC) coordination align every (prototype, query)
+pair before the frame cosine distance. The switches give Table 3's and Table 4's rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from align.models.acm import SpatialCoordination, TemporalCoordination
+from align.models.base import Head, HeadConfig
+from align.models.layers import frame_cosine_distance
+from align.models.prototypes import ShotAlignment
+from align.models.ttm import TemporalTransform
+from cache import UserError
+
+
+class TA2NHead(Head):
+    """TA2N: TTM per video, multi-shot prototypes, then TC and SC per (prototype, query) pair.
+
+    Switching a stage off removes its weights; without SC the per-frame features are the spatial
+    means of the maps that reach that point (Table 3's rows: none, TTM, TTM+TC, all, TC, TC+SC).
+
+    Args:
+        channels: C of the maps.
+        frames: T the head is built for (recorded; the head runs on any T >= 4).
+        height: H the head is built for (recorded).
+        width: W the head is built for (recorded).
+        shot: K; with K > 1 the head holds the multi-shot prototype weights (Wk', Wq', Wv').
+        ttm: use the temporal transform module.
+        tc: use ACM's temporal coordination.
+        sc: use ACM's spatial coordination.
+        sc_mode: "mask", "grid" or "enumerate" (Table 4).
+        fast: the exact fast path (split first conv, einsum pooling, project-after-mix).
+    """
+
+    kind = "ta2n"
+
+    def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,
+                 shot: int = 1, ttm: bool = True, tc: bool = True, sc: bool = True,
+                 sc_mode: str = "mask", fast: bool = True):
+        super().__init__(channels, frames, height, width, shot)
+        self.sc_mode, self.fast = sc_mode, fast
+        self.ttm = TemporalTransform(channels) if ttm else None
+        self.shots = ShotAlignment(channels, fast) if shot > 1 else None
+        self.tc = TemporalCoordination(channels) if tc else None
+        self.sc = SpatialCoordination(channels, sc_mode, fast) if sc else None
+
+    @classmethod
+    def from_config(cls, cfg: HeadConfig) -> TA2NHead:
+        return cls(**cfg.sizes, ttm=cfg.ttm, tc=cfg.tc, sc=cfg.sc, sc_mode=cfg.sc_mode,
+                   fast=cfg.fast)
+
+    @property
+    def config(self) -> HeadConfig:
+        return HeadConfig(kind="ta2n", channels=self.channels, frames=self.frames,
+                          height=self.height, width=self.width, shot=self.shot,
+                          ttm=self.ttm is not None, tc=self.tc is not None,
+                          sc=self.sc is not None, sc_mode=self.sc_mode, fast=self.fast)
+
+    def set_fast(self, fast: bool) -> TA2NHead:
+        """Switch between the fast path and the direct form (same weights, same results)."""
+        self.fast = fast
+        for part in (self.shots, self.sc):
+            if part is not None:
+                part.fast = fast
+        return self
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        for part in (self.ttm, self.shots, self.tc, self.sc):
+            if part is not None:
+                part.reset_parameters(generator)
+
+    def decay(self) -> None:
+        if self.sc is not None:
+            self.sc.decay()
+
+    def forward(self, support: torch.Tensor, query: torch.Tensor, way: int,
+                shot: int) -> torch.Tensor:
+        """Logits (M, way) for support (way*shot, C, T, H, W) and query (M, C, T, H, W)."""
+        return self._run(support, query, way, shot, None)
+
+    @torch.no_grad()
+    def explain(self, support: torch.Tensor, query: torch.Tensor, way: int, shot: int) -> dict:
+        """The intermediates of one episode, in eval mode without gradients (N = way).
+
+        Keys (a stage switched off leaves its keys out):
+            ttm_support (way*shot, 2), ttm_query (M, 2): TTM's (a, b) per video.
+            shot_attention (N, K, T, T): multi-shot A_k[x, y] (K > 1 only).
+            prototypes (N, T, C), queries (M, T, C): spatial means of the prototypes and
+                queries after TTM and the multi-shot step, before ACM.
+            tc_attention (N, M, T, T): TC's A[n, m][x (prototype time), y (query time)].
+            sc_offsets (N, M, T, 2): SC's offsets (ox, oy) in grid units, unperturbed
+                (enumerate: the chosen integer shifts).
+            f_s, f_q (N, M, T, C): the final pair features.
+            distances (N, M), logits (M, N).
+        Tensors are detached, on the input's device.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            record: dict = {}
+            self._run(support, query, way, shot, record)
+        finally:
+            self.train(was_training)
+        return record
+
+    def _run(self, support: torch.Tensor, query: torch.Tensor, way: int, shot: int,
+             record: dict | None) -> torch.Tensor:
+        support, query = self._prepare(support, query, way, shot)
+        rec = record if record is not None else {}
+        if self.ttm is not None:
+            # support and query go through the locnet separately, as in the authors' code
+            # (BatchNorm's training statistics are per batch)
+            support, rec["ttm_support"] = self.ttm(support)  # (way*shot, C, T, H, W), (., 2)
+            query, rec["ttm_query"] = self.ttm(query)  # (M, C, T, H, W), (M, 2)
+        if shot > 1:
+            protos, rec["shot_attention"] = self.shots(support, way, shot)  # (N, C, T, H, W)
+            query = self.shots.project(query)  # (M, C, T, H, W)
+        else:
+            protos = support  # (N, C, T, H, W)
+        if record is not None:
+            rec["prototypes"] = protos.mean((-2, -1)).transpose(1, 2)  # (N, T, C)
+            rec["queries"] = query.mean((-2, -1)).transpose(1, 2)  # (M, T, C)
+        tc = None
+        if self.tc is not None:
+            protos, tc, rec["tc_attention"] = self.tc(protos, query)  # tc (N, M, C, T)
+        if self.sc is not None:
+            f_s, f_q, rec["sc_offsets"] = self.sc(protos, query, tc)  # (N, M, C, T) x 2
+        else:
+            n, m = protos.shape[0], query.shape[0]
+            f_s = protos.mean((-2, -1))[:, None].expand(n, m, -1, -1)  # (N, M, C, T)
+            f_q = query.mean((-2, -1))[None].expand(n, m, -1, -1)  # (N, M, C, T)
+            f_q = f_q if tc is None else f_q + tc
+        distances = frame_cosine_distance(f_s, f_q)  # (N, M)
+        logits = -distances.t()  # (M, N)
+        if record is not None:
+            rec.update(f_s=f_s.transpose(2, 3), f_q=f_q.transpose(2, 3), distances=distances,
+                       logits=logits)
+            for key, value in rec.items():
+                rec[key] = value.detach()
+        return logits
+
+    def _prepare(self, support: torch.Tensor, query: torch.Tensor, way: int, shot: int):
+        self.check_episode(support, query, way, shot)
+        channels, frames, height, width = support.shape[1:]
+        if channels != self.channels:
+            raise UserError(f"this head was built for C={self.channels} maps, not C={channels}")
+        if (self.ttm is not None or self.sc is not None) and min(frames, height, width) < 4:
+            raise UserError(f"TTM and SC need T, H, W >= 4; the maps are T={frames}, "
+                            f"H={height}, W={width}")
+        if shot > 1 and self.shots is None:
+            raise UserError(f"this head was built for 1-shot episodes and has no multi-shot "
+                            f"weights; build or load it with shot={shot}")
+        dtype = next(self.parameters(), support).dtype
+        return support.to(dtype), query.to(dtype)
