@@ -28,6 +28,7 @@ from matplotlib.lines import Line2D
 from tqdm import tqdm
 
 from cache import SPLITS, FeatureCache, UserError
+from cache.atomic import write_json
 
 PAPER_AEM = {"UCF101": 0.1653, "HMDB51": 0.3697, "SSv2": 0.6260}
 CLASSIFIER_NOTE = (
@@ -36,10 +37,6 @@ CLASSIFIER_NOTE = (
     "digits (AEM: UCF101 0.1653, HMDB51 0.3697, SSv2 0.6260)."
 )
 POOL_BATCH_BYTES = 256 * 2**20  # float32 bytes of full maps read per batch while pooling
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def default_out(path: str) -> str:
@@ -295,7 +292,7 @@ def run_misalignment(cache_path: str, out_dir: str, cfg: MisalignmentConfig,
     title = (f"{Path(str(cache_path).rstrip('/')).name} ({cfg.split}, {cfg.readout} readout)\n"
              f"action start time of {len(rows)} videos, AEM {aem:.4f}")
     plot_start_times(starts, frames.shape[1], files["histogram"], title, cfg.threshold)
-    _write_json(files["json"], summary)
+    write_json(files["json"], summary)
     return summary
 
 
@@ -468,11 +465,10 @@ def run_embedding(cache: FeatureCache, head, out_dir: str, cfg: EmbeddingConfig,
                   device: torch.device, head_name: str, progress: bool = True) -> dict:
     """Embed queries and prototypes of ``cfg.episodes`` episodes before / after ``head``; write
     embedding.json and embedding_tsne.png into ``out_dir``. Returns the JSON payload."""
-    from align.episodes import EpisodeSampler
-    from align.evaluate import EVAL_STREAM
+    from align.episodes import EpisodeSampler, Stream
 
     sampler = EpisodeSampler(cache, cfg.split, way=cfg.way, shot=cfg.shot, queries=cfg.queries,
-                             seed=cfg.seed, stream=EVAL_STREAM)
+                             seed=cfg.seed, stream=Stream.TEST)
     head = head.to(device).eval()
     parts = []
     for episode in tqdm(sampler.episodes(0, cfg.episodes), desc="embedding", unit="ep",
@@ -520,7 +516,7 @@ def run_embedding(cache: FeatureCache, head, out_dir: str, cfg: EmbeddingConfig,
                    "class's queries of f_s; every frame L2-normalised, frames concatenated"),
         "files": {k: str(v) for k, v in files.items()},
     }
-    _write_json(files["json"], summary)
+    write_json(files["json"], summary)
     return summary
 
 
@@ -532,42 +528,18 @@ def embedding_command(cfg: EmbeddingConfig, *, checkpoint: str | None, head_kind
     With neither ``checkpoint`` nor ``head_kind``: the most recent run's best.pt on its cache;
     ``head_kind`` builds an untrained head (protonet: after = before; ta2n: its initialisation).
     """
-    from align.checkpoints import load_head
-    from align.evaluate import check_head_fits, latest_run, run_config
-    from align.models import build_head
+    from align.runs import load_head_source, resolve_head_source
 
-    if checkpoint and head_kind:
-        raise UserError("give --checkpoint or --head, not both")
-    run_cache, run_shot = None, None
-    if checkpoint is None and head_kind is None:
-        record = latest_run()
-        checkpoint, run_cache, run_shot = record["checkpoint"], record.get("cache"), \
-            record.get("shot")
-        log(f"checkpoint {checkpoint} (best.pt of the most recent run)")
-    if checkpoint is not None:
-        if not Path(checkpoint).exists():
-            raise UserError(f"no checkpoint at {checkpoint}")
-        train = run_config(checkpoint).get("train", {})
-        run_cache, run_shot = run_cache or train.get("cache"), run_shot or train.get("shot")
-    if cache_path is None and run_cache is not None:
-        cache_path = run_cache
-        log(f"cache      {cache_path} (the run's)")
-    elif cache_path is None:
-        from cache.latest import latest_cache
-
-        cache_path, dataset = latest_cache()
-        log(f"cache      {cache_path} (the most recently written one, {dataset})")
-    cfg.shot = shot or run_shot or cfg.shot
-    with FeatureCache.open(cache_path) as cache:
-        c, t, h, w = cache.shape
-        if checkpoint is not None:
-            head = load_head(checkpoint, map_location="cpu", shot=cfg.shot)
-            name = f"{head.config.kind} {Path(checkpoint).name}"
+    source = resolve_head_source(checkpoint=checkpoint, kind=head_kind, cache=cache_path,
+                                 shot=shot, log=log)
+    cfg.shot = source.shot
+    with FeatureCache.open(source.cache) as cache:
+        head, _ = load_head_source(source, cache, seed=cfg.seed, untrained=True)
+        if source.checkpoint is not None:
+            name = f"{head.kind} {Path(source.checkpoint).name}"
         else:
-            head = build_head(head_kind, channels=c, frames=t, height=h, width=w, shot=cfg.shot,
-                              seed=cfg.seed)
-            name = f"{head_kind}, untrained" if head_kind == "ta2n" else head_kind
-        check_head_fits(asdict(head.config), cache)
+            name = head.kind if head.training_free else f"{head.kind}, untrained"
+        cache_path = source.cache
         return run_embedding(cache, head, out_dir or default_out(cache_path), cfg, device, name)
 
 
@@ -696,7 +668,7 @@ def run_compare(report_a: str, report_b: str, out_dir: str, top: int = 3,
         "only_in_one_report": only,
         "files": {k: str(v) for k, v in files.items()},
     }
-    _write_json(files["json"], summary)
+    write_json(files["json"], summary)
     return summary
 
 

@@ -15,6 +15,7 @@ import torch
 
 from align.models import Head, HeadConfig, build_head_from_config
 from cache import UserError
+from cache.atomic import atomic_path
 
 CHECKPOINT_FORMAT = "ta2n-cache/head"
 CHECKPOINT_VERSION = 1
@@ -34,13 +35,8 @@ def save_head(head: Head, path: str | os.PathLike, extra: dict | None = None) ->
         "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
         "extra": dict(extra or {}),
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_head(path: str | os.PathLike, map_location="cpu", frames: int | None = None,

@@ -16,11 +16,24 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
 
 from cache import FeatureCache, UserError
+from cache.atomic import write_json
+
+
+class Stream(IntEnum):
+    """The independent random streams of one seed: the episodes of each use, and training's
+    input dropout. Episode ``i`` of stream ``s`` is a function of (seed, s, i) alone."""
+
+    TRAIN = 0
+    VAL = 1
+    TEST = 2
+    DROPOUT = 3
+
 
 EPISODE_FILE_FORMAT = "ta2n-episodes"
 EPISODE_FILE_VERSION = 1
@@ -144,11 +157,7 @@ def save_episodes(path: str | os.PathLike, episodes: list[Episode], cache: Featu
             for e in episodes
         ],
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload) + "\n")
-    os.replace(tmp, path)
+    write_json(path, payload, indent=None)
 
 
 def load_episodes(path: str | os.PathLike, cache: FeatureCache) -> tuple[list[Episode], dict]:

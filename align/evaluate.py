@@ -12,9 +12,7 @@ training, on that run's cache and shots) and says which it used.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,16 +21,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from align.checkpoints import load_head_checkpoint
-from align.episodes import Episode, EpisodeSampler, load_episodes, save_episodes
+from align.episodes import Episode, EpisodeSampler, Stream, load_episodes, save_episodes
 from align.feed import Feeder
-from align.models import build_head, head_class
+from align.runs import RUNS_ROOT, load_head_source, resolve_head_source
 from cache import FeatureCache, UserError
-from cache.latest import latest_cache
+from cache.atomic import write_json
 
-EVAL_STREAM = 2  # episode stream of evaluation (training uses 0, validation 1)
-RUNS_ROOT = Path("runs")
-DEFAULT_SHOT = 5
 PER_ROW_ATTRS = ("windows", "positions", "exponents")  # synthetic ground truth, one per row
 
 
@@ -152,17 +146,6 @@ def compact_attrs(attrs: dict) -> dict:
     return attrs
 
 
-def check_head_fits(head_config: dict, cache: FeatureCache) -> None:
-    """Refuse a cache whose (C, T, H, W) differs from what the head was built for."""
-    c, t, h, w = cache.shape
-    expected = {"channels": c, "frames": t, "height": h, "width": w}
-    wrong = {k: (head_config[k], v) for k, v in expected.items()
-             if head_config.get(k) is not None and int(head_config[k]) != v}
-    if wrong:
-        detail = ", ".join(f"{k} {a} (head) vs {b} (cache)" for k, (a, b) in wrong.items())
-        raise UserError(f"{cache.path}: features do not match the head: {detail}")
-
-
 # ------------------------------------------------------------------------------ evaluate
 def evaluate(head, cache: FeatureCache, cfg: EvalConfig, *, device: torch.device,
              head_config: dict | None = None, checkpoint: str | None = None,
@@ -177,7 +160,7 @@ def evaluate(head, cache: FeatureCache, cfg: EvalConfig, *, device: torch.device
         cfg.episodes = len(episodes)
     else:
         sampler = EpisodeSampler(cache, cfg.split, way=cfg.way, shot=cfg.shot,
-                                 queries=cfg.queries, seed=cfg.seed, stream=EVAL_STREAM)
+                                 queries=cfg.queries, seed=cfg.seed, stream=Stream.TEST)
         episodes = sampler.episodes(0, cfg.episodes)
     if cfg.save_episodes:
         save_episodes(cfg.save_episodes, episodes, cache, split=cfg.split, seed=cfg.seed)
@@ -216,35 +199,6 @@ def evaluate(head, cache: FeatureCache, cfg: EvalConfig, *, device: torch.device
     return out
 
 
-def write_json(path: str | os.PathLike, payload: dict) -> None:
-    """Write JSON atomically (temp file + os.replace): readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-# ------------------------------------------------------------------------------ run records
-def remember_run(record: dict) -> None:
-    """runs/latest.json: the run that `evaluate` with no --checkpoint uses."""
-    write_json(RUNS_ROOT / "latest.json", record)
-
-
-def latest_run() -> dict:
-    path = RUNS_ROOT / "latest.json"
-    if not path.exists():
-        raise UserError("no --checkpoint given and no run trained yet: run "
-                        "`python cli.py train-heads` first, or pass --checkpoint or --head")
-    return json.loads(path.read_text())
-
-
-def run_config(checkpoint: str) -> dict:
-    """config.json of the run directory that holds ``checkpoint`` ({} for a lone file)."""
-    path = Path(checkpoint).parent / "config.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 # ------------------------------------------------------------------------------ the command
 def evaluate_command(cfg: EvalConfig, *, checkpoint: str | None, head_kind: str | None,
                      cache_path: str | None, shot: int | None, device: torch.device,
@@ -254,63 +208,18 @@ def evaluate_command(cfg: EvalConfig, *, checkpoint: str | None, head_kind: str 
     With neither ``checkpoint`` nor ``head_kind``, the most recent run's best.pt on that run's
     cache and shots; a training-free ``head_kind`` (protonet, otam) needs no checkpoint.
     """
-    if checkpoint and head_kind:
-        raise UserError("give --checkpoint or --head, not both")
-    run = {}
-    if checkpoint is None and head_kind is None:
-        record = latest_run()
-        checkpoint, run = record["checkpoint"], record
-        log(f"checkpoint {checkpoint} (best.pt of the most recent run)")
-    if checkpoint is not None:
-        if not Path(checkpoint).exists():
-            raise UserError(f"no checkpoint at {checkpoint}" + (
-                " (the run has not validated yet)" if run else ""))
-        train_cfg = run_config(checkpoint).get("train", {})
-        run = {"cache": run.get("cache") or train_cfg.get("cache"),
-               "shot": run.get("shot") or train_cfg.get("shot")}
-    if cache_path is None:
-        cache_path = run.get("cache")
-        if cache_path is None:
-            cache_path, dataset = latest_cache()
-            log(f"cache      {cache_path} (the most recently written one, {dataset})")
-        else:
-            log(f"cache      {cache_path} (the run's)")
-    cfg.shot = shot or run.get("shot") or DEFAULT_SHOT
-    if cfg.episodes_from:
-        cfg.shot = read_episode_file_header(cfg.episodes_from)["shot"]
-
-    with FeatureCache.open(cache_path) as cache:
-        c, t, h, w = cache.shape
-        if checkpoint is not None:
-            head, extra = load_head_checkpoint(checkpoint, map_location="cpu", shot=cfg.shot)
-            if extra.get("source") == "authors":  # their files do not record T, H, W
-                head, extra = load_head_checkpoint(checkpoint, map_location="cpu", shot=cfg.shot,
-                                                   frames=t, height=h, width=w)
-            facts = {k: extra[k] for k in ("epoch", "val_acc", "val_ci95", "source",
-                                           "iteration") if k in extra}
-            checkpoint_config = {"run": run_config(checkpoint), **facts}
-        elif head_class(head_kind).training_free:
-            head = build_head(head_kind, channels=c, frames=t, height=h, width=w, shot=cfg.shot)
-            checkpoint_config = None
-        else:
-            raise UserError(f"--head {head_kind} has trainable parameters: pass --checkpoint "
-                            f"(train one with `python cli.py train-heads --head {head_kind}`)")
+    source = resolve_head_source(checkpoint=checkpoint, kind=head_kind, cache=cache_path,
+                                 shot=shot, episodes_from=cfg.episodes_from, log=log)
+    cfg.shot = source.shot
+    with FeatureCache.open(source.cache) as cache:
+        head, facts = load_head_source(source, cache)
         head_config = asdict(head.config)
-        check_head_fits(head_config, cache)
         if report is None:
-            report = default_report_path(cfg, checkpoint, head_config.get("kind", head_kind),
+            report = default_report_path(cfg, source.checkpoint, head.kind,
                                          cache.attrs.get("dataset", "cache"))
         return evaluate(head, cache, cfg, device=device, head_config=head_config,
-                        checkpoint=checkpoint, checkpoint_config=checkpoint_config,
+                        checkpoint=source.checkpoint, checkpoint_config=facts,
                         report=report, progress=progress, log=log)
-
-
-def read_episode_file_header(path: str) -> dict:
-    try:
-        payload = json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read the episode file {path} ({e})") from None
-    return {k: payload.get(k) for k in ("split", "way", "shot", "queries")}
 
 
 def default_report_path(cfg: EvalConfig, checkpoint: str | None, kind: str, dataset: str) -> str:

@@ -14,9 +14,7 @@ interrupted (Ctrl-C) run stopped. Checkpoints are written atomically (temp file 
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import signal
 import threading
 import time
@@ -30,23 +28,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from align.checkpoints import load_head_checkpoint, save_head
-from align.episodes import EpisodeSampler
-from align.evaluate import (
-    RUNS_ROOT,
-    autocast,
-    check_head_fits,
-    compact_attrs,
-    remember_run,
-    run_episodes,
-    score,
-    write_json,
-)
+from align.episodes import EpisodeSampler, Stream
+from align.evaluate import autocast, compact_attrs, run_episodes, score
 from align.feed import Feeder
 from align.models import build_head
+from align.runs import (
+    check_head_fits,
+    default_run_dir,
+    remember_run,
+    write_metrics,
+)
 from cache import FeatureCache, UserError
+from cache.atomic import write_json
 from cache.latest import latest_cache
-
-TRAIN_STREAM, VAL_STREAM, DROPOUT_STREAM = 0, 1, 3  # independent episode streams of one seed
 
 # The paper's supplementary recipe; "synthetic" is a short schedule for the `synth` cache.
 RECIPES = {
@@ -65,9 +59,6 @@ RECIPES = {
                       tasks_per_batch=4),
 }
 DEFAULT_RECIPE = "ucf101"
-METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_acc", "val_ci95", "best_val_acc",
-                 "epoch_time_s", "episodes_per_s")
-
 
 @dataclass
 class TrainConfig:
@@ -141,11 +132,6 @@ class TrainConfig:
         return cls(**{k: v for k, v in payload.items() if k in names})
 
 
-# ------------------------------------------------------------------------------ run directory
-def default_run_dir(dataset: str, head: str, shot: int) -> str:
-    return str(RUNS_ROOT / f"{dataset}-{head}-{shot}shot-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
 # ------------------------------------------------------------------------------ helpers
 def make_scheduler(optimizer, cfg: TrainConfig):
     """lr x gamma every lr_step epochs (stepped once per epoch)."""
@@ -162,7 +148,7 @@ def input_dropout(maps: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 
 def episode_seed(seed: int, index: int) -> int:
-    return int(np.random.default_rng([seed, DROPOUT_STREAM, index]).integers(2**62))
+    return int(np.random.default_rng([seed, Stream.DROPOUT, index]).integers(2**62))
 
 
 def validate(head, feeder, episodes, cfg: TrainConfig, device,
@@ -172,15 +158,6 @@ def validate(head, feeder, episodes, cfg: TrainConfig, device,
                          amp=cfg.amp, desc="validate", progress=progress)
     result = score(episodes, preds, feeder.cache.classes)
     return result["accuracy"], result["ci95"]
-
-
-def write_metrics(path: Path, history: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
 
 
 class StopFlag:
@@ -288,7 +265,7 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
 
     # episodes: training draws from `train` (random aug views when cached), selection on `val`
     sampler = EpisodeSampler(cache, "train", way=cfg.way, shot=cfg.shot, queries=cfg.queries,
-                             seed=cfg.seed, stream=TRAIN_STREAM,
+                             seed=cfg.seed, stream=Stream.TRAIN,
                              aug_views=cache.aug_views if cache.has_aug else 0)
     feeder = Feeder(cache, "train", device=device, preload=cfg.preload, aug=cache.has_aug,
                     workers=cfg.workers, progress=progress)
@@ -297,7 +274,7 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
     if cfg.val_episodes > 0:
         val_episodes = EpisodeSampler(cache, "val", way=cfg.way, shot=cfg.shot,
                                       queries=cfg.val_queries, seed=cfg.seed,
-                                      stream=VAL_STREAM).episodes(0, cfg.val_episodes)
+                                      stream=Stream.VAL).episodes(0, cfg.val_episodes)
         val_feeder = Feeder(cache, "val", device=device, preload=cfg.preload,
                             workers=cfg.workers, progress=progress)
 

@@ -23,8 +23,6 @@ Figures are drawn headless (Agg) at fixed pixel sizes: ``pair_figure_size`` and 
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import textwrap
 from dataclasses import dataclass
@@ -40,10 +38,10 @@ import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from align.checkpoints import load_head_checkpoint  # noqa: E402
-from align.episodes import Episode, EpisodeSampler, load_episodes  # noqa: E402
-from align.evaluate import EVAL_STREAM, latest_run, read_episode_file_header  # noqa: E402
+from align.episodes import Episode, EpisodeSampler, Stream, load_episodes  # noqa: E402
+from align.runs import load_head_source, read_metrics, resolve_head_source  # noqa: E402
 from cache import FeatureCache, UserError  # noqa: E402
+from cache.atomic import write_json  # noqa: E402
 
 DPI = 100
 FRAME_PX = 104  # displayed side of one frame
@@ -273,14 +271,6 @@ def draw_pair(path: str | os.PathLike, *, support_frames: np.ndarray, query_fram
     return path
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Rows of a run's metrics.csv with numbers as floats (None where empty)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return [{k: (float(v) if v not in ("", None, "None") else None) for k, v in r.items()}
-            for r in rows]
-
-
 def plot_training_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike,
                          chance: float | None = None) -> Path:
     """Loss and train / val accuracy per epoch of a run (its metrics.csv) as a PNG; ``chance``
@@ -363,27 +353,8 @@ def _episodes(cfg: VisualizeConfig, cache: FeatureCache, shot: int) -> list[Epis
         episodes, header = load_episodes(cfg.episodes_from, cache)
         return episodes[:cfg.episodes]
     sampler = EpisodeSampler(cache, cfg.split, way=cfg.way, shot=shot, queries=cfg.queries,
-                             seed=cfg.seed, stream=EVAL_STREAM)
+                             seed=cfg.seed, stream=Stream.TEST)
     return sampler.episodes(0, cfg.episodes)
-
-
-def _resolve(cfg: VisualizeConfig, log) -> tuple[str, str, int, dict]:
-    """(checkpoint, cache path, shot, the run's training config) with the defaults filled in."""
-    checkpoint = cfg.checkpoint
-    if checkpoint is None:
-        checkpoint = latest_run()["checkpoint"]
-        log(f"checkpoint {checkpoint} (best.pt of the most recent run)")
-    if not Path(checkpoint).is_file():
-        raise UserError(f"no checkpoint at {checkpoint}")
-    run_file = Path(checkpoint).parent / "config.json"
-    train_cfg = json.loads(run_file.read_text()).get("train", {}) if run_file.exists() else {}
-    cache_path = cfg.cache or train_cfg.get("cache")
-    if cache_path is None:
-        raise UserError(f"{checkpoint} has no run config.json naming its cache: pass --cache")
-    shot = int(train_cfg.get("shot") or 1)
-    if cfg.episodes_from:
-        shot = int(read_episode_file_header(cfg.episodes_from)["shot"])
-    return checkpoint, cache_path, shot, train_cfg
 
 
 def visualize(cfg: VisualizeConfig, *, device: torch.device, log=print,
@@ -395,19 +366,21 @@ def visualize(cfg: VisualizeConfig, *, device: torch.device, log=print,
     """
     if cfg.pairs not in PAIR_CHOICES:
         raise UserError(f"--pairs must be one of {', '.join(PAIR_CHOICES)}")
-    checkpoint, cache_path, shot, train_cfg = _resolve(cfg, log)
+    source = resolve_head_source(checkpoint=cfg.checkpoint, cache=cfg.cache,
+                                 episodes_from=cfg.episodes_from, log=log)
+    checkpoint, cache_path, shot = source.checkpoint, source.cache, source.shot
     out = Path(cfg.out or Path(checkpoint).parent / "figures")
     out.mkdir(parents=True, exist_ok=True)
-    head, _ = load_head_checkpoint(checkpoint, map_location="cpu", shot=shot)
-    head = head.to(device).eval()
     curves = None
     metrics = Path(checkpoint).parent / "metrics.csv"
     if metrics.exists() and read_metrics(metrics):
-        way = train_cfg.get("way")
+        way = source.train.get("way")
         curves = str(plot_training_curves(metrics, out / "training_curves.png",
                                           chance=100 / way if way else None))
     records = []
     with FeatureCache.open(cache_path) as cache:
+        head, _ = load_head_source(source, cache)
+        head = head.to(device).eval()
         frames_of = FrameSource(cache, cfg.root)
         log(frames_of.note)
         c, t, h, w = cache.shape
@@ -456,8 +429,8 @@ def visualize(cfg: VisualizeConfig, *, device: torch.device, log=print,
                             "correct": bool(predicted[m] == targets[m]),
                             "distance": round(distance, 4), "path": str(path)})
     index = out / "index.json"
-    index.write_text(json.dumps({"checkpoint": checkpoint, "cache": cache_path,
-                                 "curves": curves, "figures": records}, indent=1) + "\n")
+    write_json(index, {"checkpoint": checkpoint, "cache": cache_path, "curves": curves,
+                       "figures": records})
     return {"out": str(out), "curves": curves, "figures": records, "index": str(index),
             "frames": frames_of.note}
 

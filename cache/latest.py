@@ -8,9 +8,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from cache.atomic import write_json
 from cache.errors import UserError
 
 LATEST_FILE = Path("caches") / "latest.json"
@@ -22,10 +22,7 @@ def default_cache_path(dataset: str, backend: str = "zarr") -> str:
 
 
 def remember_cache(path: str, dataset: str) -> None:
-    LATEST_FILE.parent.mkdir(parents=True, exist_ok=True)
-    tmp = LATEST_FILE.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"path": str(path), "dataset": dataset}))
-    os.replace(tmp, LATEST_FILE)
+    write_json(LATEST_FILE, {"path": str(path), "dataset": dataset})
 
 
 def latest_cache() -> tuple[str, str]:

@@ -35,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cache import UserError
+from cache.atomic import atomic_path
 
 SPLITS = ("train", "val", "test")
 # Stroke directions in image coordinates (y grows downwards), counter-clockwise from "right".
@@ -222,8 +223,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int) -> None:
     """Encode (F, H, W, 3) uint8 frames as H.264 mp4 (single-threaded: same bytes every time)."""
     import av
 
-    tmp = Path(path).with_name(Path(path).name + ".tmp.mp4")
-    with av.open(str(tmp), mode="w") as container:
+    with atomic_path(path, suffix=".mp4") as tmp, av.open(str(tmp), mode="w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
@@ -234,7 +234,6 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int) -> None:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------ the dataset
