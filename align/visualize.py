@@ -13,10 +13,11 @@ A pair figure shows one (prototype n, query m) pair of a test episode:
   grid units, the H x W map spanning [-1, 1] over the crop);
 - TC's attention A[n, m][x, y] as a heatmap (support time x against query time y).
 
-Re-decoding is the one place phase two reads videos: it reuses extract's locator and decoder, so
-the pixels are exactly those the cached features were computed from. A cache without videos (a
-`synth` cache, or a dataset root that moved: pass ``--root``) shows each frame's feature energy
-(the L2 norm over channels of its H x W map) instead.
+Re-decoding is the one place phase two reads videos, through extract's one public frame reader
+(``extract.frames.CacheFrames``), so the pixels are exactly those the cached features were
+computed from. A row whose video is not here (a `synth` cache, a dataset root that moved: pass
+``--root``, a file that no longer decodes) shows each frame's feature energy (the L2 norm over
+channels of its H x W map) instead, and index.json says per figure which it shows and why.
 
 Figures are drawn headless (Agg) at fixed pixel sizes: ``pair_figure_size`` and ``CURVES_SIZE``.
 """
@@ -101,7 +102,8 @@ def energy_frames(maps: np.ndarray, pixels: int = 112) -> np.ndarray:
 
 
 class FrameSource:
-    """The sampled frames of cache rows: re-decoded from the videos, or feature energy.
+    """Frames for the figures: re-decoded through extract's public reader when the videos are
+    here, else each frame's feature energy; ``source(row)`` says which it used, per row.
 
     Args:
         cache: the open cache (its attrs say the dataset, root, T, resize and crop).
@@ -109,57 +111,37 @@ class FrameSource:
     """
 
     def __init__(self, cache: FeatureCache, root: str | None = None):
-        self.cache = cache
-        attrs = cache.attrs
-        extract_cfg = attrs.get("extract_config") or {}
-        self.dataset = attrs.get("dataset")
-        self.root = root or extract_cfg.get("root")
-        self.frames = cache.shape[1]
-        self.resize = int(attrs.get("resize") or 256)
-        self.image_size = int(attrs.get("image_size") or 224)
-        self.locator = None
-        self.reason = None
-        if not extract_cfg and root is None:
-            self.reason = "the cache records no videos (not written by extract)"
-        elif self.root is None or not os.path.isdir(self.root):
-            self.reason = f"the dataset folder {self.root} is not here (pass --root DIR)"
-        else:
-            from extract.datasets import VideoLocator
+        from extract.frames import CacheFrames
 
-            self.locator = VideoLocator(self.dataset, self.root)
-        self._memo: dict[int, np.ndarray] = {}
+        self.cache = cache
+        self.reader = CacheFrames(cache.attrs, cache.video_ids, cache.shape[1], root)
+        self._memo: dict[int, tuple[np.ndarray, str]] = {}
 
     @property
     def note(self) -> str:
-        if self.locator is not None:
-            return (f"frames     re-decoded from {self.root} "
-                    f"(centre view, {self.image_size} px crop)")
-        return f"frames     feature energy per frame: {self.reason}"
+        if self.reader.reason is None:
+            return (f"frames     re-decoded from {self.reader.root} "
+                    f"(centre view, {self.reader.image_size} px crop)")
+        return f"frames     feature energy per frame: {self.reader.reason}"
 
     def __call__(self, row: int) -> np.ndarray:
         """(T, S, S, 3) uint8 frames of cache row ``row``."""
+        return self.read(row)[0]
+
+    def source(self, row: int) -> str:
+        """Where row ``row``'s frames came from: "video", or "feature energy (<why>)"."""
+        return self.read(row)[1]
+
+    def read(self, row: int) -> tuple[np.ndarray, str]:
+        from extract.frames import FramesUnavailable
+
         if row not in self._memo:
-            self._memo[row] = self._decode(row)
+            try:
+                self._memo[row] = self.reader(row), "video"
+            except FramesUnavailable as why:
+                self._memo[row] = (energy_frames(self.cache.read_row(row)),
+                                   f"feature energy ({why})")
         return self._memo[row]
-
-    def _decode(self, row: int) -> np.ndarray:
-        if self.locator is not None:
-            from extract.decode import DecodeTask, decode_task
-
-            video_id = str(self.cache.video_ids[row])
-            hit = self.locator.locate(video_id)
-            if hit is not None:
-                task = DecodeTask(row=row, video_id=video_id, path=hit[0], kind=hit[1],
-                                  frames=self.frames, resize=self.resize,
-                                  image_size=self.image_size)
-                methods = ("frames",) if hit[1] == "frames" else ("decord", "pyav")
-                for method in methods:
-                    try:
-                        views = decode_task(task, method).views  # (V, T, 3, S, S)
-                        return views[0].transpose(0, 2, 3, 1)  # (T, S, S, 3)
-                    except Exception:  # a decoder failure: try the next one, then energy
-                        continue
-        return energy_frames(self.cache.read_row(row))
 
 
 # ------------------------------------------------------------------------------ drawing
@@ -427,7 +409,9 @@ def visualize(cfg: VisualizeConfig, *, device: torch.device, log=print,
                             "query_class": q_class, "support_class": s_class,
                             "same_class": bool(same), "predicted": p_class,
                             "correct": bool(predicted[m] == targets[m]),
-                            "distance": round(distance, 4), "path": str(path)})
+                            "distance": round(distance, 4), "path": str(path),
+                            "frames": {"support": frames_of.source(ref),
+                                       "query": frames_of.source(q_row)}})
     index = out / "index.json"
     write_json(index, {"checkpoint": checkpoint, "cache": cache_path, "curves": curves,
                        "figures": records})
