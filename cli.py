@@ -233,7 +233,8 @@ def _analysis_cache(cache_path: str | None) -> str:
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
 def analyze_misalignment(cache_path, out_dir, split, readout, folds, seed, weight_decay, device):
     """Action start times and AEM score of a cache (paper Fig. 2, Table 1)."""
-    from align.analyze import MisalignmentConfig, default_out, format_misalignment, run_misalignment
+    from align.reports.common import default_out
+    from align.reports.misalignment import MisalignmentConfig, format_misalignment, run_misalignment
 
     cache_path = _analysis_cache(cache_path)
     cfg = MisalignmentConfig(split=split, readout=readout, folds=folds, seed=seed,
@@ -262,7 +263,7 @@ def analyze_misalignment(cache_path, out_dir, split, readout, folds, seed, weigh
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
 def analyze_embedding(cache_path, checkpoint, head_kind, out_dir, shots, device, **options):
     """t-SNE of queries and prototypes before / after alignment (paper Fig. 8)."""
-    from align.analyze import EmbeddingConfig, embedding_command, format_embedding
+    from align.reports.embedding import EmbeddingConfig, embedding_command, format_embedding
 
     summary = embedding_command(EmbeddingConfig(**options), checkpoint=checkpoint,
                                 head_kind=head_kind, cache_path=cache_path, shot=shots,
@@ -280,7 +281,8 @@ def analyze_embedding(cache_path, checkpoint, head_kind, out_dir, shots, device,
               help="Compare reports made on different episodes (with a warning).")
 def analyze_compare(report_a, report_b, out_dir, top, allow_different_episodes):
     """Per-class accuracy gain of REPORT_B over REPORT_A, same episodes (paper Fig. 9)."""
-    from align.analyze import default_out, format_compare, run_compare
+    from align.reports.common import default_out
+    from align.reports.compare import format_compare, run_compare
 
     summary = run_compare(report_a, report_b, out_dir or default_out(report_b), top=top,
                           allow_different=allow_different_episodes)
@@ -371,8 +373,8 @@ def toy_data(out, **options):
 def visualize(device, **options):
     """Pair figures (paper Fig. 7 style: frames, TTM window, SC boxes, TC attention) and
     training curves of a trained head."""
-    from align.visualize import VisualizeConfig, format_visualize
-    from align.visualize import visualize as draw
+    from align.reports.pairs import VisualizeConfig, format_visualize
+    from align.reports.pairs import visualize as draw
 
     summary = draw(VisualizeConfig(**options), device=pick_device(device), log=click.echo)
     click.echo(format_visualize(summary))
@@ -394,7 +396,7 @@ def visualize(device, **options):
 def demo(**options):
     """The whole pipeline on the built-in toy dataset (what `make demo` runs): toy-data ->
     extract -> train-heads -> evaluate (ta2n, protonet) -> visualize, with a summary."""
-    from align.demo import DemoConfig, format_demo, run_demo
+    from demo import DemoConfig, format_demo, run_demo
 
     click.echo(format_demo(run_demo(DemoConfig(**options), echo=click.echo)))
 

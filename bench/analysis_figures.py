@@ -32,10 +32,12 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from align import analyze as A  # noqa: E402
 from align.checkpoints import load_head  # noqa: E402
 from align.evaluate import EvalConfig, evaluate  # noqa: E402
 from align.models import build_head  # noqa: E402
+from align.reports import compare as cmp  # noqa: E402
+from align.reports import embedding as emb
+from align.reports import misalignment as mis
 from align.train import TrainConfig, train  # noqa: E402
 from cache import FeatureCache  # noqa: E402
 from cache.synthetic import SynthConfig, generate_synthetic  # noqa: E402
@@ -66,8 +68,8 @@ def misalignment_figures(work: Path, out: Path, channels: int) -> None:
         with step(f"misalignment: {name} cache (synth {timing})"):
             generate_synthetic(str(path), SynthConfig(**layout, **timing), overwrite=True,
                                progress=False)
-            summary = A.run_misalignment(str(path), str(work / f"misalignment-{name}"),
-                                         A.MisalignmentConfig(readout="online"), CPU)
+            summary = mis.run_misalignment(str(path), str(work / f"misalignment-{name}"),
+                                         mis.MisalignmentConfig(readout="online"), CPU)
         target = out / ("analyze_misalignment.png" if name == "misaligned"
                         else "analyze_misalignment_aligned.png")
         shutil.copy(summary["files"]["histogram"], target)
@@ -106,10 +108,10 @@ def embedding_and_compare_figures(work: Path, out: Path, args) -> None:
     with FeatureCache.open(path) as cache:
         c, t, h, w = cache.shape
         with step("embedding: 10 test episodes, 5-way 1-shot, 5 queries per class"):
-            summary = A.run_embedding(cache, head, str(work / "embedding"), A.EmbeddingConfig(),
+            summary = emb.run_embedding(cache, head, str(work / "embedding"), emb.EmbeddingConfig(),
                                       CPU, f"ta2n {stages}, trained", progress=False)
         shutil.copy(summary["files"]["figure"], out / "analyze_embedding.png")
-        print(A.format_embedding(summary))
+        print(emb.format_embedding(summary))
         reports = {}
         protonet = build_head("protonet", channels=c, frames=t, height=h, width=w, shot=1)
         for name, model in (("protonet", protonet), ("ta2n", head)):
@@ -121,9 +123,9 @@ def embedding_and_compare_figures(work: Path, out: Path, args) -> None:
                                   report=reports[name], progress=False)
                 print(f"    {result['summary']}")
     with step("compare protonet -> ta2n"):
-        summary = A.run_compare(reports["protonet"], reports["ta2n"], str(work / "compare"))
+        summary = cmp.run_compare(reports["protonet"], reports["ta2n"], str(work / "compare"))
     shutil.copy(summary["files"]["figure"], out / "analyze_compare.png")
-    print(A.format_compare(summary))
+    print(cmp.format_compare(summary))
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from align import analyze as A  # noqa: E402
+from align.reports import misalignment as mis  # noqa: E402
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=101)
     parser.add_argument("--channels", type=int, default=2048)
     parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--readout", default="frame", choices=A.READOUTS)
+    parser.add_argument("--readout", default="frame", choices=mis.READOUTS)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--max-iter", type=int, default=100)
     parser.add_argument("--device", default="auto")
@@ -42,18 +42,18 @@ def main() -> None:
     centres = rng.standard_normal((args.classes, args.channels)).astype(np.float32)
     frames = rng.standard_normal((args.videos, args.frames, args.channels), dtype=np.float32)
     frames += 0.3 * centres[labels][:, None]  # a learnable signal, so L-BFGS does real work
-    cfg = A.MisalignmentConfig(readout=args.readout, folds=args.folds, max_iter=args.max_iter)
+    cfg = mis.MisalignmentConfig(readout=args.readout, folds=args.folds, max_iter=args.max_iter)
     print(f"{args.videos} videos x T={args.frames} x C={args.channels}, {args.classes} classes, "
           f"{args.readout} readout, {args.folds} folds, device {device} "
           f"({torch.get_num_threads()} CPU threads)")
     start = time.perf_counter()
-    probs = A.heldout_frame_probabilities(frames, labels, args.classes, cfg, device)
+    probs = mis.heldout_frame_probabilities(frames, labels, args.classes, cfg, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     fit = time.perf_counter() - start
     p_true = np.take_along_axis(probs, labels[:, None, None], axis=2)[..., 0]
     start = time.perf_counter()
-    starts, aem = A.start_times(p_true), A.aem_score(p_true)
+    starts, aem = mis.start_times(p_true), mis.aem_score(p_true)
     measure = time.perf_counter() - start
     print(f"classifiers {fit:.1f} s ({fit / args.folds:.1f} s per fold), start times + AEM "
           f"{measure * 1000:.1f} ms; held-out frame accuracy "

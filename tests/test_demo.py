@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from align.demo import DemoConfig, cached_imagenet_weights, choose_weights, format_demo, run_demo
-from align.visualize import pair_figure_size, png_size
+from align.reports.pairs import pair_figure_size, png_size
+from demo import DemoConfig, cached_imagenet_weights, choose_weights, format_demo, run_demo
 
 TINY = dict(weights="none", backbone="resnet18", frames=4, image_size=128, resize=128,
             extract_workers=0,

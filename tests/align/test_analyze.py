@@ -12,8 +12,10 @@ from click.testing import CliRunner
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
-from align import analyze as A
 from align.models import build_head
+from align.reports import compare as cmp
+from align.reports import embedding as emb
+from align.reports import misalignment as mis
 from cache import FeatureCache, UserError
 from cache.synthetic import SynthConfig, generate_synthetic
 from cli import cli
@@ -52,8 +54,8 @@ def synth_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def online_run(synth_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("misalignment")
-    summary = A.run_misalignment(synth_cache[0], str(out), A.MisalignmentConfig(readout="online"),
-                                 CPU)
+    cfg = mis.MisalignmentConfig(readout="online")
+    summary = mis.run_misalignment(synth_cache[0], str(out), cfg, CPU)
     return summary, out
 
 
@@ -68,7 +70,7 @@ def test_start_times_are_the_first_crossing_and_never_is_minus_one():
     p = np.array([[0.1, 0.6, 0.4, 0.9],  # crosses at 1 (the later dip does not matter)
                   [0.5, 0.2, 0.2, 0.2],  # >= 0.5 counts: starts at 0
                   [0.2, 0.3, 0.49, 0.1]])  # never reaches 0.5
-    assert A.start_times(p).tolist() == [1, 0, -1]
+    assert mis.start_times(p).tolist() == [1, 0, -1]
 
 
 def test_aem_matches_the_pairwise_definition():
@@ -76,9 +78,9 @@ def test_aem_matches_the_pairwise_definition():
     p = rng.uniform(size=(7, 5))
     unit = p / np.linalg.norm(p, axis=1, keepdims=True)
     pairs = [1 - unit[i] @ unit[j] for i in range(7) for j in range(7) if i != j]
-    assert A.aem_score(p) == pytest.approx(np.mean(pairs), abs=1e-12)
-    assert A.aem_score(np.tile(p[:1], (4, 1))) == pytest.approx(0.0, abs=1e-12)
-    assert A.aem_score(np.eye(3)) == pytest.approx(1.0)  # disjoint supports: cos = 0
+    assert mis.aem_score(p) == pytest.approx(np.mean(pairs), abs=1e-12)
+    assert mis.aem_score(np.tile(p[:1], (4, 1))) == pytest.approx(0.0, abs=1e-12)
+    assert mis.aem_score(np.eye(3)) == pytest.approx(1.0)  # disjoint supports: cos = 0
 
 
 def test_heldout_folds_never_let_a_video_score_itself():
@@ -87,15 +89,15 @@ def test_heldout_folds_never_let_a_video_score_itself():
     rng = np.random.default_rng(1)
     frames = rng.standard_normal((60, 2, 128)).astype(np.float32)
     labels = rng.permutation(np.repeat(np.arange(3), 20))
-    cfg = A.MisalignmentConfig(folds=5)
+    cfg = mis.MisalignmentConfig(folds=5)
     x = torch.from_numpy(frames)
     x = (x - x.mean((0, 1))) / x.std((0, 1))
-    weight, bias = A.fit_softmax(x, torch.from_numpy(labels), 3, cfg)
-    in_sample = A.frame_logits(x, weight, bias).argmax(-1).numpy()  # (n, T)
+    weight, bias = mis.fit_softmax(x, torch.from_numpy(labels), 3, cfg)
+    in_sample = mis.frame_logits(x, weight, bias).argmax(-1).numpy()  # (n, T)
     assert (in_sample == labels[:, None]).mean() > 0.95
-    probs = A.heldout_frame_probabilities(frames, labels, 3, cfg, CPU)
+    probs = mis.heldout_frame_probabilities(frames, labels, 3, cfg, CPU)
     assert (probs.argmax(-1) == labels[:, None]).mean() < 0.5
-    fold = A.video_folds(labels, 5, seed=0)
+    fold = mis.video_folds(labels, 5, seed=0)
     for c in range(3):  # stratified: every fold holds 4 of each class's 20 videos
         assert np.bincount(fold[labels == c], minlength=5).tolist() == [4] * 5
 
@@ -152,8 +154,8 @@ def test_frame_readout_finds_where_a_class_appearance_starts(tmp_path):
             maps = 0.5 * rng.standard_normal((c, t, s, s))
             maps[:, start:] += patterns[label][:, None, None, None]
             cache.write_row(row, maps)
-    summary = A.run_misalignment(str(tmp_path / "appearance.zarr"), str(tmp_path / "out"),
-                                 A.MisalignmentConfig(), CPU)
+    summary = mis.run_misalignment(str(tmp_path / "appearance.zarr"), str(tmp_path / "out"),
+                                 mis.MisalignmentConfig(), CPU)
     rows = list(csv.DictReader(open(tmp_path / "out" / "misalignment_videos.csv")))
     measured = np.array([int(r["start"]) for r in rows])
     assert summary["start_time"]["never_reached"] == 0
@@ -175,17 +177,17 @@ def test_misalignment_cli_prints_the_caveat_and_the_frame_readout_warning(synth_
 
 def test_misalignment_refuses_bad_input(synth_cache, tmp_path):
     with pytest.raises(UserError, match="folds"):
-        A.run_misalignment(synth_cache[0], str(tmp_path), A.MisalignmentConfig(folds=1), CPU)
+        mis.run_misalignment(synth_cache[0], str(tmp_path), mis.MisalignmentConfig(folds=1), CPU)
     with pytest.raises(UserError, match="no cache"):
-        A.run_misalignment(str(tmp_path / "missing.zarr"), str(tmp_path),
-                           A.MisalignmentConfig(), CPU)
+        mis.run_misalignment(str(tmp_path / "missing.zarr"), str(tmp_path),
+                           mis.MisalignmentConfig(), CPU)
 
 
 # ------------------------------------------------------------------------------ embedding
 def _embed(cache_path, head, tmp_path, **cfg):
-    cfg = A.EmbeddingConfig(**{"way": 2, "shot": 1, "queries": 3, "episodes": 3, **cfg})
+    cfg = emb.EmbeddingConfig(**{"way": 2, "shot": 1, "queries": 3, "episodes": 3, **cfg})
     with FeatureCache.open(cache_path) as cache:
-        return A.run_embedding(cache, head, str(tmp_path), cfg, CPU, "test head", progress=False)
+        return emb.run_embedding(cache, head, str(tmp_path), cfg, CPU, "test head", progress=False)
 
 
 def test_embedding_with_protonet_changes_nothing(synth_cache, tmp_path):
@@ -211,7 +213,7 @@ def test_embedding_uses_the_heads_own_distances(synth_cache):
     with FeatureCache.open(synth_cache[0]) as cache:
         maps = torch.from_numpy(cache.read_rows(cache.rows("test")[[0, 1, 30, 31]])).float()
     support, query = maps[[0, 2]], maps[[1, 3]]  # 2-way 1-shot, one query per class
-    part = A.embed_episode(head, support, query, way=2, shot=1)
+    part = emb.embed_episode(head, support, query, way=2, shot=1)
     with torch.no_grad():
         logits = head(support, query, 2, 1)  # (M, way)
     assert np.allclose(part["after"]["distances"], -logits.T.numpy(), atol=1e-5)
@@ -223,7 +225,7 @@ def test_embedding_refuses_a_head_without_pair_features(synth_cache):
     otam = build_head("otam", channels=16, frames=8, height=5, width=5)
     maps = torch.zeros(4, 16, 8, 5, 5)
     with pytest.raises(UserError, match="no aligned pair features"):
-        A.embed_episode(otam, maps[:2], maps[2:], way=2, shot=1)
+        emb.embed_episode(otam, maps[:2], maps[2:], way=2, shot=1)
 
 
 def test_embedding_cli_with_an_untrained_protonet(synth_cache, tmp_path):
@@ -253,7 +255,7 @@ def test_compare_sorts_the_known_gains(tmp_path):
                 [50.0, 100.0, 50.0, 100.0])
     b = _report(tmp_path / "b.json", {"jump": 75.0, "run": 70.0, "swim": 100.0, "walk": 90.0},
                 [100.0, 100.0, 50.0, 100.0], head={"kind": "ta2n", "tc": True})
-    summary = A.run_compare(a, b, str(tmp_path / "out"), top=2)
+    summary = cmp.run_compare(a, b, str(tmp_path / "out"), top=2)
     assert [(g["class"], g["gain"]) for g in summary["classes"]] == [
         ("swim", 60.0), ("jump", 25.0), ("walk", 0.0), ("run", -10.0)]
     assert summary["top_gains"] == ["swim", "jump"]
@@ -262,7 +264,7 @@ def test_compare_sorts_the_known_gains(tmp_path):
     assert saved["classes"] == summary["classes"]
     assert all(0 <= g[k] <= 100 for g in saved["classes"] for k in ("a", "b"))
     assert _is_png(tmp_path / "out" / "compare_gains.png")
-    text = A.format_compare(summary)
+    text = cmp.format_compare(summary)
     assert "most gain  swim, jump" in text
 
 
@@ -270,10 +272,10 @@ def test_compare_refuses_reports_on_different_episodes(tmp_path):
     a = _report(tmp_path / "a.json", {"jump": 50.0}, [50.0])
     b = _report(tmp_path / "b.json", {"jump": 75.0}, [75.0], seed=1)
     with pytest.raises(UserError, match="seed 0 vs 1"):
-        A.run_compare(a, b, str(tmp_path / "out"))
-    summary = A.run_compare(a, b, str(tmp_path / "out"), allow_different=True)
+        cmp.run_compare(a, b, str(tmp_path / "out"))
+    summary = cmp.run_compare(a, b, str(tmp_path / "out"), allow_different=True)
     assert not summary["same_episodes"] and summary["paired_episode_gain"] is None
-    assert "NOT the same episodes" in A.format_compare(summary)
+    assert "NOT the same episodes" in cmp.format_compare(summary)
 
 
 def test_compare_cli(tmp_path):

@@ -16,20 +16,19 @@ from click.testing import CliRunner
 from align.checkpoints import save_head
 from align.models import build_head
 from align.models.acm import axis_weights
-from align.visualize import (
-    CURVES_SIZE,
+from align.reports.curves import CURVES_SIZE, plot_training_curves
+from align.reports.pairs import (
     FrameSource,
     draw_pair,
     mask_span,
     pair_figure_size,
-    plot_training_curves,
     png_size,
     ttm_window,
-    write_report,
 )
 from cache import FeatureCache
 from cache.synthetic import SynthConfig, generate_synthetic
 from cli import cli
+from demo import write_report
 from extract.sampling import centre_indices
 from extract.toydata import ToyConfig, make_toy_dataset, render_video
 

@@ -31,8 +31,9 @@ import torch
 import torchvision
 
 from cache import UserError
+from cache.atomic import write_text
 
-CLI = Path(__file__).resolve().parents[1] / "cli.py"
+CLI = Path(__file__).resolve().parent / "cli.py"
 
 
 @dataclass
@@ -222,7 +223,6 @@ def _collect(cfg: DemoConfig, weights: str, notice: str | None, phases: list[dic
 
 
 def _write_report(cfg: DemoConfig, summary: dict) -> Path:
-    from align.visualize import write_report
 
     run = Path(cfg.workdir) / cfg.run
     weights = {"imagenet": "ImageNet weights (torchvision's cache)",
@@ -277,3 +277,58 @@ def format_demo(summary: dict) -> str:
                   "the accuracies are near chance"]
     lines.append("=" * 72)
     return "\n".join(lines)
+
+
+def _fmt_time(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def write_report(path: str | os.PathLike, *, title: str, intro: list[str],
+                 results: list[dict], phases: list[dict], figures: dict,
+                 notes: list[str] = ()) -> Path:
+    """A markdown report: what ran, accuracy +- CI per head, time per phase, the figures.
+
+    Args:
+        results: dicts with head, accuracy, ci95, episodes, report (JSON path).
+        phases: dicts with name, seconds, command.
+        figures: {"curves": path or None, "pairs": [visualize records]}; paths are written
+            relative to the report's folder.
+    """
+    path = Path(path)
+    base = path.parent
+
+    def rel(p: str) -> str:
+        return os.path.relpath(p, base)
+
+    lines = [f"# {title}", "", *intro, "", "## Results", "",
+             "| head | accuracy (%) | 95% CI | episodes | report |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['head']} | {r['accuracy']:.2f} | +- {r['ci95']:.2f} | "
+                     f"{r['episodes']} | [{Path(r['report']).name}]({rel(r['report'])}) |")
+    total = sum(p["seconds"] for p in phases)
+    lines += ["", "## Phases", "", "| phase | time | command |", "|---|---|---|"]
+    for p in phases:
+        lines.append(f"| {p['name']} | {_fmt_time(p['seconds'])} | `{p['command']}` |")
+    lines += [f"| total | {_fmt_time(total)} | |", ""]
+    if figures.get("curves"):
+        lines += ["## Training curves", "", f"![training curves]({rel(figures['curves'])})", ""]
+    pairs = figures.get("pairs") or []
+    if pairs:
+        lines += ["## Alignment (paper Fig. 7 style)", "",
+                  "Each figure: support (top) and query (bottom) frames as the backbone saw "
+                  "them; the framed, undimmed frames are the window TTM's (a, b) reads; the "
+                  "yellow boxes are the regions SC's offsets select; right: TC's attention.", ""]
+        shown = [r for r in pairs if r["same_class"]][:3] or pairs[:3]
+        for r in shown:
+            lines += [f"**{r['query']}** against the prototype of **{r['support_class']}** "
+                      f"(distance {r['distance']:.3f}, "
+                      f"{'correct' if r['correct'] else 'taken for ' + r['predicted']})", "",
+                      f"![{r['query']}]({rel(r['path'])})", ""]
+        lines += [f"All {len(pairs)} pair figures:", ""]
+        lines += [f"- [{Path(r['path']).name}]({rel(r['path'])}): query {r['query']} vs "
+                  f"{r['support_class']}, distance {r['distance']:.3f}" for r in pairs]
+        lines.append("")
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    write_text(path, "\n".join(lines))
+    return path

@@ -1,5 +1,5 @@
 """Seeing the alignment (`python cli.py visualize`): pair figures in the style of the paper's
-Fig. 7, training curves, and the demo's report (runs/demo/report.md).
+Fig. 7, and the run's training curves (align/reports/curves.py).
 
 A pair figure shows one (prototype n, query m) pair of a test episode:
 
@@ -19,7 +19,7 @@ computed from. A row whose video is not here (a `synth` cache, a dataset root th
 ``--root``, a file that no longer decodes) shows each frame's feature energy (the L2 norm over
 channels of its H x W map) instead, and index.json says per figure which it shows and why.
 
-Figures are drawn headless (Agg) at fixed pixel sizes: ``pair_figure_size`` and ``CURVES_SIZE``.
+Figures are drawn headless (Agg) at a fixed pixel size: ``pair_figure_size``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ FRAME_PX = 104  # displayed side of one frame
 GAP_PX = 6  # between frames of a strip
 LEFT_PX, HEAT_PX, RIGHT_PX = 150, 230, 80
 TOP_PX, STRIP_GAP_PX, BOTTOM_PX = 92, 62, 30
-CURVES_SIZE = (1000, 380)  # (width, height) in pixels of training_curves.png
 PAIR_CHOICES = ("all", "true", "true+predicted")
 SUPPORT_COLOUR, QUERY_COLOUR, BOX_COLOUR = "#1f77b4", "#d62728", "#ffd21f"
 
@@ -253,41 +252,6 @@ def draw_pair(path: str | os.PathLike, *, support_frames: np.ndarray, query_fram
     return path
 
 
-def plot_training_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike,
-                         chance: float | None = None) -> Path:
-    """Loss and train / val accuracy per epoch of a run (its metrics.csv) as a PNG; ``chance``
-    (percent) draws the chance level of the episodes."""
-    rows = read_metrics(metrics_csv)
-    if not rows:
-        raise UserError(f"{metrics_csv} holds no epochs yet")
-    epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(CURVES_SIZE[0] / DPI,
-                                                         CURVES_SIZE[1] / DPI), dpi=DPI)
-    ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", color="#444444", ms=4)
-    ax_loss.set(xlabel="epoch", ylabel="loss per episode",
-                title="training loss (cross-entropy summed over the queries)")
-    ax_acc.plot(epochs, [r["train_acc"] for r in rows], "o-", ms=4, label="train (episodes)")
-    val = [(r["epoch"], r["val_acc"], r.get("val_ci95") or 0.0) for r in rows
-           if r.get("val_acc") is not None]
-    if val:
-        x, y, ci = zip(*val)
-        ax_acc.errorbar(x, y, yerr=ci, fmt="s-", ms=4, capsize=3, label="val (95% CI)")
-    if chance is not None:
-        ax_acc.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.0f}%)")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="episode accuracy")
-    ax_acc.legend(fontsize=8, loc="lower right")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        if len(epochs) < 15:
-            ax.set_xticks(epochs)
-    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.14, top=0.9, wspace=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
-
-
 # ------------------------------------------------------------------------------ the command
 @dataclass
 class VisualizeConfig:
@@ -356,6 +320,8 @@ def visualize(cfg: VisualizeConfig, *, device: torch.device, log=print,
     curves = None
     metrics = Path(checkpoint).parent / "metrics.csv"
     if metrics.exists() and read_metrics(metrics):
+        from align.reports.curves import plot_training_curves
+
         way = source.train.get("way")
         curves = str(plot_training_curves(metrics, out / "training_curves.png",
                                           chance=100 / way if way else None))
@@ -431,63 +397,6 @@ def format_visualize(summary: dict) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------ the demo report
-def _fmt_time(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
-def write_report(path: str | os.PathLike, *, title: str, intro: list[str],
-                 results: list[dict], phases: list[dict], figures: dict,
-                 notes: list[str] = ()) -> Path:
-    """A markdown report: what ran, accuracy +- CI per head, time per phase, the figures.
-
-    Args:
-        results: dicts with head, accuracy, ci95, episodes, report (JSON path).
-        phases: dicts with name, seconds, command.
-        figures: {"curves": path or None, "pairs": [visualize records]}; paths are written
-            relative to the report's folder.
-    """
-    path = Path(path)
-    base = path.parent
-
-    def rel(p: str) -> str:
-        return os.path.relpath(p, base)
-
-    lines = [f"# {title}", "", *intro, "", "## Results", "",
-             "| head | accuracy (%) | 95% CI | episodes | report |", "|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['head']} | {r['accuracy']:.2f} | +- {r['ci95']:.2f} | "
-                     f"{r['episodes']} | [{Path(r['report']).name}]({rel(r['report'])}) |")
-    total = sum(p["seconds"] for p in phases)
-    lines += ["", "## Phases", "", "| phase | time | command |", "|---|---|---|"]
-    for p in phases:
-        lines.append(f"| {p['name']} | {_fmt_time(p['seconds'])} | `{p['command']}` |")
-    lines += [f"| total | {_fmt_time(total)} | |", ""]
-    if figures.get("curves"):
-        lines += ["## Training curves", "", f"![training curves]({rel(figures['curves'])})", ""]
-    pairs = figures.get("pairs") or []
-    if pairs:
-        lines += ["## Alignment (paper Fig. 7 style)", "",
-                  "Each figure: support (top) and query (bottom) frames as the backbone saw "
-                  "them; the framed, undimmed frames are the window TTM's (a, b) reads; the "
-                  "yellow boxes are the regions SC's offsets select; right: TC's attention.", ""]
-        shown = [r for r in pairs if r["same_class"]][:3] or pairs[:3]
-        for r in shown:
-            lines += [f"**{r['query']}** against the prototype of **{r['support_class']}** "
-                      f"(distance {r['distance']:.3f}, "
-                      f"{'correct' if r['correct'] else 'taken for ' + r['predicted']})", "",
-                      f"![{r['query']}]({rel(r['path'])})", ""]
-        lines += [f"All {len(pairs)} pair figures:", ""]
-        lines += [f"- [{Path(r['path']).name}]({rel(r['path'])}): query {r['query']} vs "
-                  f"{r['support_class']}, distance {r['distance']:.3f}" for r in pairs]
-        lines.append("")
-    if notes:
-        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
-    return path
-
-
 def png_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) from a PNG's header; raises ValueError when it is not a PNG."""
     with open(path, "rb") as f:
@@ -495,4 +404,3 @@ def png_size(path: str | os.PathLike) -> tuple[int, int]:
     if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
         raise ValueError(f"{path} is not a PNG file")
     return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-
