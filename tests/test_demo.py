@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from align.reports.pairs import pair_figure_size, png_size
@@ -20,6 +21,7 @@ TINY = dict(weights="none", backbone="resnet18", frames=4, image_size=128, resiz
             vis_episodes=1, vis_pairs="true", device="cpu")
 
 
+@pytest.mark.slow
 def test_demo_runs_the_pipeline_end_to_end(tmp_path):
     summary = run_demo(DemoConfig(workdir=str(tmp_path), **TINY), echo=lambda m: None,
                        quiet=True)

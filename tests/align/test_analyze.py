@@ -10,7 +10,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from threadpoolctl import threadpool_limits
 
 from align.models import build_head
 from align.reports import compare as cmp
@@ -27,16 +26,6 @@ CPU = torch.device("cpu")
 CLEAN = dict(channels=16, frames=8, size=5, patterns=3, length=0, train_classes=3, val_classes=1,
              test_classes=2, videos_per_class=30, min_duration=0.5, evolution=1.0,
              blob_sigma=1.0, noise=0.3, background=0.3)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny problems on a shared 2-core machine run many times faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):  # t-SNE's OpenMP threads
-        yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -20,29 +20,15 @@ from align.evaluate import (
 )
 from align.models import build_head
 from cache import FeatureCache, UserError
-from cache.synthetic import SynthConfig, generate_synthetic
 from cli import cli
 
 CPU = torch.device("cpu")
-TINY = dict(channels=8, frames=8, size=4, train_classes=6, val_classes=5, test_classes=6,
-            videos_per_class=6, seed=1)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two OpenMP threads on a shared 2-core machine are slower than one for these sizes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
-def synth(tmp_path, monkeypatch):
+def synth(tmp_path, monkeypatch, make_synth):
     monkeypatch.chdir(tmp_path)  # caches/latest.json and runs/ land in the test's folder
-    path = str(tmp_path / "synth.zarr")
-    generate_synthetic(path, SynthConfig(**TINY), progress=False)
-    return path
+    return make_synth(tmp_path / "synth.zarr", test_classes=6, seed=1)
 
 
 def test_confidence_interval_is_the_papers():

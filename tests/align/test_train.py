@@ -15,26 +15,9 @@ from align.feed import Feeder, choose_preload
 from align.models import build_head
 from align.train import TrainConfig, train
 from cache import FeatureCache, UserError
-from cache.synthetic import SynthConfig, generate_synthetic
 
 CPU = torch.device("cpu")
 QUIET = dict(device=CPU, progress=False, log=lambda message: None)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two OpenMP threads on a shared 2-core machine are slower than one for these sizes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_synth(path, **overrides):
-    cfg = dict(channels=8, frames=8, size=4, train_classes=6, val_classes=5, test_classes=5,
-               videos_per_class=6, seed=2)
-    generate_synthetic(str(path), SynthConfig(**{**cfg, **overrides}), progress=False)
-    return str(path)
 
 
 def tiny_config(cache, out, **overrides):
@@ -45,12 +28,13 @@ def tiny_config(cache, out, **overrides):
 
 
 @pytest.fixture
-def tiny(tmp_path, monkeypatch):
+def tiny(tmp_path, monkeypatch, make_synth):
     monkeypatch.chdir(tmp_path)  # runs/latest.json lands in the test's folder
     return make_synth(tmp_path / "tiny.zarr")
 
 
-def test_short_training_lowers_the_loss_and_beats_protonet(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_short_training_lowers_the_loss_and_beats_protonet(tmp_path, monkeypatch, make_synth):
     """TA2N (TTM + TC) trained for a few hundred episodes clearly beats frame-wise ProtoNet on
     the synthetic cache, whose classes are orders of shared patterns, misaligned in time."""
     monkeypatch.chdir(tmp_path)
@@ -147,7 +131,7 @@ def test_recipe_defaults_come_from_the_dataset():
         (1e-3, 200, 16, 0.5)
 
 
-def test_bad_input_is_refused_clearly(tiny, tmp_path):
+def test_bad_input_is_refused_clearly(tiny, tmp_path, make_synth):
     with pytest.raises(UserError, match="no cache at"):
         train(tiny_config(str(tmp_path / "missing.zarr"), tmp_path / "a"), **QUIET)
     with pytest.raises(UserError, match="split 'val' has 5 classes with done videos, fewer "
@@ -166,7 +150,7 @@ def test_bad_input_is_refused_clearly(tiny, tmp_path):
         train(resume=str(tmp_path / "d"), **QUIET)
 
 
-def test_training_draws_random_views_of_an_augmented_cache(tmp_path, monkeypatch):
+def test_training_draws_random_views_of_an_augmented_cache(tmp_path, monkeypatch, make_synth):
     monkeypatch.chdir(tmp_path)
     path = make_synth(tmp_path / "aug.zarr", aug_views=3)
     messages = []
@@ -181,7 +165,7 @@ def test_training_free_head_is_validated_not_trained(tiny, tmp_path):
     assert load_head(tmp_path / "p" / "best.pt").config.kind == "protonet"
 
 
-def test_feeder_serves_the_same_maps_in_every_mode(tmp_path):
+def test_feeder_serves_the_same_maps_in_every_mode(tmp_path, make_synth):
     path = make_synth(tmp_path / "aug.zarr", aug_views=2)
     with FeatureCache.open(path) as cache:
         rows = cache.rows("train")[[5, 0, 17, 5]]

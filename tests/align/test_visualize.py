@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from align.checkpoints import save_head
+from align.episodes import EpisodeSampler, Stream
 from align.models import build_head
 from align.models.acm import axis_weights
 from align.reports.curves import CURVES_SIZE, plot_training_curves
@@ -133,6 +135,7 @@ def trained(tmp_path_factory):
     return {"base": base, "toy": toy, "cache": cache, "checkpoint": base / "run" / "best.pt"}
 
 
+@pytest.mark.slow
 def test_visualize_draws_every_pair_and_the_curves(trained, tmp_path):
     out = tmp_path / "figs"
     result = CliRunner().invoke(cli, [
@@ -149,6 +152,7 @@ def test_visualize_draws_every_pair_and_the_curves(trained, tmp_path):
     assert png_size(out / "training_curves.png") == CURVES_SIZE
 
 
+@pytest.mark.slow
 def test_visualize_true_pairs_of_saved_episodes(trained, tmp_path):
     episodes = tmp_path / "episodes.json"
     runner = CliRunner()
@@ -168,6 +172,7 @@ def test_visualize_true_pairs_of_saved_episodes(trained, tmp_path):
     assert all(r["same_class"] for r in index["figures"])
 
 
+@pytest.mark.slow
 def test_frames_follow_the_cache_sampling_rule(trained):
     """Re-decoded frame t is the video's frame floor((t + 0.5) n / T), not its neighbour."""
     truth = json.loads((Path(trained["toy"].out) / "toydata.json").read_text())
@@ -184,6 +189,30 @@ def test_frames_follow_the_cache_sampling_rule(trained):
         errors = [np.abs(shown[t] - upscaled[i]).mean() for i in range(cfg.frames)]
         assert errors[index] < 4
         assert errors[index] == min(errors)
+
+
+@pytest.mark.slow
+def test_each_figure_says_where_its_frames_came_from(trained, tmp_path):
+    """A video missing under --root gets feature-energy frames, and index.json says so for that
+    figure alone; the others stay re-decoded."""
+    root = tmp_path / "videos"
+    shutil.copytree(trained["toy"].root, root)
+    with FeatureCache.open(trained["cache"]) as cache:
+        first = EpisodeSampler(cache, "test", way=3, shot=1, queries=1, seed=0,
+                               stream=Stream.TEST).episode(0)
+        gone = str(cache.video_ids[int(first.query[0])])
+    for path in (root / gone.split("/")[0]).glob(gone.split("/")[1] + ".*"):
+        path.unlink()
+    out = tmp_path / "figs"
+    result = CliRunner().invoke(cli, [
+        "visualize", "--checkpoint", str(trained["checkpoint"]), "--way", "3", "--pairs", "true",
+        "--root", str(root), "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads((out / "index.json").read_text())["figures"]
+    sources = {r["query"]: r["frames"]["query"] for r in figures}
+    assert sources[gone].startswith("feature energy (") and "is not under" in sources[gone]
+    assert all(v == "video" for k, v in sources.items() if k != gone)
+    assert all(r["frames"]["support"] == "video" for r in figures)
 
 
 def test_energy_frames_without_videos_and_multi_shot(tmp_path, monkeypatch):

@@ -63,7 +63,10 @@ def test_augmented_views_follow_their_plans(dataset):
     out = decode_task(task, "decord")
     plans = plan_views(36, frames=8, video_id="walk/v1", aug_views=3, seed=0, **SIZES)
     assert out.views.shape == (4, 8, 3, 64, 64)
-    assert any(p.flip for p in plans[1:]) or True
+    # this seed's views cover what the check must see: a flipped and an unflipped augmented
+    # view, and crops off the centre
+    assert {p.flip for p in plans[1:]} == {True, False}
+    assert any((p.top, p.left) != (plans[0].top, plans[0].left) for p in plans[1:])
     for view, plan in zip(out.views, plans):
         np.testing.assert_array_equal(
             view, reference_crops(task.path, plan.indices, plan.top, plan.left, plan.flip))

@@ -223,6 +223,7 @@ def test_hung_decode_times_out_and_the_run_goes_on(tmp_path, weights_file):
         assert cache.done.tolist() == [True, True, False, True, True]
 
 
+@pytest.mark.slow
 def test_resume_after_a_killed_run(tmp_path, weights_file, trunk):
     root, split_dir, fifo, saved = _fifo_dataset(tmp_path)
     out = tmp_path / "r.zarr"
@@ -257,6 +258,7 @@ def test_resume_after_a_killed_run(tmp_path, weights_file, trunk):
             assert_close_fp16(cache.read_row(row), expected)
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_same_cache_as_one_process(extracted, dataset, weights_file, tmp_path):
     _, single, _ = extracted
     root, split_dir = dataset
