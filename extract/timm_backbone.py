@@ -14,7 +14,10 @@ their position embeddings resampled by the model's own checkpoint filter.
 
 Weights, always through timm's loader (safetensors or torch files, tensors only):
 ``pretrained`` - timm's normal download and cache (Hugging Face hub or URL); a file -
-``pretrained_cfg_overlay=dict(file=PATH)``; ``none`` - seeded random initialisation.
+``pretrained_cfg_overlay=dict(file=PATH)``; ``none`` - seeded random initialisation. timm loads
+non-strictly when the classifier is dropped (as here), and would leave tensors a file lacks at
+their random init with only a log line; so every load is checked: the model is built again from
+another seed, and a tensor that differs between the two builds was not loaded (one-line error).
 """
 
 from __future__ import annotations
@@ -89,6 +92,18 @@ def _create(name: str, image_size: int, seed: int, **kwargs) -> nn.Module:
         return timm.create_model(name, num_classes=0, **kwargs)
 
 
+def _check_loaded(model: nn.Module, name: str, image_size: int, seed: int, what: str,
+                  **kwargs) -> None:
+    """A one-line error unless every random-initialised tensor of ``model`` came from the weights:
+    one built from another seed must be identical."""
+    other = _create(name, image_size, seed + 1, **kwargs).state_dict()
+    kept = [key for key, value in model.state_dict().items()
+            if value.is_floating_point() and not torch.equal(value, other[key])]
+    if kept:
+        raise UserError(f"{what} do not fit timm {name}: {len(kept)} tensors were not in them "
+                        f"and kept their random init, e.g. {kept[:3]}")
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
@@ -132,6 +147,8 @@ def load_timm(name: str, weights: str, seed: int, image_size: int) -> tuple[nn.M
                 f"come from {where}: download them on a machine with internet and pass "
                 "--weights /path/to/the/file, or copy that machine's Hugging Face cache "
                 "(~/.cache/huggingface, or $HF_HOME)") from None
+        _check_loaded(model, name, image_size, seed, "timm's pretrained weights",
+                      pretrained=True)
         _, cached = _pretrained_location(name)
         source, fmt = "pretrained", f"timm pretrained ({where})"
         sha = file_sha256(cached) if cached else None
@@ -139,12 +156,15 @@ def load_timm(name: str, weights: str, seed: int, image_size: int) -> tuple[nn.M
     else:
         if not os.path.isfile(weights):
             raise UserError(f"--weights {weights}: no such file (use pretrained, none, or a file)")
+        overlay = {"file": os.path.abspath(weights)}
         try:
             model = _create(name, image_size, seed, pretrained=True,
-                            pretrained_cfg_overlay={"file": os.path.abspath(weights)})
+                            pretrained_cfg_overlay=overlay)
         except Exception as e:  # timm raises several types for foreign or unfitting files
             raise UserError(f"--weights {weights} could not be loaded into timm {name} "
                             f"({_first_line(e)})") from None
+        _check_loaded(model, name, image_size, seed, f"the weights in {weights}",
+                      pretrained=True, pretrained_cfg_overlay=overlay)
         source, fmt, sha = "file", "timm checkpoint", file_sha256(weights)
         description = os.path.abspath(weights)
     features = TimmFeatures(model).eval().requires_grad_(False)
