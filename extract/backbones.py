@@ -7,9 +7,11 @@
 ``parse_backbone(name)`` validates a name (one-line error naming the accepted forms) and returns a
 ``BackboneSpec``: which library builds it (its constructor), its preprocessing (read from that
 library's config, without building or downloading anything), and ``load`` -> the frozen module
-(normalised (N, 3, S, S) -> (N, C, h, w)) and a ``WeightsInfo``. Channels and grid are read from
-one forward pass (``FeatureExtractor.output_shape``); for the registered ResNets they are also
-known up front (``REGISTERED``), which the CLI help and the README table use.
+(normalised (N, 3, S, S) -> (N, C, h, w)) and a ``WeightsInfo``. ``Backbone.prepare`` is what a
+run uses: the spec, its sizes resolved, its weights loaded, its ``FeatureExtractor`` on a device,
+and channels and grid read from one forward pass; for the registered ResNets they are also known
+up front (``REGISTERED``), which the CLI help uses. timm and open_clip are imported only when a
+name needs them (each takes seconds to import).
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from cache import UserError
 from extract.backbone import (
     CHANNELS,
+    FeatureExtractor,
     Preprocessing,
     WeightsInfo,
     load_backbone,
@@ -125,3 +129,38 @@ def parse_backbone(name: str) -> BackboneSpec:
         check_name(arch, tag)
         return BackboneSpec(name, "open_clip", arch, tag)
     raise UserError(f"unknown backbone {name!r}; use one of {accepted_forms()}")
+
+
+@dataclass
+class Backbone:
+    """The resolved backbone of a run: spec, sizes, preprocessing, weights, runner, map shapes."""
+
+    spec: BackboneSpec
+    preprocessing: Preprocessing
+    weights: WeightsInfo
+    extractor: FeatureExtractor
+    image_size: int
+    resize: int
+    grid: tuple[int, int, int]  # (C, h, w) of a frame's map before pooling
+    shape: tuple[int, int, int]  # (C, h, w) as stored
+
+    @classmethod
+    def prepare(cls, name: str, weights: str, seed: int, device: torch.device, *,
+                image_size: int | None = None, resize: int | None = None,
+                pool_to: int | None = None, dtype: str = "float16") -> Backbone:
+        """Build backbone ``name`` on ``device``; sizes left None come from its preprocessing."""
+        spec = parse_backbone(name)
+        prep = spec.preprocessing()
+        image_size = image_size or prep.input_size
+        resize = resize or prep.resize_for(image_size)
+        if image_size > resize:
+            raise UserError(f"--image-size {image_size} is larger than --resize {resize}")
+        trunk, info = spec.load(weights, seed, image_size)
+        extractor = FeatureExtractor(trunk, device, out_dtype=getattr(torch, dtype),
+                                     mean=prep.mean, std=prep.std, pool_to=pool_to)
+        grid = extractor.output_shape(image_size, pool=False)
+        if pool_to and pool_to > min(grid[1:]):
+            raise UserError(f"--pool-to {pool_to} is larger than {name}'s {grid[1]} x {grid[2]} "
+                            f"map at --image-size {image_size}")
+        shape = extractor.output_shape(image_size) if pool_to else grid
+        return cls(spec, prep, info, extractor, image_size, resize, grid, shape)

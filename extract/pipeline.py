@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 from cache import SPLITS, FeatureCache, UserError
 from cache.latest import default_cache_path, remember_cache
-from extract.backbone import FeatureExtractor, Preprocessing, WeightsInfo
-from extract.backbones import BackboneSpec, parse_backbone
+from extract.backbone import FeatureExtractor
+from extract.backbones import Backbone
 from extract.datasets import NO_FLIP_DATASETS, VideoList, VideoLocator, find_videos
 from extract.decode import DecodedVideo, DecodeFailure, DecodePool, DecodeTask
 
@@ -196,40 +196,12 @@ def code_version() -> str:
     return f"{release}+{described}" if described else release
 
 
-@dataclass
-class Backbone:
-    """The resolved backbone of a run: spec, preprocessing, weights record, runner, map shapes."""
-
-    spec: BackboneSpec
-    preprocessing: Preprocessing
-    weights: WeightsInfo
-    extractor: FeatureExtractor
-    grid: tuple[int, int, int]  # (C, h, w) of a frame's map before pooling
-    shape: tuple[int, int, int]  # (C, h, w) as stored
-
-
-def resolve_sizes(config: ExtractConfig, preprocessing: Preprocessing) -> ExtractConfig:
-    """``config`` with image size and resize filled in from the backbone's preprocessing."""
-    image_size = config.image_size or preprocessing.input_size
-    resize = config.resize or preprocessing.resize_for(image_size)
-    return replace(config, image_size=image_size, resize=resize)
-
-
 def prepare_backbone(config: ExtractConfig, device: torch.device) -> tuple[ExtractConfig, Backbone]:
     """Build the backbone of ``config`` on ``device``; fill in the sizes it decides."""
-    spec = parse_backbone(config.backbone)
-    preprocessing = spec.preprocessing()
-    config = resolve_sizes(config, preprocessing)
-    trunk, weights = spec.load(config.weights, config.seed, config.image_size)
-    extractor = FeatureExtractor(trunk, device, out_dtype=getattr(torch, config.dtype),
-                                 mean=preprocessing.mean, std=preprocessing.std,
-                                 pool_to=config.pool_to)
-    grid = extractor.output_shape(config.image_size, pool=False)
-    if config.pool_to and config.pool_to > min(grid[1:]):
-        raise UserError(f"--pool-to {config.pool_to} is larger than {config.backbone}'s "
-                        f"{grid[1]} x {grid[2]} map at --image-size {config.image_size}")
-    shape = extractor.output_shape(config.image_size) if config.pool_to else grid
-    return config, Backbone(spec, preprocessing, weights, extractor, grid, shape)
+    backbone = Backbone.prepare(config.backbone, config.weights, config.seed, device,
+                                image_size=config.image_size, resize=config.resize,
+                                pool_to=config.pool_to, dtype=config.dtype)
+    return replace(config, image_size=backbone.image_size, resize=backbone.resize), backbone
 
 
 def build_attrs(config: ExtractConfig, backbone: Backbone, found: VideoList) -> dict:
