@@ -12,6 +12,7 @@ import torch
 
 from align.models import head_names
 from cache import FeatureCache, UserError, format_info
+from extract.backbones import PREFIXES, REGISTERED
 
 DEVICE_CHOICES = click.Choice(["auto", "cpu", "cuda"])
 
@@ -40,6 +41,17 @@ def info(cache_path):
 
 
 # ------------------------------------------------------------------------------------ extract
+def _check_backbone(ctx, param, value):
+    """Validate --backbone against the registry before anything is built (one-line error)."""
+    from extract.backbones import parse_backbone
+
+    try:
+        parse_backbone(value)
+    except UserError as e:
+        raise click.BadParameter(e.message) from None
+    return value
+
+
 @cli.command()
 @click.option("--dataset", required=True,
               type=click.Choice(["ucf101", "hmdb51", "ssv2", "ssv2-cmn", "kinetics", "custom"]),
@@ -54,17 +66,25 @@ def info(cache_path):
               help="Only the first N videos found per split (for trying things).")
 @click.option("--out", help="Cache path.  [default: caches/<dataset>.zarr (.h5 for hdf5)]")
 @click.option("--backend", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
-@click.option("--backbone", type=click.Choice(["resnet18", "resnet34", "resnet50"]),
-              default="resnet50", show_default=True)
-@click.option("--weights", default="imagenet", show_default=True,
-              help="imagenet, none (random: meaningless features), or a weights file: state "
-                   "dict, torchvision checkpoint, or the authors' TA2N checkpoint.")
+@click.option("--backbone", default="resnet50", show_default=True, callback=_check_backbone,
+              help=f"Frozen image backbone: {', '.join(REGISTERED)}; "
+                   + "; ".join(f"{prefix}... {what}" for prefix, what in PREFIXES.items()) + ".")
+@click.option("--weights", default="pretrained", show_default=True,
+              help="pretrained (the library's weights through its download and cache: "
+                   "torchvision ImageNet, timm's tag, the clip tag; 'imagenet' means the same), "
+                   "none (random: meaningless features), or a weights file (ResNets: state "
+                   "dict, torchvision checkpoint, or the authors' TA2N checkpoint; timm / "
+                   "open_clip: what their loaders read).")
 @click.option("--frames", "-T", type=click.IntRange(min=1), default=8, show_default=True,
               help="Frames per video (TSN segments).")
-@click.option("--image-size", type=click.IntRange(min=1), default=224, show_default=True,
-              help="Side of the (centre) crop fed to the backbone.")
-@click.option("--resize", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Frames are resized to RESIZE x RESIZE before cropping.")
+@click.option("--image-size", type=click.IntRange(min=1),
+              help="Side of the (centre) crop fed to the backbone.  [default: the backbone's "
+                   "input size, 224 for the ResNets]")
+@click.option("--resize", type=click.IntRange(min=1),
+              help="Frames are resized to RESIZE x RESIZE before cropping.  [default: image size "
+                   "/ the backbone's crop fraction: 256 for the ResNets at 224]")
+@click.option("--pool-to", type=click.IntRange(min=1),
+              help="Average-pool each frame's map to N x N (e.g. a ViT-B/16's 14 x 14 to 7 x 7).")
 @click.option("--aug-views", type=click.IntRange(min=0), default=0, show_default=True,
               help="Extra training views per video (random frame per segment, random crop, "
                    "flip except SSv2), stored in aug_features.")
@@ -83,8 +103,8 @@ def info(cache_path):
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache at --out.")
 @click.option("--device", type=DEVICE_CHOICES, default="auto", show_default=True)
 def extract(dataset, root, split_dir, splits, limit, out, backend, backbone, weights, frames,
-            image_size, resize, aug_views, seed, dtype, batch_size, workers, timeout, overwrite,
-            device):
+            image_size, resize, pool_to, aug_views, seed, dtype, batch_size, workers, timeout,
+            overwrite, device):
     """Phase one: decode videos, sample T frames, run the frozen backbone, write the cache.
 
     Under torchrun (RANK / WORLD_SIZE set) each process extracts a disjoint shard of the rows
@@ -96,7 +116,8 @@ def extract(dataset, root, split_dir, splits, limit, out, backend, backbone, wei
         dataset=dataset, root=root, split_dir=split_dir,
         splits=tuple(s.strip() for s in splits.split(",") if s.strip()), limit=limit, out=out,
         backend=backend, backbone=backbone, weights=weights, frames=frames,
-        image_size=image_size, resize=resize, aug_views=aug_views, seed=seed, dtype=dtype,
+        image_size=image_size, resize=resize, pool_to=pool_to, aug_views=aug_views, seed=seed,
+        dtype=dtype,
         batch_size=batch_size, workers=workers, timeout=timeout, overwrite=overwrite)
     shard = Shard.from_env()
     torch_device = pick_device(device)

@@ -1,24 +1,29 @@
-"""The frozen backbone: a torchvision ResNet up to layer4, its weights, and the input normalisation.
+"""The torchvision ResNet trunk, and what every backbone shares: weights records, preprocessing,
+and the runner that turns uint8 crops into maps.
 
-``load_backbone(arch, weights)`` builds the trunk (no avgpool, no fc) in eval mode with gradients
-off and loads ``weights``:
+``load_backbone(arch, weights)`` builds a torchvision ResNet (18/34/50/101/152) up to layer4 (no
+avgpool, no fc) in eval mode with gradients off and loads ``weights``:
 
-- ``"imagenet"``: torchvision's ImageNet weights (IMAGENET1K_V1, what ``pretrained=True`` gave the
-  authors) through torchvision's own download and cache;
+- ``"imagenet"`` (or ``"pretrained"``): torchvision's ImageNet weights (IMAGENET1K_V1, what
+  ``pretrained=True`` gave the authors) through torchvision's own download and cache;
 - a file: a plain state dict, a training checkpoint holding one under ``model`` or ``state_dict``,
   or a checkpoint of the authors' TA2N code (``model_state_dict`` with the backbone under
   ``resnet.`` or, when saved from DataParallel, ``resnet.module.``) - detected from the keys;
 - ``"none"``: random initialisation (seeded), with a warning that the features mean nothing.
 
 ``WeightsInfo`` records what was loaded and two hashes (of the file, and of the loaded tensors),
-stored in the cache attributes so that a resume with other weights is refused.
-``FeatureExtractor`` runs the trunk on a device: uint8 crops in, (N, C, h, w) maps out; on CUDA in
-channels_last with bf16 autocast, on CPU in float32.
+stored in the cache attributes so that a resume with other weights is refused. ``Preprocessing``
+is a backbone's input convention (mean, std, resize filter, native input size, crop fraction), read
+from its library's config (``torchvision_preprocessing`` for these ResNets). ``FeatureExtractor``
+runs any backbone module on a device: uint8 crops in, normalised with the backbone's mean / std,
+(N, C, h, w) maps out, optionally average-pooled to a smaller grid; on CUDA in channels_last with
+bf16 autocast, on CPU in float32. The registry of every backbone is ``extract.backbones``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import urllib.error
@@ -31,7 +36,8 @@ from torch import nn
 
 from cache import UserError
 
-CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048,
+            "resnet152": 2048}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TRUNK_PARTS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
@@ -43,7 +49,7 @@ TA2N_PREFIXES = ("resnet.module.", "resnet.")
 class WeightsInfo:
     """What was loaded into the backbone (stored as the cache attribute ``weights``)."""
 
-    source: str  # "imagenet" | "file" | "none"
+    source: str  # "imagenet" (torchvision) | "pretrained" (timm, open_clip) | "file" | "none"
     description: str
     format: str
     sha256: str | None  # of the file the weights came from
@@ -56,11 +62,44 @@ class WeightsInfo:
         return record
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """A backbone's input convention, from its library's config (stored in the cache attributes).
+
+    Frames are resized to ``resize`` squared with ``interpolation`` (antialiased), centre-cropped
+    to the image size, scaled to [0, 1] and normalised with ``mean`` / ``std``.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # torchvision InterpolationMode value: "bilinear", "bicubic", ...
+    input_size: int  # the side the weights were trained at: the default --image-size
+    crop_pct: float  # crop side / resize side: the default --resize is image size / crop_pct
+    source: str  # where these values were read
+
+    def resize_for(self, image_size: int) -> int:
+        """The resize side whose centre crop of ``image_size`` keeps the library's crop fraction."""
+        return max(image_size, round(image_size / self.crop_pct))
+
+    def to_attrs(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def torchvision_preprocessing(arch: str) -> Preprocessing:
+    """The ImageNet weights' own transforms (crop 224 of a 256 resize, bilinear, ImageNet stats)."""
+    weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+    transform = weights.transforms()
+    crop, resize = transform.crop_size[0], transform.resize_size[0]
+    return Preprocessing(tuple(transform.mean), tuple(transform.std),
+                         transform.interpolation.value, crop, crop / resize,
+                         f"torchvision {type(weights).__name__}.IMAGENET1K_V1.transforms()")
+
+
 class ResNetTrunk(nn.Module):
     """torchvision ResNet without avgpool and fc: (N, 3, S, S) -> (N, C, ceil(S/32), ceil(S/32)).
 
     Args:
-        arch: "resnet18", "resnet34" or "resnet50".
+        arch: one of ``CHANNELS``.
     """
 
     def __init__(self, arch: str = "resnet50"):
@@ -193,15 +232,15 @@ def load_backbone(arch: str = "resnet50", weights: str = "imagenet",
     """The frozen trunk (eval mode, no gradients, on CPU) and a record of its weights.
 
     Args:
-        arch: "resnet18", "resnet34" or "resnet50".
-        weights: "imagenet", "none", or the path of a weights file.
+        arch: one of ``CHANNELS``.
+        weights: "imagenet" (or "pretrained"), "none", or the path of a weights file.
         seed: seeds the random initialisation of ``weights="none"``.
     """
     with torch.random.fork_rng(devices=[]):  # the init draws from its own seeded generator
         torch.manual_seed(seed)
         trunk = ResNetTrunk(arch)
     warning = None
-    if weights == "imagenet":
+    if weights in ("imagenet", "pretrained"):
         state, description, sha = _imagenet_state(arch)
         _fit(trunk, state, "the ImageNet weights")
         source, fmt = "imagenet", "torchvision weights"
@@ -222,19 +261,23 @@ def load_backbone(arch: str = "resnet50", weights: str = "imagenet",
 
 # ------------------------------------------------------------------------------ running it
 class FeatureExtractor:
-    """Runs the trunk on ``device``: uint8 crops (N, 3, S, S) -> float maps (N, C, h, w) on the CPU.
+    """Runs a backbone on ``device``: uint8 crops (N, 3, S, S) -> float maps (N, C, h, w), on CPU.
 
     Args:
-        trunk: the frozen backbone.
+        trunk: the frozen backbone: normalised (N, 3, S, S) -> (N, C, h, w).
         device: where to run it; CUDA runs channels_last under bf16 autocast (fp16 without bf16).
         out_dtype: dtype of the returned maps (the cache's), converted on the device.
+        mean, std: the backbone's input normalisation (on the [0, 1] scale).
+        pool_to: average-pool every map to pool_to x pool_to (adaptive, on the device), or None.
     """
 
     def __init__(self, trunk: nn.Module, device: torch.device,
-                 out_dtype: torch.dtype = torch.float16):
+                 out_dtype: torch.dtype = torch.float16, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 pool_to: int | None = None):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.out_dtype = out_dtype
+        self.pool_to = pool_to
         self.trunk = trunk.to(self.device)
         if self.cuda:
             torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest kernels
@@ -242,31 +285,35 @@ class FeatureExtractor:
             self.autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:
             self.autocast = None
-        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
 
     def normalize(self, crops: torch.Tensor) -> torch.Tensor:
-        """uint8 crops -> ImageNet-normalised float input on the device ([0, 1] scale folded in)."""
+        """uint8 crops -> normalised float input on the device ([0, 1] scale folded in)."""
         if self.cuda:
             crops = crops.pin_memory().to(self.device, non_blocking=True)
         x = (crops.float() - self.mean) / self.std  # (N, 3, S, S)
         return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
 
     @torch.inference_mode()
-    def forward_input(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_input(self, x: torch.Tensor, pool: bool = True) -> torch.Tensor:
         """Normalised input (N, 3, S, S) on the device -> maps (N, C, h, w) in ``out_dtype``."""
         if self.autocast is not None:
             with torch.autocast("cuda", dtype=self.autocast):
                 maps = self.trunk(x)  # (N, C, h, w)
         else:
             maps = self.trunk(x)  # (N, C, h, w)
+        if pool and self.pool_to is not None:
+            # in float32: averaging many bf16 activations in bf16 would lose their low bits
+            maps = nn.functional.adaptive_avg_pool2d(maps.float(), self.pool_to)  # (N, C, p, p)
         return maps.to(self.out_dtype)
 
-    def __call__(self, crops: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def __call__(self, crops: np.ndarray | torch.Tensor, pool: bool = True) -> torch.Tensor:
         crops = torch.as_tensor(crops)
-        return self.forward_input(self.normalize(crops)).cpu()  # (N, C, h, w)
+        return self.forward_input(self.normalize(crops), pool).cpu()  # (N, C, h, w)
 
-    def output_shape(self, image_size: int) -> tuple[int, int, int]:
-        """(C, h, w) of one frame's map, from a forward pass on one blank frame."""
-        maps = self(torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8))
+    def output_shape(self, image_size: int, pool: bool = True) -> tuple[int, int, int]:
+        """(C, h, w) of one frame's map (before pooling with ``pool=False``), from a forward pass
+        on one blank frame."""
+        maps = self(torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8), pool)
         return tuple(int(v) for v in maps.shape[1:])

@@ -1,8 +1,9 @@
 """Decoding: video file or frame folder -> uint8 crops of every view, in killable worker processes.
 
 ``decode_task`` opens one video, plans its views (``sampling.plan_views``), decodes only the frames
-those views need, resizes them to ``resize`` x ``resize`` (bilinear, antialiased, on uint8 like the
-paper's pipeline) and cuts each view's crop (flipped if planned): a (V, T, 3, S, S) uint8 array.
+those views need, resizes them to ``resize`` x ``resize`` (antialiased, on uint8 like the paper's
+pipeline, with the backbone's filter: bilinear for the torchvision ResNets) and cuts each view's
+crop (flipped if planned): a (V, T, 3, S, S) uint8 array.
 Doing the whole preprocessing here keeps the backbone's process free for the forward pass and sends
 the smallest arrays through the pipes.
 
@@ -28,6 +29,7 @@ import decord
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as tvf
 
 from extract.datasets import FRAME_EXTENSIONS, natural_key
@@ -48,6 +50,7 @@ class DecodeTask:
     resize: int = 256
     image_size: int = 224
     flip: bool = True
+    interpolation: str = "bilinear"  # the backbone's resize filter (torchvision's mode names)
 
 
 @dataclass
@@ -137,9 +140,10 @@ READERS = {"decord": _read_decord, "pyav": _read_pyav, "frames": _read_frames}
 
 
 # ------------------------------------------------------------------------------ preprocessing
-def crop_views(frames: Frames, plans: list[ViewPlan], *, resize: int,
-               image_size: int) -> np.ndarray:
-    """Resize the decoded frames to ``resize`` squared once, then cut every view (V, T, 3, S, S)."""
+def crop_views(frames: Frames, plans: list[ViewPlan], *, resize: int, image_size: int,
+               interpolation: str = "bilinear") -> np.ndarray:
+    """Resize the decoded frames to ``resize`` squared once (antialiased, with the backbone's
+    ``interpolation``), then cut every view (V, T, 3, S, S)."""
     order = sorted(frames)
     position = {index: i for i, index in enumerate(order)}
     sizes = {frames[i].shape for i in order}
@@ -147,7 +151,9 @@ def crop_views(frames: Frames, plans: list[ViewPlan], *, resize: int,
         raise ValueError(f"frames of different sizes {sorted(sizes)}")
     stack = torch.from_numpy(np.stack([frames[i] for i in order]))  # (U, H, W, 3)
     stack = stack.permute(0, 3, 1, 2)  # (U, 3, H, W)
-    resized = tvf.resize(stack, [resize, resize], antialias=True).numpy()  # (U, 3, R, R) uint8
+    mode = InterpolationMode(interpolation)
+    resized = tvf.resize(stack, [resize, resize], interpolation=mode,
+                         antialias=True).numpy()  # (U, 3, R, R) uint8
     views = np.empty((len(plans), len(plans[0].indices), 3, image_size, image_size), np.uint8)
     for v, plan in enumerate(plans):
         rows = [position[i] for i in plan.indices]
@@ -167,7 +173,8 @@ def decode_task(task: DecodeTask, method: str) -> DecodedVideo:
         return sorted({i for plan in plans for i in plan.indices})
 
     n, frames = READERS[method](task.path, pick)
-    views = crop_views(frames, plans, resize=task.resize, image_size=task.image_size)
+    views = crop_views(frames, plans, resize=task.resize, image_size=task.image_size,
+                       interpolation=task.interpolation)
     return DecodedVideo(task.row, task.video_id, views, n, method)
 
 

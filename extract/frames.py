@@ -24,7 +24,8 @@ class CacheFrames:
     """``frames(row)`` -> (T, S, S, 3) uint8 frames of a cache row (S the crop size).
 
     Args:
-        attrs: the cache's attributes (dataset, extract_config.root, resize, image_size).
+        attrs: the cache's attributes (dataset, extract_config.root, resize, image_size,
+            interpolation).
         video_ids: the cache's ``video_id`` column.
         frames: T of the cache.
         root: the dataset folder, overriding the one recorded at extraction (it moved).
@@ -36,6 +37,7 @@ class CacheFrames:
         self.root = root or extract_cfg.get("root")
         self.resize = int(attrs.get("resize") or 256)
         self.image_size = int(attrs.get("image_size") or 224)
+        self.interpolation = attrs.get("interpolation") or "bilinear"  # the backbone's filter
         self.reason = None  # why no row can be decoded, if so
         self.locator = None
         if not extract_cfg and root is None:
@@ -54,7 +56,8 @@ class CacheFrames:
         if hit is None:
             raise FramesUnavailable(f"{video_id} is not under {self.root}")
         task = DecodeTask(row=row, video_id=video_id, path=hit[0], kind=hit[1],
-                          frames=self.frames, resize=self.resize, image_size=self.image_size)
+                          frames=self.frames, resize=self.resize, image_size=self.image_size,
+                          interpolation=self.interpolation)
         failures = []
         for method in ("frames",) if hit[1] == "frames" else ("decord", "pyav"):
             try:

@@ -11,8 +11,13 @@ The backbone never waits while decoded frames are queued: a batch is run as soon
 ``batch_size`` frames are ready, or with whatever is ready when the queue is empty. Memory stays
 bounded whatever the dataset size (prefetch queue + one batch + a short write queue).
 
-Resume: rows already done are skipped; a cache made with other backbone, weights, frames, image
-size, resize, views, dtype or selection of videos is refused unless ``overwrite``.
+Backbone: any name of the registry (``extract.backbones``); its library's preprocessing (mean,
+std, resize filter, default image size and resize) replaces the ImageNet constants, and
+``pool_to`` average-pools its maps to pool_to x pool_to. All of it is recorded in the attributes.
+
+Resume: rows already done are skipped; a cache made with other backbone, weights, preprocessing,
+pooling, frames, image size, resize, views, dtype or selection of videos is refused unless
+``overwrite``.
 
 Scale-out (``torchrun``, or RANK / WORLD_SIZE set by hand, also across machines on a shared
 filesystem): rank k extracts rows k, k+W, k+2W ... into the same Zarr store. Rank 0 creates the
@@ -34,7 +39,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -44,7 +49,8 @@ from tqdm import tqdm
 
 from cache import SPLITS, FeatureCache, UserError
 from cache.latest import default_cache_path, remember_cache
-from extract.backbone import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, load_backbone
+from extract.backbone import FeatureExtractor
+from extract.backbones import Backbone
 from extract.datasets import NO_FLIP_DATASETS, VideoList, VideoLocator, find_videos
 from extract.decode import DecodedVideo, DecodeFailure, DecodePool, DecodeTask
 
@@ -52,7 +58,10 @@ SAMPLING = "tsn-centre"
 _STARTED = datetime.now(UTC)
 # Attributes that decide a row's content: a cache is resumed only if they all agree.
 FINGERPRINT = ("dataset", "backbone", "weights_state_sha256", "frames", "image_size", "resize",
-               "aug_views", "aug_seed", "aug_flip", "dtype", "sampling", "selection")
+               "aug_views", "aug_seed", "aug_flip", "dtype", "sampling", "selection", "mean",
+               "std", "interpolation", "pool_to")
+# What caches written before these attributes existed used (their backbones were all ResNets).
+LEGACY = {"interpolation": "bilinear"}
 
 
 @dataclass
@@ -67,10 +76,11 @@ class ExtractConfig:
     out: str | None = None
     backend: str = "zarr"
     backbone: str = "resnet50"
-    weights: str = "imagenet"
+    weights: str = "pretrained"
     frames: int = 8
-    image_size: int = 224
-    resize: int = 256
+    image_size: int | None = None  # None: the backbone's input size (224 for the ResNets)
+    resize: int | None = None  # None: image size / the backbone's crop fraction (256 at 224)
+    pool_to: int | None = None  # average-pool the maps to pool_to x pool_to
     aug_views: int = 0
     seed: int = 0
     dtype: str = "float16"
@@ -89,10 +99,10 @@ class ExtractConfig:
             raise UserError(f"--splits takes a comma-separated list of {', '.join(SPLITS)}, "
                             f"not {','.join(self.splits) or 'nothing'}")
         self.splits = tuple(s for s in SPLITS if s in self.splits)
-        if self.image_size > self.resize:
+        if self.image_size and self.resize and self.image_size > self.resize:
             raise UserError(f"--image-size {self.image_size} is larger than --resize {self.resize}")
-        for name in ("frames", "image_size", "resize"):
-            if getattr(self, name) < 1:
+        for name in ("frames", "image_size", "resize", "pool_to"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.aug_views < 0:
             raise UserError("--aug-views must be 0 or more")
@@ -186,11 +196,23 @@ def code_version() -> str:
     return f"{release}+{described}" if described else release
 
 
-def build_attrs(config: ExtractConfig, weights_attrs: dict, found: VideoList) -> dict:
+def prepare_backbone(config: ExtractConfig, device: torch.device) -> tuple[ExtractConfig, Backbone]:
+    """Build the backbone of ``config`` on ``device``; fill in the sizes it decides."""
+    backbone = Backbone.prepare(config.backbone, config.weights, config.seed, device,
+                                image_size=config.image_size, resize=config.resize,
+                                pool_to=config.pool_to, dtype=config.dtype)
+    return replace(config, image_size=backbone.image_size, resize=backbone.resize), backbone
+
+
+def build_attrs(config: ExtractConfig, backbone: Backbone, found: VideoList) -> dict:
     flip = config.dataset not in NO_FLIP_DATASETS
+    prep = backbone.preprocessing
+    weights_attrs = backbone.weights.to_attrs()
     return {
         "dataset": config.dataset,
         "backbone": config.backbone,
+        "backbone_info": {**backbone.spec.to_attrs(), "channels": backbone.grid[0],
+                          "grid": list(backbone.grid[1:])},
         "weights": weights_attrs,
         "weights_state_sha256": weights_attrs["state_sha256"],
         "frames": config.frames,
@@ -199,8 +221,14 @@ def build_attrs(config: ExtractConfig, weights_attrs: dict, found: VideoList) ->
         "image_size": config.image_size,
         "resize": config.resize,
         "sampling": SAMPLING,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "mean": list(prep.mean),
+        "std": list(prep.std),
+        "interpolation": prep.interpolation,
+        "preprocessing": {**prep.to_attrs(), "image_size": config.image_size,
+                          "resize": config.resize, "resize_shape": "square (frame squashed)",
+                          "crop": "centre"},
+        "grid": list(backbone.grid[1:]),
+        "pool_to": config.pool_to,
         "aug_seed": config.seed if config.aug_views else None,
         "aug_flip": flip if config.aug_views else None,
         "augmentation": {"views": config.aug_views, "seed": config.seed, "flip": flip,
@@ -219,8 +247,9 @@ def _jsonable(value):
 
 def fingerprint_mismatch(existing: dict, wanted: dict) -> list[str]:
     """Fingerprint attributes that differ, as 'name: cache X, this run Y'."""
-    return [f"{key}: cache {existing.get(key)!r}, this run {wanted[key]!r}"
-            for key in FINGERPRINT if existing.get(key) != _jsonable(wanted[key])]
+    return [f"{key}: cache {existing.get(key, LEGACY.get(key))!r}, this run {wanted[key]!r}"
+            for key in FINGERPRINT
+            if existing.get(key, LEGACY.get(key)) != _jsonable(wanted[key])]
 
 
 def read_errors(cache: FeatureCache) -> dict:
@@ -511,12 +540,11 @@ def run_extract(config: ExtractConfig, device: torch.device, shard: Shard | None
                         "processes need --backend zarr")
     found = find_videos(config.dataset, config.root, splits=config.splits,
                         split_dir=config.split_dir, limit=config.limit)
-    trunk, weights = load_backbone(config.backbone, config.weights, seed=config.seed)
-    if weights.warning:
-        echo(f"warning: {weights.warning}")
-    extractor = FeatureExtractor(trunk, device, out_dtype=getattr(torch, config.dtype))
-    channels, height, width = extractor.output_shape(config.image_size)
-    attrs = build_attrs(config, weights.to_attrs(), found)
+    config, backbone = prepare_backbone(config, device)
+    if backbone.weights.warning:
+        echo(f"warning: {backbone.weights.warning}")
+    channels, height, width = backbone.shape
+    attrs = build_attrs(config, backbone, found)
     if found.missing and shard.rank == 0:
         echo(f"{len(found.missing)} listed videos are missing under {config.root} "
              f"(skipped; full list in the cache's error report)")
@@ -530,7 +558,7 @@ def run_extract(config: ExtractConfig, device: torch.device, shard: Shard | None
             summary.missing = list(cache.attrs.get("errors", {}).get("missing", []))
         tasks = _tasks(config, cache, rows[~done], summary)
         if tasks:
-            _extract(tasks, cache, extractor, RunPlan.make(config, device), summary)
+            _extract(tasks, cache, backbone.extractor, RunPlan.make(config, device), summary)
     finally:
         cache.close()
     _finish(config, shard, summary)
@@ -542,6 +570,7 @@ def _tasks(config: ExtractConfig, cache: FeatureCache, rows: np.ndarray,
     """One decode task per row to do; rows whose video is not on this machine are failures."""
     locator = VideoLocator(config.dataset, config.root)
     flip = config.dataset not in NO_FLIP_DATASETS
+    interpolation = cache.attrs.get("interpolation", LEGACY["interpolation"])
     tasks = []
     for row in rows.tolist():
         video_id = str(cache.video_ids[row])
@@ -550,7 +579,8 @@ def _tasks(config: ExtractConfig, cache: FeatureCache, rows: np.ndarray,
             summary.failed.append({"video": video_id, "reason": f"not found under {config.root}"})
             continue
         tasks.append(DecodeTask(row, video_id, hit[0], hit[1], config.frames, config.aug_views,
-                                config.seed, config.resize, config.image_size, flip))
+                                config.seed, config.resize, config.image_size, flip,
+                                interpolation))
     return tasks
 
 

@@ -1,0 +1,146 @@
+"""open_clip's image towers as frozen backbones: ``--backbone clip:<arch>/<pretrained-tag>``
+(``clip:ViT-B-16/openai``, ``clip:ViT-B-16/laion2b_s34b_b88k``, ``clip:RN50/openai``).
+
+What is stored: the visual tower's last-block map through its own ``forward_intermediates`` - for
+a ViT the patch tokens after the final LayerNorm (``ln_post``) and **before the projection**
+(``proj``), the class token dropped, laid out on the patch grid (768 x 14 x 14 for ViT-B/16 at
+224 px); for a CLIP ResNet the layer4 map before the attention pool; for a timm tower the trunk's
+normalised last map. Why before the projection: ``proj`` was trained for one purpose, mapping the
+*pooled* class token into the joint image-text space; on patch tokens it is a fixed linear map
+that can only drop information (768 -> 512 for ViT-B/16), while the TA2N heads start with learned
+linear maps of their own (TC's and SC's Wk / Wq / Wv), which can learn it or something better.
+The price is 1.5x the disk of the projected tokens.
+
+Preprocessing: open_clip's defaults merged with the tag's config (mean, std, filter), at the
+tower's image size; CLIP's eval transform resizes the short side to the crop size (crop fraction
+1). The tag also decides QuickGELU (OpenAI's weights need it), for a ``--weights`` file too.
+Weights: ``pretrained`` - the tag's file through open_clip's download and cache; a file - loaded
+by open_clip (tensors only), position embeddings resized to the image size; ``none`` - seeded
+random initialisation. Only the image tower is kept.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+
+import open_clip
+import torch
+from open_clip.pretrained import download_pretrained
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+from torch import nn
+
+from cache import UserError
+from extract.backbone import Preprocessing, WeightsInfo, file_sha256, state_sha256
+
+
+class ClipFeatures(nn.Module):
+    """An open_clip image tower's last-block map: (N, 3, S, S) -> (N, C, h, w)."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.visual.forward_intermediates(x, indices=1, intermediates_only=True,
+                                                normalize_intermediates=True)
+        return out["image_intermediates"][-1]  # (N, C, h, w)
+
+
+def split_name(spec: str) -> tuple[str, str | None]:
+    """'ViT-B-16/openai' -> ('ViT-B-16', 'openai'); 'ViT-B-16' -> ('ViT-B-16', None)."""
+    arch, _, tag = spec.partition("/")
+    return arch, tag or None
+
+
+def check_name(arch: str, tag: str | None) -> None:
+    """A one-line error unless open_clip knows the architecture and the tag."""
+    if arch not in open_clip.list_models():
+        raise UserError(f"open_clip has no model {arch!r} (open_clip.list_models() lists them)")
+    if tag is not None and not open_clip.get_pretrained_cfg(arch, tag):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
+        raise UserError(f"open_clip has no pretrained tag {tag!r} for {arch} (tags: {tags})")
+
+
+def _tag_cfg(arch: str, tag: str | None) -> dict:
+    return open_clip.get_pretrained_cfg(arch, tag) if tag else {}
+
+
+def clip_preprocessing(arch: str, tag: str | None) -> Preprocessing:
+    """open_clip's eval preprocessing for this architecture and tag."""
+    cfg = merge_preprocess_dict(asdict(PreprocessCfg()), _tag_cfg(arch, tag))
+    size = open_clip.get_model_config(arch)["vision_cfg"].get("image_size", cfg["size"])
+    size = size if isinstance(size, int) else int(size[-1])
+    where = f"{arch}/{tag}" if tag else f"{arch} (no tag: open_clip's defaults)"
+    return Preprocessing(tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"], size, 1.0,
+                         f"open_clip preprocess_cfg of {where}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _create(arch: str, tag: str | None, checkpoint: str | None, seed: int,
+            image_size: int) -> nn.Module:
+    """The image tower of open_clip ``arch``, with ``checkpoint`` loaded if given."""
+    native = clip_preprocessing(arch, tag).input_size
+    with torch.random.fork_rng(devices=[]):  # the init draws from its own seeded generator
+        torch.manual_seed(seed)
+        model = open_clip.create_model(
+            arch, pretrained=checkpoint, pretrained_text=False,
+            force_quick_gelu=bool(_tag_cfg(arch, tag).get("quick_gelu", False)),
+            force_image_size=None if image_size == native else image_size)
+    visual = model.visual
+    if not hasattr(visual, "forward_intermediates"):
+        raise UserError(f"open_clip's {arch} image tower has no forward_intermediates; "
+                        "its maps cannot be read")
+    return visual
+
+
+def _pretrained_file(arch: str, tag: str | None) -> str:
+    """The tag's weights file through open_clip's download and cache (a one-line error offline)."""
+    if tag is None:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
+        raise UserError(f"--weights pretrained needs a tag: clip:{arch}/<tag> (tags: {tags})")
+    cfg = _tag_cfg(arch, tag)
+    try:
+        return download_pretrained(cfg)
+    except Exception as e:  # hub and URL errors come in many types
+        where = (f"Hugging Face hub {cfg['hf_hub']}" if cfg.get("hf_hub") else cfg.get("url"))
+        raise UserError(
+            f"could not get open_clip's {arch}/{tag} weights ({_first_line(e)}); they come from "
+            f"{where}: download them on a machine with internet and pass --weights "
+            "/path/to/the/file, or copy that machine's Hugging Face cache (~/.cache/huggingface, "
+            "or $HF_HOME)") from None
+
+
+def load_clip(arch: str, tag: str | None, weights: str, seed: int,
+              image_size: int) -> tuple[nn.Module, WeightsInfo]:
+    """The frozen ``ClipFeatures`` of open_clip ``arch`` (eval, no gradients, on the CPU)."""
+    check_name(arch, tag)
+    warning, checkpoint = None, None
+    if weights == "none":
+        source, fmt, sha = "none", "random init", None
+        description = f"random initialisation (seed {seed})"
+        warning = ("--weights none: the backbone is randomly initialised, its features are "
+                   "meaningless (use it for trying the pipeline only)")
+    elif weights in ("pretrained", "imagenet"):
+        checkpoint = _pretrained_file(arch, tag)
+        source, fmt, sha = "pretrained", f"open_clip {arch}/{tag}", file_sha256(checkpoint)
+        description = f"open_clip {arch}/{tag} ({checkpoint})"
+    else:
+        if not os.path.isfile(weights):
+            raise UserError(f"--weights {weights}: no such file (use pretrained, none, or a file)")
+        checkpoint = os.path.abspath(weights)
+        source, fmt, sha, description = "file", "open_clip checkpoint", file_sha256(weights), \
+            checkpoint
+    try:
+        visual = _create(arch, tag, checkpoint, seed, image_size)
+    except UserError:
+        raise
+    except Exception as e:  # open_clip raises several types for unfitting files
+        raise UserError(f"{description} could not be loaded into open_clip {arch} "
+                        f"({_first_line(e)})") from None
+    features = ClipFeatures(visual).eval().requires_grad_(False)
+    return features, WeightsInfo(source, description, fmt, sha, state_sha256(features), warning)

@@ -1,0 +1,171 @@
+"""timm image models as frozen backbones: ``--backbone timm:<name>`` (any timm model, with or
+without a pretrained tag: ``timm:convnext_tiny``, ``timm:vit_small_patch16_224.augreg_in21k``).
+
+What is stored is the model's ``forward_features`` output as a (C, h, w) map per frame:
+
+- CNNs: the last feature map (NHWC models such as Swin, whose ``output_fmt`` says so, permuted);
+- ViT-family models: the patch tokens after the final norm, the class / distillation / register
+  tokens (``num_prefix_tokens``) dropped, reshaped to the patch grid.
+
+Preprocessing (mean, std, filter, input size, crop fraction) comes from the model's pretrained
+config, resolved by timm itself (``timm.data.resolve_data_config``). Models with a fixed input size
+(ViTs) are built at the requested image size (``img_size=``); weights loaded through timm then have
+their position embeddings resampled by the model's own checkpoint filter.
+
+Weights, always through timm's loader (safetensors or torch files, tensors only):
+``pretrained`` - timm's normal download and cache (Hugging Face hub or URL); a file -
+``pretrained_cfg_overlay=dict(file=PATH)``; ``none`` - seeded random initialisation. timm loads
+non-strictly when the classifier is dropped (as here), and would leave tensors a file lacks at
+their random init with only a log line; so every load is checked: the model is built again from
+another seed, and a tensor that differs between the two builds was not loaded (one-line error).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import timm
+import timm.data
+import torch
+from torch import nn
+
+from cache import UserError
+from extract.backbone import Preprocessing, WeightsInfo, file_sha256, state_sha256
+
+
+class TimmFeatures(nn.Module):
+    """A timm model's ``forward_features`` as maps: (N, 3, S, S) -> (N, C, h, w)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        self.nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model.forward_features(x)
+        if out.ndim == 3:  # (N, prefix + h*w, C) tokens
+            return tokens_to_map(out, self.prefix_tokens, x.shape[-2:])
+        return out.permute(0, 3, 1, 2) if self.nhwc else out  # (N, C, h, w)
+
+
+def tokens_to_map(tokens: torch.Tensor, prefix: int, image_hw) -> torch.Tensor:
+    """(N, prefix + h*w, C) tokens -> (N, C, h, w) patch map, the grid's shape from the image's."""
+    patches = tokens[:, prefix:]  # (N, h*w, C)
+    count = patches.shape[1]
+    height = round(math.sqrt(count * image_hw[0] / image_hw[1]))
+    width = count // max(height, 1)
+    if height * width != count:
+        raise UserError(f"cannot lay {count} patch tokens out as a grid for a "
+                        f"{image_hw[0]}x{image_hw[1]} input")
+    n, _, c = patches.shape
+    return patches.reshape(n, height, width, c).permute(0, 3, 1, 2)  # (N, C, h, w)
+
+
+def check_name(name: str) -> None:
+    """A one-line error unless timm knows ``name`` (architecture and, if given, its tag)."""
+    if not timm.is_model(name):
+        raise UserError(f"timm has no model {name!r} (timm.list_models() lists them)")
+    try:
+        timm.models.get_pretrained_cfg(name)
+    except RuntimeError as e:
+        raise UserError(f"timm:{name}: {e}") from None
+
+
+def timm_preprocessing(name: str) -> Preprocessing:
+    """The model's own data config (the pretrained tag's, or the architecture's default tag's)."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    data = timm.data.resolve_data_config({}, pretrained_cfg=cfg.to_dict() if cfg else None)
+    source = f"timm pretrained_cfg of {name}" + (f" ({cfg.tag})" if cfg and cfg.tag else "")
+    return Preprocessing(tuple(data["mean"]), tuple(data["std"]), data["interpolation"],
+                         int(data["input_size"][-1]), float(data["crop_pct"]), source)
+
+
+def _create(name: str, image_size: int, seed: int, **kwargs) -> nn.Module:
+    """timm.create_model without a classifier, at ``image_size`` if the model needs to know it."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is not None and cfg.fixed_input_size and image_size != cfg.input_size[-1]:
+        kwargs["img_size"] = image_size
+    with torch.random.fork_rng(devices=[]):  # the init draws from its own seeded generator
+        torch.manual_seed(seed)
+        return timm.create_model(name, num_classes=0, **kwargs)
+
+
+def _check_loaded(model: nn.Module, name: str, image_size: int, seed: int, what: str,
+                  **kwargs) -> None:
+    """A one-line error unless every random-initialised tensor of ``model`` came from the weights:
+    one built from another seed must be identical."""
+    other = _create(name, image_size, seed + 1, **kwargs).state_dict()
+    kept = [key for key, value in model.state_dict().items()
+            if value.is_floating_point() and not torch.equal(value, other[key])]
+    if kept:
+        raise UserError(f"{what} do not fit timm {name}: {len(kept)} tensors were not in them "
+                        f"and kept their random init, e.g. {kept[:3]}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _pretrained_location(name: str) -> tuple[str, str | None]:
+    """Where timm fetches the weights from (in words) and the cached file, if there is one."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return "nowhere (timm has no pretrained weights for it)", None
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            cached = try_to_load_from_cache(cfg.hf_hub_id, filename)
+            if isinstance(cached, str):
+                return f"Hugging Face hub {cfg.hf_hub_id}", cached
+        return f"Hugging Face hub {cfg.hf_hub_id} (model.safetensors)", None
+    url = cfg.url or ""
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    return url, cached if url and os.path.isfile(cached) else None
+
+
+def load_timm(name: str, weights: str, seed: int, image_size: int) -> tuple[nn.Module, WeightsInfo]:
+    """The frozen ``TimmFeatures`` of timm model ``name`` (eval, no gradients, on the CPU)."""
+    check_name(name)
+    warning = None
+    if weights == "none":
+        model = _create(name, image_size, seed, pretrained=False)
+        source, fmt, sha = "none", "random init", None
+        description = f"random initialisation (seed {seed})"
+        warning = ("--weights none: the backbone is randomly initialised, its features are "
+                   "meaningless (use it for trying the pipeline only)")
+    elif weights in ("pretrained", "imagenet"):
+        where, _ = _pretrained_location(name)
+        try:
+            model = _create(name, image_size, seed, pretrained=True)
+        except Exception as e:  # hub, URL and loading errors come in many types
+            raise UserError(
+                f"could not get timm's pretrained weights for {name} ({_first_line(e)}); they "
+                f"come from {where}: download them on a machine with internet and pass "
+                "--weights /path/to/the/file, or copy that machine's Hugging Face cache "
+                "(~/.cache/huggingface, or $HF_HOME)") from None
+        _check_loaded(model, name, image_size, seed, "timm's pretrained weights",
+                      pretrained=True)
+        _, cached = _pretrained_location(name)
+        source, fmt = "pretrained", f"timm pretrained ({where})"
+        sha = file_sha256(cached) if cached else None
+        description = f"timm {name}" + (f" ({cached})" if cached else "")
+    else:
+        if not os.path.isfile(weights):
+            raise UserError(f"--weights {weights}: no such file (use pretrained, none, or a file)")
+        overlay = {"file": os.path.abspath(weights)}
+        try:
+            model = _create(name, image_size, seed, pretrained=True,
+                            pretrained_cfg_overlay=overlay)
+        except Exception as e:  # timm raises several types for foreign or unfitting files
+            raise UserError(f"--weights {weights} could not be loaded into timm {name} "
+                            f"({_first_line(e)})") from None
+        _check_loaded(model, name, image_size, seed, f"the weights in {weights}",
+                      pretrained=True, pretrained_cfg_overlay=overlay)
+        source, fmt, sha = "file", "timm checkpoint", file_sha256(weights)
+        description = os.path.abspath(weights)
+    features = TimmFeatures(model).eval().requires_grad_(False)
+    return features, WeightsInfo(source, description, fmt, sha, state_sha256(features), warning)
