@@ -140,3 +140,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+TINY_VIDEOS = {"jump/v0": ("frames", 6), "jump/v1": ("frames", 7), "run/v0": ("frames", 8),
+               "run/v1": ("corrupt", 0)}
+TINY_LINES = {"train": ["jump/v0", "jump/v1"], "test": ["run/v0", "run/v1"]}
+# The smallest extraction that still runs the real pipeline: 2 frames of 32 px through resnet18.
+TINY = ["--backbone", "resnet18", "--image-size", "32", "--resize", "32", "--frames", "2",
+        "--workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """(root, split_dir) of four frame-folder videos, the last one corrupt (it always fails)."""
+    base = tmp_path_factory.mktemp("tiny")
+    build_dataset(base / "root", base / "splits", TINY_VIDEOS, TINY_LINES)
+    return base / "root", base / "splits"
