@@ -50,7 +50,8 @@ def info(cache_path, verify):
         click.echo(format_verify(len(rows), damaged, cache.checksummed))
     if damaged:
         raise UserError(f"{len(damaged)} done rows of {cache_path} are missing or damaged; "
-                        "rerun the extract command that made it to extract them again")
+                        "rerun the extract command that made it, with --verify, to extract them "
+                        "again")
 
 
 # ------------------------------------------------------------------------------------ extract

@@ -25,6 +25,7 @@ from cache.errors import CacheInUse, DamagedChunk, NotACache, UserError
 from cache.paths import Found
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
+ROW_CHECKSUM = True  # Fletcher-32 on the row chunks (cost: bench/cache_io.py)
 # HDF5's lock failures name the lock and errno 11 (EAGAIN/EWOULDBLOCK); nothing else matches,
 # in particular not "sblock" in the message of a truncated file.
 _LOCK_FAILURE = re.compile(r"unable to lock file|errno = 11\b")
@@ -145,7 +146,7 @@ class HDF5Backend:
             compression="gzip" if floating else None,
             compression_opts=1 if floating else None,
             shuffle=floating,
-            fletcher32=floating,
+            fletcher32=floating and ROW_CHECKSUM,
             fillvalue=spec.get("fill_value"),
         )
         if spec.get("data") is not None and spec["shape"][0]:

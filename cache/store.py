@@ -183,36 +183,10 @@ class FeatureCache:
                 deleted; any other file or folder is refused.
         """
         path = str(path)
-        n = len(video_ids)
-        if not (len(splits) == len(labels) == n):
-            raise ValueError("video_ids, splits and labels must have one entry per row")
-        bad_splits = sorted(set(splits) - set(SPLITS))
-        if bad_splits:
-            raise ValueError(f"unknown split names {bad_splits}; use {SPLITS}")
-        if dtype not in DTYPES:
-            raise UserError(f"cache dtype must be float16 or float32, not {dtype}")
-        labels = np.asarray(labels, dtype=np.int32)
-        if n and (labels.min() < 0 or labels.max() >= len(classes)):
-            raise ValueError("labels must index into classes")
+        labels = _checked_rows(video_ids, splits, labels, classes, dtype)
         store_cls = _backend_for(path, backend)
         c, t, h, w = (int(v) for v in shape)
-        arrays = {
-            # NaN fill: a row whose chunk is missing reads as NaN, never as plausible zeros
-            "features": dict(shape=(n, c, t, h, w), chunks=(1, c, t, h, w), dtype=dtype,
-                             fill_value=np.nan),
-            "video_id": dict(shape=(n,), chunks=(max(n, 1),), dtype="str",
-                             data=np.asarray(list(video_ids), dtype=object)),
-            "split": dict(shape=(n,), chunks=(max(n, 1),), dtype="str",
-                          data=np.asarray(list(splits), dtype=object)),
-            "label": dict(shape=(n,), chunks=(max(n, 1),), dtype="int32", fill_value=-1,
-                          data=labels),
-            # One chunk per flag: concurrent writers of disjoint rows never share an object.
-            "done": dict(shape=(n,), chunks=(1,), dtype="bool", fill_value=False),
-        }
-        if aug_views:
-            arrays["aug_features"] = dict(shape=(n, aug_views, c, t, h, w),
-                                          chunks=(1, aug_views, c, t, h, w), dtype=dtype,
-                                          fill_value=np.nan)
+        arrays = _array_specs(video_ids, splits, labels, (c, t, h, w), dtype, aug_views)
         all_attrs = dict(attrs or {})
         all_attrs.update(schema_version=SCHEMA_VERSION, classes=list(classes), channels=c,
                          frames=t, height=h, width=w, dtype=dtype, aug_views=int(aug_views))
@@ -436,7 +410,7 @@ class FeatureCache:
         more = f" (and {len(damaged) - 1} more rows)" if len(damaged) > 1 else ""
         raise UserError(f"{self.path}: row {row} ({video}) of {array} is {damaged[row]}{more}; "
                         f"`python cli.py info {self.path} --verify` lists every damaged row, "
-                        "and rerunning extract redoes them")
+                        "and rerunning extract with --verify redoes them")
 
     def _read_verified(self, array: str, start: int, stop: int, index=None) -> np.ndarray:
         block, damaged = self._scan(array, start, stop, index)
@@ -525,8 +499,9 @@ class FeatureCache:
                                        f"{array}: {reason}")
             if progress is not None:
                 progress(stop - start)
+        # a row another process unmarked meanwhile is being rewritten, not damaged
         return [Damage(row, str(self.video_ids[row]), reason)
-                for row, reason in sorted(damaged.items())]
+                for row, reason in sorted(damaged.items()) if self._backend.read("done", row)]
 
     # ----------------------------------------------------------------- summary
     def info(self) -> dict:
@@ -563,6 +538,45 @@ class FeatureCache:
             "compression_ratio": (raw / stored) if stored else None,
             "attrs": self.attrs,
         }
+
+
+# ------------------------------------------------------------------------------ creation
+def _checked_rows(video_ids, splits, labels, classes, dtype: str) -> np.ndarray:
+    """The labels as int32, after checking that the per-row arguments fit together."""
+    n = len(video_ids)
+    if not (len(splits) == len(labels) == n):
+        raise ValueError("video_ids, splits and labels must have one entry per row")
+    bad_splits = sorted(set(splits) - set(SPLITS))
+    if bad_splits:
+        raise ValueError(f"unknown split names {bad_splits}; use {SPLITS}")
+    if dtype not in DTYPES:
+        raise UserError(f"cache dtype must be float16 or float32, not {dtype}")
+    labels = np.asarray(labels, dtype=np.int32)
+    if n and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise ValueError("labels must index into classes")
+    return labels
+
+
+def _array_specs(video_ids, splits, labels: np.ndarray, shape: tuple[int, int, int, int],
+                 dtype: str, aug_views: int) -> dict[str, dict]:
+    """The arrays of a new cache: shape, chunks, dtype, fill value and initial data."""
+    n = len(video_ids)
+    arrays = {
+        # NaN fill: a row whose chunk is missing reads as NaN, never as plausible zeros
+        "features": dict(shape=(n, *shape), chunks=(1, *shape), dtype=dtype, fill_value=np.nan),
+        "video_id": dict(shape=(n,), chunks=(max(n, 1),), dtype="str",
+                         data=np.asarray(list(video_ids), dtype=object)),
+        "split": dict(shape=(n,), chunks=(max(n, 1),), dtype="str",
+                      data=np.asarray(list(splits), dtype=object)),
+        "label": dict(shape=(n,), chunks=(max(n, 1),), dtype="int32", fill_value=-1,
+                      data=labels),
+        # One chunk per flag: concurrent writers of disjoint rows never share an object.
+        "done": dict(shape=(n,), chunks=(1,), dtype="bool", fill_value=False),
+    }
+    if aug_views:
+        arrays["aug_features"] = dict(shape=(n, aug_views, *shape), chunks=(1, aug_views, *shape),
+                                      dtype=dtype, fill_value=np.nan)
+    return arrays
 
 
 # ------------------------------------------------------------------------------ open-time checks
@@ -663,7 +677,8 @@ def format_info(info: dict) -> str:
     if info["missing_done"]:
         rows = info["missing_done"]
         lines.append(f"damaged    {len(rows)} done rows have no stored features (rows "
-                     f"{rows[:5]}{' ...' if len(rows) > 5 else ''}): rerun extract to redo them")
+                     f"{rows[:5]}{' ...' if len(rows) > 5 else ''}): rerunning extract redoes "
+                     "them")
     for key in ("backbone", "weights", "image_size", "sampling", "dataset", "created"):
         if key in attrs:
             value = attrs[key]

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import CLASSES, SHAPE, make_rows, row_values
@@ -206,15 +205,3 @@ def test_synth_refuses_out_of_range_options(tmp_path, option, value):
 def test_synth_config_checks_the_same_ranges_for_api_users(changes, message):
     with pytest.raises(UserError, match=message):
         SynthConfig(**changes).check()
-
-
-def test_fill_rows_finds_exactly_the_rows_that_are_all_fill():
-    from cache.store import fill_rows
-
-    block = np.arange(4 * 40, dtype=np.float16).reshape(4, 40) + 1
-    block[1] = np.nan
-    block[3, ::2] = np.nan  # NaN at every sampled position, but a real row
-    assert fill_rows(block, np.nan).tolist() == [1]
-    block[2] = 0
-    assert fill_rows(block, 0).tolist() == [2]
-    assert fill_rows(block, None).tolist() == []

@@ -13,6 +13,7 @@ from conftest import CLASSES, SHAPE, make_rows, row_values
 
 import cli
 from cache import FeatureCache, UserError
+from cache.store import fill_rows
 from cache.zarr_store import COMPRESSOR
 
 
@@ -221,3 +222,32 @@ def test_a_cache_listing_a_video_twice_is_refused_at_open(tmp_path):
                         classes=CLASSES, shape=SHAPE).close()
     with pytest.raises(UserError, match=r"run/v001 is listed twice \(rows \[1, 4\]\)"):
         FeatureCache.open(path)
+
+
+@pytest.mark.parametrize("fill", [np.nan, 0.0])
+def test_fill_rows_equals_the_direct_definition(fill):
+    """The sampled pre-check never changes the answer: rows equal to the fill everywhere."""
+    rng = np.random.default_rng(0)
+    block = rng.standard_normal((64, 3, 37)).astype(np.float16)  # (n, ...), 111 values a row
+    block[rng.random(64) < 0.3] = fill  # missing rows
+    for row in rng.choice(64, 12, replace=False):  # real rows that look missing where sampled
+        flat = block[row].reshape(-1)
+        flat[::max(1, flat.size // 16)] = fill
+        flat[rng.integers(0, flat.size, 3)] = fill
+    direct = [i for i in range(64)
+              if (np.isnan(block[i]) if np.isnan(fill) else block[i] == fill).all()]
+    assert fill_rows(block, fill).tolist() == direct and 0 < len(direct) < 64
+    assert fill_rows(block, None).tolist() == []
+
+
+def test_stored_rows_from_one_listing_equal_a_check_of_each_row(cache_path, backend):
+    filled(cache_path, backend, rows=[0, 2, 3, 7])
+    with FeatureCache.open(cache_path) as cache:
+        listed = cache._backend.stored_rows("features").tolist()
+    if backend == "zarr":
+        direct = [os.path.exists(zarr_chunk(cache_path, row)) for row in range(9)]
+    else:
+        with h5py.File(cache_path, "r") as f:
+            direct = [f["features"].id.get_chunk_info_by_coord((row, 0, 0, 0, 0)).byte_offset
+                      is not None for row in range(9)]
+    assert listed == direct == [row in (0, 2, 3, 7) for row in range(9)]
