@@ -1,5 +1,5 @@
-"""Shared by the tests/extract/test_reliability_*.py modules: run `cli.py extract` on the tiny
-dataset (see conftest.tiny_dataset) in this process, from a given working directory."""
+"""Shared by the tests/extract/test_extract_reliability_*.py modules: run `cli.py extract` on
+the tiny dataset (see conftest.tiny_dataset) in this process, from a given working directory."""
 
 import os
 import shutil
