@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import click
 import torch
+from tqdm import tqdm
 
 from align.models import head_names
 from cache import FeatureCache, UserError, format_info
@@ -34,10 +35,25 @@ def cli():
 # ------------------------------------------------------------------------------------ info
 @cli.command()
 @click.argument("cache_path", metavar="CACHE")
-def info(cache_path):
+@click.option("--verify", is_flag=True,
+              help="Read every done row and check it (stored, checksum); exit 1 if any is "
+                   "missing or damaged.")
+def info(cache_path, verify):
     """Summarise a feature cache: rows per split, classes, done / not done, size on disk."""
+    from cache.store import format_verify
+
     with FeatureCache.open(cache_path) as cache:
         click.echo(format_info(cache.info()))
+        if not verify:
+            return
+        rows = cache.rows()
+        with tqdm(total=len(rows), desc="verify", unit="row", dynamic_ncols=True) as bar:
+            damaged = cache.verify(rows, progress=bar.update)
+        click.echo(format_verify(len(rows), damaged, cache.checksummed))
+    if damaged:
+        raise UserError(f"{len(damaged)} done rows of {cache_path} are missing or damaged; "
+                        "rerun the extract command that made it, with --verify, to extract them "
+                        "again")
 
 
 # ------------------------------------------------------------------------------------ extract
@@ -100,11 +116,15 @@ def _check_backbone(ctx, param, value):
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
               show_default=True, help="Seconds one video may take to decode before its worker "
                                       "is killed (decord, then PyAV is tried).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing cache at --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the cache at --out (only ever a cache: anything else is refused).")
+@click.option("--verify", is_flag=True,
+              help="Before resuming, read and check every done row (re-extracts those that "
+                   "fail); without it only done rows with no stored data are redone.")
 @click.option("--device", type=DEVICE_CHOICES, default="auto", show_default=True)
 def extract(dataset, root, split_dir, splits, limit, out, backend, backbone, weights, frames,
             image_size, resize, pool_to, aug_views, seed, dtype, batch_size, workers, timeout,
-            overwrite, device):
+            overwrite, verify, device):
     """Phase one: decode videos, sample T frames, run the frozen backbone, write the cache.
 
     Under torchrun (RANK / WORLD_SIZE set) each process extracts a disjoint shard of the rows
@@ -117,8 +137,8 @@ def extract(dataset, root, split_dir, splits, limit, out, backend, backbone, wei
         splits=tuple(s.strip() for s in splits.split(",") if s.strip()), limit=limit, out=out,
         backend=backend, backbone=backbone, weights=weights, frames=frames,
         image_size=image_size, resize=resize, pool_to=pool_to, aug_views=aug_views, seed=seed,
-        dtype=dtype,
-        batch_size=batch_size, workers=workers, timeout=timeout, overwrite=overwrite)
+        dtype=dtype, batch_size=batch_size, workers=workers, timeout=timeout, overwrite=overwrite,
+        verify=verify)
     shard = Shard.from_env()
     torch_device = pick_device(device)
     if torch_device.type == "cuda" and torch_device.index is None:
@@ -313,28 +333,31 @@ def analyze_compare(report_a, report_b, out_dir, top, allow_different_episodes):
 # ------------------------------------------------------------------------------------ synth
 @cli.command()
 @click.option("--out", default=None, help="[default: caches/synthetic.zarr]")
-@click.option("--channels", default=64, show_default=True, help="C")
-@click.option("--frames", default=8, show_default=True, help="T")
-@click.option("--size", default=7, show_default=True, help="H = W")
-@click.option("--patterns", default=4, show_default=True,
+@click.option("--channels", default=64, show_default=True, type=click.IntRange(min=1), help="C")
+@click.option("--frames", default=8, show_default=True, type=click.IntRange(min=4), help="T")
+@click.option("--size", default=7, show_default=True, type=click.IntRange(min=4), help="H = W")
+@click.option("--patterns", default=4, show_default=True, type=click.IntRange(min=1),
               help="Shared patterns every class is made of.")
-@click.option("--length", default=4, show_default=True,
+@click.option("--length", default=4, show_default=True, type=click.IntRange(min=0),
               help="Patterns per class sequence (no immediate repeats); 0: every class is a "
                    "permutation of all patterns, so classes differ only in order.")
-@click.option("--train-classes", default=64, show_default=True)
-@click.option("--val-classes", default=16, show_default=True)
-@click.option("--test-classes", default=24, show_default=True)
-@click.option("--videos-per-class", default=20, show_default=True)
+@click.option("--train-classes", default=64, show_default=True, type=click.IntRange(min=0))
+@click.option("--val-classes", default=16, show_default=True, type=click.IntRange(min=0))
+@click.option("--test-classes", default=24, show_default=True, type=click.IntRange(min=0))
+@click.option("--videos-per-class", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--min-duration", default=0.5, show_default=True,
+              type=click.FloatRange(min=0, max=1, min_open=True),
               help="Shortest action window, fraction of T.")
-@click.option("--evolution", default=2.0, show_default=True,
+@click.option("--evolution", default=2.0, show_default=True, type=click.FloatRange(min=1),
               help="Progress exponents in [1/e, e].")
-@click.option("--background", default=0.3, show_default=True)
-@click.option("--noise", default=0.3, show_default=True)
-@click.option("--aug-views", default=0, show_default=True, help="Extra training views per row.")
+@click.option("--background", default=0.3, show_default=True, type=click.FloatRange(min=0))
+@click.option("--noise", default=0.3, show_default=True, type=click.FloatRange(min=0))
+@click.option("--aug-views", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Extra training views per row.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--backend", default="zarr", show_default=True, type=click.Choice(["zarr", "hdf5"]))
-@click.option("--overwrite", is_flag=True, help="Replace an existing cache at --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the cache at --out (only ever a cache: anything else is refused).")
 def synth(out, backend, overwrite, **options):
     """Write a synthetic cache: classes are orders of shared patterns, misaligned in time/space."""
     from cache.latest import default_cache_path
@@ -360,7 +383,7 @@ def synth(out, backend, overwrite, **options):
 @click.option("--size", default=128, show_default=True, help="Frame side in pixels.")
 @click.option("--min-duration", default=0.4, show_default=True,
               help="Shortest motion window, as a fraction of the video.")
-@click.option("--evolution", default=2.0, show_default=True,
+@click.option("--evolution", default=2.0, show_default=True, type=click.FloatRange(min=1),
               help="Progress exponents are log-uniform in [1/E, E].")
 @click.option("--seed", default=0, show_default=True)
 def toy_data(out, **options):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.models._api as tv_api
-from conftest import random_resnet18
+from extract_testing import random_resnet18
 from torchvision.transforms.v2 import functional as tvf
 
 from cache import UserError

@@ -1,7 +1,7 @@
 """Split lists -> records: labels, splits, video ids, where files are found, what is missing."""
 
 import pytest
-from conftest import SPLIT_LINES
+from extract_testing import SPLIT_LINES
 
 from cache import UserError
 from extract.datasets import SPLITS_DIR, find_videos
