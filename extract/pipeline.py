@@ -19,9 +19,10 @@ Resume: rows already done are skipped, except done rows whose stored data is mis
 listing) or, with ``verify``, fails its checksum: those are marked not done and extracted again. A
 cache made with other backbone, weights, preprocessing, pooling, frames, image size, resize, views,
 dtype or selection of videos is refused unless ``overwrite``; a store whose creation by extract was
-interrupted is created again. ``--out`` is checked before any work, ``overwrite`` replaces only a cache of this
-tool, and the creating process holds ``<out>.lock`` for the whole run, so a second extract on the
-same path (without torchrun) is refused instead of recreating the cache under the first.
+interrupted is created again. ``--out`` is checked before any work, ``overwrite`` replaces only a
+cache of this tool, and the creating process holds ``<out>.lock`` for the whole run, so a second
+extract on the same path (without torchrun) is refused instead of recreating the cache under the
+first.
 
 Scale-out (``torchrun``, or RANK / WORLD_SIZE set by hand, also across machines on a shared
 filesystem): rank k extracts rows k, k+W, k+2W ... into the same Zarr store. Rank 0 creates the
