@@ -14,6 +14,7 @@ from tqdm import tqdm
 from align.models import head_names
 from cache import FeatureCache, UserError, format_info
 from extract.backbones import PREFIXES, REGISTERED
+from extract.datasets import DATASETS
 
 DEVICE_CHOICES = click.Choice(["auto", "cpu", "cuda"])
 
@@ -70,7 +71,7 @@ def _check_backbone(ctx, param, value):
 
 @cli.command()
 @click.option("--dataset", required=True,
-              type=click.Choice(["ucf101", "hmdb51", "ssv2", "ssv2-cmn", "kinetics", "custom"]),
+              type=click.Choice(list(DATASETS)),
               help="Which split lists to use (custom: --split-dir).")
 @click.option("--root", type=click.Path(), help="Dataset folder.  [default: data/<dataset>]")
 @click.option("--split-dir", type=click.Path(exists=True, file_okay=False),

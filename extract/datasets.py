@@ -36,16 +36,45 @@ from pathlib import Path
 from cache import SPLITS, UserError
 
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
-DATASETS = ("ucf101", "hmdb51", "ssv2", "ssv2-cmn", "kinetics", "custom")
-SPLIT_FOLDERS = {
-    "ucf101": "ucf_ARN",
-    "hmdb51": "hmdb_ARN",
-    "ssv2": "ssv2_OTAM",
-    "ssv2-cmn": "ssv2_CMN",
-    "kinetics": "kinetics_CMN",
-}
-# SSv2 classes depend on left/right ("pushing something from left to right"): never flip them.
-NO_FLIP_DATASETS = ("ssv2", "ssv2-cmn")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset extract knows: where its split lists are and how its videos are laid out.
+
+    Args:
+        name: ``--dataset``.
+        split_folder: the vendored lists under ``extract/splits/`` (None: ``--split-dir``).
+        flat: videos may also sit directly under the root by id (SSv2's ``<root>/<id>.webm``).
+        class_spellings: class folders may spell spaces as underscores and back (Kinetics).
+        flip: horizontal flips keep the class (False for SSv2: "left to right" is a class).
+    """
+
+    name: str
+    split_folder: str | None
+    flat: bool = False
+    class_spellings: bool = False
+    flip: bool = True
+
+
+# The one table of datasets: a new dataset is one line here (plus its lists under splits/).
+# Phase two's training recipe per dataset is align/train.py's RECIPES, keyed by the same name.
+DATASETS = {spec.name: spec for spec in (
+    DatasetSpec("ucf101", "ucf_ARN"),
+    DatasetSpec("hmdb51", "hmdb_ARN"),
+    DatasetSpec("ssv2", "ssv2_OTAM", flat=True, flip=False),
+    DatasetSpec("ssv2-cmn", "ssv2_CMN", flat=True, flip=False),
+    DatasetSpec("kinetics", "kinetics_CMN", class_spellings=True),
+    DatasetSpec("custom", None),
+)}
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
                     ".wmv", ".3gp", ".ogv")
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -81,9 +110,8 @@ def natural_key(text: str) -> list:
 
 def split_list_files(dataset: str, split_dir: str | os.PathLike | None) -> dict[str, Path]:
     """The split-list file of each split: the vendored lists, or ``--split-dir`` for custom."""
-    if dataset not in DATASETS:
-        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    if dataset == "custom" or split_dir is not None:
+    spec = dataset_spec(dataset)
+    if spec.split_folder is None or split_dir is not None:
         if split_dir is None:
             raise UserError("--dataset custom needs --split-dir DIR holding trainlist.txt, "
                             "vallist.txt and testlist.txt")
@@ -92,7 +120,7 @@ def split_list_files(dataset: str, split_dir: str | os.PathLike | None) -> dict[
         if not any(f.exists() for f in files.values()):
             raise UserError(f"{folder} holds none of trainlist.txt, vallist.txt, testlist.txt")
         return files
-    folder = SPLITS_DIR / SPLIT_FOLDERS[dataset]
+    folder = SPLITS_DIR / spec.split_folder
     return {s: folder / f"{s}list03.txt" for s in SPLITS}
 
 
@@ -162,14 +190,13 @@ class _DirIndex:
 
 def candidate_folders(dataset: str, root: str, class_name: str) -> list[str]:
     """Folders where a line's video may sit, most likely first."""
+    spec = dataset_spec(dataset)
     by_class = [os.path.join(root, class_name)]
-    if dataset == "kinetics":
+    if spec.class_spellings:
         for variant in (class_name.replace(" ", "_"), class_name.replace("_", " ")):
             if variant != class_name:
                 by_class.append(os.path.join(root, variant))
-    if dataset in NO_FLIP_DATASETS:
-        return [root, *by_class]
-    return by_class
+    return [root, *by_class] if spec.flat else by_class
 
 
 def list_classes(lines_by_split: dict[str, list[str]]) -> list[str]:
@@ -218,7 +245,7 @@ def find_videos(
     """Records of the chosen splits' videos found under ``root``; lines not found are ``missing``.
 
     Args:
-        dataset: one of ``DATASETS``.
+        dataset: a name of ``DATASETS``.
         root: the dataset's folder (videos or frame folders).
         splits: which splits to take, in any order (records keep train, val, test order).
         split_dir: folder with trainlist.txt / vallist.txt / testlist.txt (custom, or to override).

@@ -60,7 +60,7 @@ from cache.paths import writer_lock
 from cache.store import check_output, inspect_path
 from extract.backbone import FeatureExtractor
 from extract.backbones import Backbone
-from extract.datasets import NO_FLIP_DATASETS, VideoList, VideoLocator, find_videos
+from extract.datasets import VideoList, VideoLocator, dataset_spec, find_videos
 from extract.decode import DecodedVideo, DecodeFailure, DecodePool, DecodeTask
 
 SAMPLING = "tsn-centre"
@@ -219,7 +219,7 @@ def prepare_backbone(config: ExtractConfig, device: torch.device) -> tuple[Extra
 
 
 def build_attrs(config: ExtractConfig, backbone: Backbone, found: VideoList) -> dict:
-    flip = config.dataset not in NO_FLIP_DATASETS
+    flip = dataset_spec(config.dataset).flip
     prep = backbone.preprocessing
     weights_attrs = backbone.weights.to_attrs()
     return {
@@ -621,7 +621,7 @@ def _tasks(config: ExtractConfig, cache: FeatureCache, rows: np.ndarray,
            summary: ExtractSummary) -> list[DecodeTask]:
     """One decode task per row to do; rows whose video is not on this machine are failures."""
     locator = VideoLocator(config.dataset, config.root)
-    flip = config.dataset not in NO_FLIP_DATASETS
+    flip = dataset_spec(config.dataset).flip
     interpolation = cache.attrs.get("interpolation", LEGACY["interpolation"])
     tasks = []
     for row in rows.tolist():
