@@ -208,3 +208,28 @@ def test_feeder_serves_the_same_maps_in_every_mode(tmp_path):
     mode, why = choose_preload("auto", 10**15, CPU)
     assert mode == "none" and "streaming" in why
     assert choose_preload("auto", 1000, CPU)[0] == "ram"
+
+
+def test_micro_batches_never_straddle_an_sgd_step():
+    from align.train import micro_batches
+
+    groups = list(micro_batches(range(3, 14), 0, 4, 3))  # steps after episodes 4, 8, 12
+    assert groups == [[3], [4, 5, 6], [7], [8, 9, 10], [11], [12, 13]]
+    assert [len(g) for g in micro_batches(range(6), 0, 16, 4)] == [4, 2]
+
+
+def test_micro_batched_training_equals_one_episode_per_pass(tiny, tmp_path):
+    """Episodes batched 3 per forward / backward pass (groups cut at SGD steps): the same
+    weights, BatchNorm statistics and metrics as one episode per pass, to float32 rounding."""
+    runs = {}
+    for micro in (1, 3):
+        messages = []
+        train(tiny_config(tiny, tmp_path / f"m{micro}", micro_batch=micro), device=CPU,
+              progress=False, log=messages.append)
+        assert f"micro-batch {micro} (as asked)" in " ".join(messages)
+        runs[micro] = torch.load(tmp_path / f"m{micro}" / "last.pt", weights_only=False)
+    for key, value in runs[1]["state_dict"].items():
+        torch.testing.assert_close(runs[3]["state_dict"][key], value, rtol=1e-4, atol=1e-5,
+                                   msg=key)
+    losses = [[row["train_loss"] for row in r["extra"]["history"]] for r in runs.values()]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
