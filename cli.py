@@ -184,7 +184,12 @@ HEAD_CHOICES = click.Choice(head_names())
 @click.option("--val-episodes", default=500, show_default=True, help="0: no validation.")
 @click.option("--val-queries", default=1, show_default=True)
 @click.option("--batch-episodes", default=16, show_default=True,
-              help="Validation episodes per forward pass.")
+              help="Validation episodes per scoring call.")
+@click.option("--micro-batch", type=click.IntRange(min=1), default=None,
+              help="Training episodes per forward/backward pass (never across an SGD step; "
+                   "same gradients).  [default: auto: as many as fit in half the free GPU "
+                   "memory, up to --tasks-per-batch; 1 on the CPU]")
+@click.option("--compile", is_flag=True, help="torch.compile the head (same results).")
 @click.option("--preload", default="auto", show_default=True, type=PRELOAD_CHOICES,
               help="Hold the split in RAM / on the device, or stream it.")
 @click.option("--workers", default=4, show_default=True, help="Reader threads when streaming.")
@@ -228,7 +233,8 @@ def train_heads(cache_path, head, shots, device, resume, **options):
 @click.option("--report", default=None, metavar="FILE",
               help="JSON report [default: next to the checkpoint, or under runs/].")
 @click.option("--batch-episodes", default=16, show_default=True,
-              help="Episodes per forward pass.")
+              help="Episodes per scoring call (after the per-video precompute).")
+@click.option("--compile", is_flag=True, help="torch.compile the head (same results).")
 @click.option("--preload", default="auto", show_default=True, type=PRELOAD_CHOICES)
 @click.option("--workers", default=4, show_default=True)
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 on CUDA.")

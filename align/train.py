@@ -41,6 +41,11 @@ from align.runs import (
 from cache import FeatureCache, UserError
 from cache.atomic import write_json
 from cache.latest import latest_cache
+from cache.store import human_bytes
+
+# Peak memory of one training episode / the bytes of its input maps (float32), measured with
+# bench/heads_step.py (5-way 5-shot, C=2048): sizes the automatic micro-batch on a GPU.
+EPISODE_MEMORY_FACTOR = 6.0
 
 # The paper's supplementary recipe; "synthetic" is a short schedule for the `synth` cache.
 RECIPES = {
@@ -77,7 +82,10 @@ class TrainConfig:
         dropout: dropout on the input maps in training.
         decay_every: epochs between calls of the head's ``decay()`` (SC perturbation).
         val_episodes, val_queries: fixed validation episodes (0 episodes: no validation).
-        batch_episodes: validation episodes per forward pass.
+        batch_episodes: validation episodes per scoring call.
+        micro_batch: training episodes per forward / backward pass (they never straddle an SGD
+            step); None = auto (``micro_batch_size``).
+        compile: torch.compile the head's batched entry points.
         preload, workers: how rows reach the device (align/feed.py).
         amp: bfloat16 autocast on CUDA.
         out: the run directory (None: runs/<dataset>-<head>-<K>shot-<timestamp>).
@@ -107,6 +115,8 @@ class TrainConfig:
     val_episodes: int = 500
     val_queries: int = 1
     batch_episodes: int = 16
+    micro_batch: int | None = None
+    compile: bool = False
     preload: str = "auto"
     workers: int = 4
     amp: bool = True
@@ -152,12 +162,59 @@ def episode_seed(seed: int, index: int) -> int:
 
 
 def validate(head, feeder, episodes, cfg: TrainConfig, device,
-             progress: bool) -> tuple[float, float]:
+             progress: bool, log=None) -> tuple[float, float]:
     """Accuracy (percent) and 95% CI on the fixed validation episodes."""
     preds = run_episodes(head, feeder, episodes, device=device, batch_episodes=cfg.batch_episodes,
-                         amp=cfg.amp, desc="validate", progress=progress)
+                         amp=cfg.amp, desc="validate", progress=progress, log=log)
     result = score(episodes, preds, feeder.cache.classes)
     return result["accuracy"], result["ci95"]
+
+
+def micro_batch_size(cfg: TrainConfig, device: torch.device, episode_bytes: int
+                     ) -> tuple[int, str]:
+    """Training episodes per forward / backward pass, and why. Auto: on a GPU as many as fit
+    in half its free memory (EPISODE_MEMORY_FACTOR x the input bytes each), up to
+    tasks_per_batch; on the CPU 1 (batching does not pay there, see README)."""
+    if cfg.micro_batch:
+        size = min(cfg.micro_batch, cfg.tasks_per_batch)
+        return size, f"micro-batch {size} (as asked)"
+    if device.type != "cuda":
+        return 1, "micro-batch auto -> 1 on the CPU"
+    free = torch.cuda.mem_get_info(device)[0]
+    fit = int(0.5 * free // (EPISODE_MEMORY_FACTOR * episode_bytes))
+    size = max(1, min(cfg.tasks_per_batch, fit))
+    return size, (f"micro-batch auto -> {size}: episodes of ~{human_bytes(episode_bytes)} input "
+                  f"each in half of {human_bytes(free)} free GPU memory, at most "
+                  f"--tasks-per-batch {cfg.tasks_per_batch}")
+
+
+def micro_batches(indices: range, epoch_start: int, tasks_per_batch: int, size: int):
+    """Consecutive groups of at most ``size`` episode indices that never straddle an SGD step
+    (steps fall every tasks_per_batch episodes from the epoch's start)."""
+    group: list[int] = []
+    for index in indices:
+        group.append(index)
+        if len(group) == size or (index - epoch_start + 1) % tasks_per_batch == 0:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def train_step(head, maps: torch.Tensor, n_support: int, targets: torch.Tensor,
+               cfg: TrainConfig, device: torch.device) -> tuple[list[float], list[int]]:
+    """Forward and backward of a micro-batch of episodes, maps (E, S+M, C, T, H, W): the
+    cross-entropy summed over each episode's queries, divided by tasks_per_batch, accumulated
+    into the gradients. Returns each episode's loss and number of correct queries."""
+    with autocast(device, cfg.amp):
+        logits = head.forward_episodes(maps[:, :n_support], maps[:, n_support:], cfg.way,
+                                       cfg.shot)  # (E, M, way)
+    episodes = logits.shape[0]
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.repeat(episodes),
+                             reduction="none").view(episodes, -1).sum(1)  # (E,)
+    (losses.sum() / cfg.tasks_per_batch).backward()
+    correct = (logits.argmax(-1) == targets).sum(1)  # (E,)
+    return losses.tolist(), correct.tolist()
 
 
 class StopFlag:
@@ -253,6 +310,8 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
     # the run: config (with the dataset's recipe), cache, directory, head (restored on resume)
     cfg, cache, run_dir, head, state = open_run(cfg, resume, log)
     head = head.to(device).train()
+    if cfg.compile:
+        head.compile_entry_points()
     params = [p for p in head.parameters() if p.requires_grad]
     if not params:
         log(f"{cfg.head} has no trainable parameters here: nothing to train, validating once")
@@ -307,6 +366,17 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
 
     per_epoch, n_support = cfg.episodes_per_epoch, cfg.way * cfg.shot
     targets = torch.arange(cfg.way, device=device).repeat_interleave(cfg.queries)  # (M,)
+    episode_bytes = (n_support + len(targets)) * int(np.prod(cache.shape)) * 4
+    micro, why = micro_batch_size(cfg, device, episode_bytes)
+    if epochs:
+        log(f"train  {why}")
+    said: list[str] = []
+
+    def log_once(message: str) -> None:  # where validation keeps its per-video states
+        if not said:
+            said.append(message)
+            log(message)
+
     bar = tqdm(total=epochs * per_epoch, initial=start_epoch * per_epoch + start_episode,
                desc=f"train {cfg.head}", unit="ep", disable=not progress)
     with StopFlag() as stop:
@@ -314,29 +384,29 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
             first = epoch * per_epoch + (start_episode if epoch == start_epoch else 0)
             indices = range(first, (epoch + 1) * per_epoch)
             episodes = [sampler.episode(i) for i in indices]
+            stream = feeder.stream(episode_requests(episodes))
             tick = time.perf_counter()
-            for index, maps in zip(indices, feeder.stream(episode_requests(episodes))):
-                # dropout on the input maps, then the head's logits for the episode's queries
-                maps = input_dropout(maps, cfg.dropout, episode_seed(cfg.seed, index))
-                with autocast(device, cfg.amp):
-                    logits = head(maps[:n_support], maps[n_support:], cfg.way, cfg.shot)  # (M, way)
-                # the episode loss: cross-entropy summed over its queries, averaged over the batch
-                loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-                (loss / cfg.tasks_per_batch).backward()
-                # an SGD step every tasks_per_batch episodes, and at the end of the epoch
-                done = index - epoch * per_epoch + 1
-                if done % cfg.tasks_per_batch == 0 or done == per_epoch:
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                # running statistics for the progress bar and metrics.csv
-                stats["loss"] += loss.item()
-                stats["correct"] += int((logits.argmax(-1) == targets).sum())
-                stats["queries"] += len(targets)
-                bar.update()
-                bar.set_postfix(epoch=epoch + 1, loss=f"{stats['loss'] / done:.3f}",
-                                acc=f"{100 * stats['correct'] / stats['queries']:.1f}")
-                if on_episode is not None:
-                    on_episode(epoch, done)
+            for group in micro_batches(indices, epoch * per_epoch, cfg.tasks_per_batch, micro):
+                # dropout on each episode's input maps, then one forward + backward of the group
+                maps = torch.stack([input_dropout(next(stream), cfg.dropout,
+                                                  episode_seed(cfg.seed, index))
+                                    for index in group])  # (E, S+M, C, T, H, W)
+                losses, right = train_step(head, maps, n_support, targets, cfg, device)
+                for index, loss, correct in zip(group, losses, right):
+                    # an SGD step every tasks_per_batch episodes, and at the end of the epoch
+                    done = index - epoch * per_epoch + 1
+                    if done % cfg.tasks_per_batch == 0 or done == per_epoch:
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    # running statistics for the progress bar and metrics.csv
+                    stats["loss"] += loss
+                    stats["correct"] += correct
+                    stats["queries"] += len(targets)
+                    bar.update()
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{stats['loss'] / done:.3f}",
+                                    acc=f"{100 * stats['correct'] / stats['queries']:.1f}")
+                    if on_episode is not None:
+                        on_episode(epoch, done)
                 # Ctrl-C mid-epoch: keep everything needed to continue from the next episode
                 if stop.requested and done < per_epoch:
                     stats["time"] += time.perf_counter() - tick
@@ -351,7 +421,7 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
                 head.decay()
             val = (None, None)
             if val_feeder is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == epochs):
-                val = validate(head, val_feeder, val_episodes, cfg, device, progress)
+                val = validate(head, val_feeder, val_episodes, cfg, device, progress, log_once)
                 log(f"epoch {epoch + 1}: val {val[0]:.2f} +- {val[1]:.2f} "
                     f"(best {max(best, val[0]):.2f})")
             # best.pt by validation accuracy (without validation: the latest epoch)

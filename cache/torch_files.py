@@ -33,17 +33,17 @@ def load_tensors(path: str | os.PathLike, what: str, map_location="cpu"):
         with torch.serialization.safe_globals(NUMPY_DATA):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for damaged, foreign or unsafe files
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
-        if "Weights only load failed" in text or "Unsupported global" in text:
+        reason = _reason(str(exc)) or type(exc).__name__
+        if "unsupported global" in reason.lower():  # the pickle names a callable: code would run
             raise UserError(f"{what}: holds Python objects beyond tensors and plain values, and "
-                            "this tool never unpickles code ({}); re-save just its state dict "
-                            "with torch.save".format(_unsupported(text) or first)) from None
-        raise UserError(f"{what}: not a readable torch file ({first})") from None
+                            f"this tool never unpickles code ({reason}); re-save just its state "
+                            "dict with torch.save") from None
+        raise UserError(f"{what}: not a readable torch file ({reason})") from None
 
 
-def _unsupported(text: str) -> str | None:
-    for line in text.splitlines():
-        if "Unsupported global" in line:
-            return line.strip()
-    return None
+def _reason(text: str) -> str:
+    """The informative line of torch's message (it wraps the cause in paragraphs of advice)."""
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(boilerplate)]
+    return (useful or lines or [""])[0].removeprefix("WeightsUnpickler error: ")
