@@ -28,6 +28,20 @@ SMALL = {"trn": dict(dim=12, bottleneck=10, frame_dim=6), "tarn": dict(hidden=6)
          "cmn": dict(dim=10, saliency=3), "arn": dict(dim=16, hidden=4), "trx": dict(dim=12)}
 
 
+def assert_same_values_and_gradients(head, fast, direct):
+    """``fast`` and ``direct`` (tensors computed from ``head``'s parameters) agree, and so do
+    the gradients of a non-trivial function of them."""
+    torch.testing.assert_close(fast, direct)
+    params = [p for p in head.parameters() if p.requires_grad]
+    weights = rand(*fast.shape, seed=11, dtype=fast.dtype)
+    grads = [torch.autograd.grad((weights * out).sum(), params, allow_unused=True)
+             for out in (fast, direct)]
+    for name, a, b in zip([n for n, p in head.named_parameters() if p.requires_grad], *grads):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def rand(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
@@ -202,7 +216,8 @@ def test_trx_matches_the_official_computation_written_out():
     labels = torch.arange(way).repeat_interleave(shot)
     s, q = support.mean((-2, -1)).transpose(1, 2), query.mean((-2, -1)).transpose(1, 2)
     per_set = torch.stack([trx_reference(x, s, labels, q, way) for x in head.cross], -1)
-    torch.testing.assert_close(head(support, query, way, shot), -per_set.norm(dim=-1))
+    assert_same_values_and_gradients(head, head(support, query, way, shot),
+                                     -per_set.norm(dim=-1))
 
 
 def test_positional_encoding_is_trx_sinusoid():
@@ -237,7 +252,7 @@ def test_trn_embedding_matches_the_tuple_loop():
     for scale, mlp in zip(range(5, 1, -1), head.fusion):
         for combo in relation_tuples(5, scale, 2):
             expected = expected + mlp(frames[:, list(combo)].reshape(3, -1))
-    torch.testing.assert_close(head.embed(maps), expected)
+    assert_same_values_and_gradients(head, head.embed(maps), expected)
 
 
 def test_trn_scores_minus_squared_distance_to_mean_embedding():
@@ -246,7 +261,7 @@ def test_trn_scores_minus_squared_distance_to_mean_embedding():
     s, q = head.embed(support), head.embed(query)
     protos = torch.stack([s[:2].mean(0), s[2:].mean(0)])
     expected = -torch.cdist(q, protos) ** 2
-    torch.testing.assert_close(head(support, query, 2, 2), expected)
+    assert_same_values_and_gradients(head, head(support, query, 2, 2), expected)
 
 
 # ------------------------------------------------------------------------------ TARN
@@ -261,7 +276,8 @@ def test_tarn_matches_the_pairwise_computation_written_out():
         aligned = scores.softmax(0).t() @ s[j]  # (Tq, 2h): each query segment over support
         hidden = head.measure((q[m] * aligned)[None])[1][0, 0]
         rel[m, j] = head.score(hidden)[0]
-    torch.testing.assert_close(head(support, query, 2, 2), rel.view(3, 2, 2).mean(-1))
+    assert_same_values_and_gradients(head, head(support, query, 2, 2),
+                                     rel.view(3, 2, 2).mean(-1))
 
 
 def test_tarn_without_alignment_weights_attends_uniformly():
@@ -327,7 +343,8 @@ def test_arn_pairs_support_then_query_and_averages_shot_matrices():
     q = head.pooled(query)[0]
     protos = s.view(2, 2, 16, 16).mean(1)
     pairs = torch.stack([torch.stack([protos[n], q[m]]) for m in range(3) for n in range(2)])
-    torch.testing.assert_close(head(support, query, 2, 2), head.relation(pairs).view(3, 2))
+    assert_same_values_and_gradients(head, head(support, query, 2, 2),
+                                     head.relation(pairs).view(3, 2))
     mask = head.explain(support, query, 2, 2)["mask_query"]
     assert mask.shape == (3, 4, 4) and ((mask > 0) & (mask < 1)).all()
 
