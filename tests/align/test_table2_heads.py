@@ -28,6 +28,15 @@ SMALL = {"trn": dict(dim=12, bottleneck=10, frame_dim=6), "tarn": dict(hidden=6)
          "cmn": dict(dim=10, saliency=3), "arn": dict(dim=16, hidden=4), "trx": dict(dim=12)}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two OpenMP threads on a shared 2-core machine are slower than one for these sizes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def assert_same_values_and_gradients(head, fast, direct):
     """``fast`` and ``direct`` (tensors computed from ``head``'s parameters) agree, and so do
     the gradients of a non-trivial function of them."""
@@ -356,18 +365,9 @@ def test_arn_pairs_support_then_query_and_averages_shot_matrices():
 TRAIN_SETTINGS = {"tarn": dict(lr=0.05, episodes_per_epoch=150), "arn": dict(queries=1)}
 
 
-@pytest.fixture
-def one_thread():
-    """Two OpenMP threads on a shared 2-core machine are slower than one for these sizes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", TABLE2)
-def test_training_through_train_heads_beats_chance(kind, tmp_path, monkeypatch, one_thread):
+def test_training_through_train_heads_beats_chance(kind, tmp_path, monkeypatch):
     """Each head, trained by the real loop (train-heads) with default options for a few hundred
     episodes on a small synthetic cache, scores clearly above chance (20%) on 200 test
     episodes."""
