@@ -16,9 +16,9 @@ with momentum 0.9, ``--lr``, ``--epochs`` x ``--episodes-per-epoch`` episodes of
 queries per class, lr halved every 2 epochs, 4 episodes per step, best epoch by validation; or
 ``paper``: the cache's dataset recipe (the paper's, as train-heads uses it). ``--lr-for`` sets
 one method's learning rate (default: TARN at 0.1 - its relation logits start near zero and
-plain SGD at 1e-3 leaves it at chance after a few hundred episodes; 0.1 scored best of 1e-3,
-1e-2, 0.05, 0.1 and 0.2 on validation episodes; its paper used Adam, which the training loop
-does not offer). Evaluation is
+plain SGD at 1e-3 leaves it at chance after a few hundred episodes; 0.1 scored best of 1e-2,
+0.05, 0.1 and 0.2 on validation episodes after 400 training episodes; its paper used Adam, which
+the training loop does not offer). Evaluation is
 ``python cli.py evaluate``'s (``align.evaluate.evaluate_command``): 5-way K-shot, 1 query per
 class.
 
