@@ -50,6 +50,9 @@ class LearnedHead(Head):
 
     @classmethod
     def from_config(cls, cfg: HeadConfig) -> LearnedHead:
+        if not isinstance(cfg.options, dict):
+            raise UserError(f"head options must be a mapping of names to values, not "
+                            f"{cfg.options!r}")
         unknown = sorted(set(cfg.options) - set(cls.option_names()))
         if unknown:
             raise UserError(f"head {cls.kind!r} has no options {unknown}; its options are "

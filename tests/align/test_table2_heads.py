@@ -145,6 +145,8 @@ def test_options_are_recorded_and_round_trip():
 def test_option_and_size_errors_are_user_errors():
     with pytest.raises(UserError, match="no options"):
         build_head("trx", channels=8, options={"width": 3})
+    with pytest.raises(UserError, match="mapping"):
+        build_head_from_config(HeadConfig(kind="trx", channels=8, options=[2, 3]))
     with pytest.raises(UserError, match="takes no options"):
         build_head("protonet", channels=8, options={"dim": 3})
     with pytest.raises(UserError, match="sets"):
