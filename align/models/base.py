@@ -16,7 +16,7 @@ that overrides neither working unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -31,7 +31,9 @@ class HeadConfig:
 
     ``ttm``, ``tc``, ``sc``, ``sc_mode`` and ``fast`` are TA2N's switches (other heads record
     them as off). ``frames``, ``height`` and ``width`` record the maps the head was built for;
-    ``shot`` is K (TA2N holds multi-shot prototype weights when K > 1).
+    ``shot`` is K (TA2N holds multi-shot prototype weights when K > 1). ``options`` holds a
+    head's own hyperparameters beyond these fields (JSON values, passed to its ``from_config``;
+    empty: the head's defaults).
     """
 
     kind: str = "ta2n"
@@ -45,6 +47,7 @@ class HeadConfig:
     sc: bool = True
     sc_mode: str = "mask"
     fast: bool = True
+    options: dict = field(default_factory=dict)
 
     def validate(self) -> HeadConfig:
         """Checks what a config can check alone; the registry checks ``kind``."""

@@ -29,16 +29,23 @@ def interp_weights(pos: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def reset_layer(layer: nn.Module, generator: torch.Generator | None = None) -> None:
-    """PyTorch's default init of Conv/Linear (U(+-1/sqrt(fan_in)) for weight and bias) and
-    BatchNorm (1, 0, fresh running stats), drawn from ``generator`` instead of the global RNG."""
-    if isinstance(layer, nn.Conv1d | nn.Conv3d | nn.Linear):
+    """PyTorch's default init of Conv/Linear (U(+-1/sqrt(fan_in)) for weight and bias), GRU
+    (U(+-1/sqrt(hidden)) for every weight and bias), BatchNorm (1, 0, fresh running stats) and
+    LayerNorm (1, 0), drawn from ``generator`` instead of the global RNG. Other modules are left
+    alone (containers: call it on each of ``module.modules()``)."""
+    if isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear):
         fan_in = layer.weight[0].numel()
         bound = 1 / math.sqrt(fan_in)
         with torch.no_grad():
             layer.weight.uniform_(-bound, bound, generator=generator)
             if layer.bias is not None:
                 layer.bias.uniform_(-bound, bound, generator=generator)
-    elif isinstance(layer, nn.BatchNorm3d):
+    elif isinstance(layer, nn.GRU):
+        bound = 1 / math.sqrt(layer.hidden_size)
+        with torch.no_grad():
+            for weight in layer.parameters():
+                weight.uniform_(-bound, bound, generator=generator)
+    elif isinstance(layer, nn.BatchNorm2d | nn.BatchNorm3d | nn.LayerNorm):
         layer.reset_parameters()
 
 
