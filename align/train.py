@@ -267,7 +267,10 @@ def describe_recipe(cfg: TrainConfig) -> str:
             f"{cfg.val_every}; {stop}")
 
 
-def early_stop_reason(cfg: TrainConfig, history: list[dict], best: float) -> str:
+def early_stop(cfg: TrainConfig, history: list[dict], best: float) -> str | None:
+    """Why the run stops early (``patience`` validations without a new best), or None."""
+    if not cfg.patience or validations_since_best(history) < cfg.patience:
+        return None
     validated = [row for row in history if row["val_acc"] is not None]
     best_epoch = max(validated, key=lambda row: row["val_acc"])["epoch"]  # the first best
     return (f"early stop after epoch {history[-1]['epoch']}/{cfg.epochs}: no better val accuracy "
@@ -461,8 +464,14 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
     targets = torch.arange(cfg.way, device=device).repeat_interleave(cfg.queries)  # (M,)
     bar = tqdm(total=epochs * per_epoch, initial=start_epoch * per_epoch + start_episode,
                desc=f"train {cfg.head}", unit="ep", disable=not progress)
+    stopped = None
     with StopFlag() as stop:
         for epoch in range(start_epoch, epochs):
+            # early stopping: `patience` validations without a new best (a resumed run too)
+            stopped = early_stop(cfg, history, best)
+            if stopped:
+                log(stopped)
+                break
             first = epoch * per_epoch + (start_episode if epoch == start_epoch else 0)
             indices = range(first, (epoch + 1) * per_epoch)
             episodes = [sampler.episode(i) for i in indices]
@@ -520,13 +529,6 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
             if stop.requested:
                 bar.close()
                 return _summary(run_dir, cfg, history, best, interrupted=True)
-            # early stopping: `patience` validations without a new best
-            if cfg.patience and val[0] is not None and \
-                    validations_since_best(history) >= cfg.patience:
-                bar.close()
-                reason = early_stop_reason(cfg, history, best)
-                log(reason)
-                return _summary(run_dir, cfg, history, best, interrupted=False, stopped=reason)
     bar.close()
 
     # nothing to train (a training-free head): validate once so best.pt says how good it is
@@ -537,9 +539,8 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
         save_head(head, run_dir / "best.pt", extra={"epoch": 0, "val_acc": val[0],
                                                     "val_ci95": val[1], "config": asdict(cfg)})
         checkpoint("last.pt", 0, 0)
-        return _summary(run_dir, cfg, history, best, interrupted=False,
-                        stopped="nothing to train: validated once")
-    return _summary(run_dir, cfg, history, best, interrupted=False)
+        stopped = "nothing to train: validated once"
+    return _summary(run_dir, cfg, history, best, interrupted=False, stopped=stopped)
 
 
 def _summary(run_dir: Path, cfg: TrainConfig, history: list[dict], best: float,

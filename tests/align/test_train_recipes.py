@@ -182,6 +182,10 @@ def test_early_stopping_stops_keeps_the_best_and_says_why(tmp_path, monkeypatch)
         summary["stopped"]
     assert any(m.startswith(why) for m in messages)
     assert any(m.startswith("recipe fast: adam lr 0.001") for m in messages), messages
+    # resuming a run that stopped early trains nothing more and says why again
+    again = train(resume=str(tmp_path / "run"), device=torch.device("cpu"), progress=False,
+                  log=lambda m: None)
+    assert again["stopped"] == summary["stopped"] and again["history"] == history
 
 
 def test_train_heads_with_only_shots_stops_by_itself(tmp_path, monkeypatch):
