@@ -166,17 +166,34 @@ HEAD_CHOICES = click.Choice(head_names())
 @click.option("--way", default=5, show_default=True, help="N classes per episode.")
 @click.option("--queries", default=5, show_default=True, help="Q query videos per class.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--epochs", type=int, default=None, help="[default: the dataset's recipe]")
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--lr-step", type=int, default=None, help="Epochs per lr decay [default: recipe].")
-@click.option("--lr-gamma", type=float, default=None, help="lr factor per step [default: recipe].")
-@click.option("--momentum", type=float, default=None, help="SGD momentum [default: recipe].")
-@click.option("--weight-decay", default=0.0, show_default=True)
+@click.option("--recipe", default="fast", show_default=True,
+              type=click.Choice(["fast", "paper"]),
+              help="Defaults for the options below: fast (Adam, early stopping; any dataset) or "
+                   "paper (the authors' SGD schedule for the cache's dataset).")
+@click.option("--optimizer", default=None, type=click.Choice(["sgd", "adam", "adamw"]),
+              help="[default: recipe]")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: recipe].")
+@click.option("--schedule", default=None, type=click.Choice(["step", "cosine", "constant"]),
+              help="lr schedule after the warm-up [default: recipe; --lr-step implies step].")
+@click.option("--warmup", type=int, default=None,
+              help="Episodes of linear lr warm-up [default: recipe].")
+@click.option("--lr-step", type=int, default=None,
+              help="Epochs per lr decay of the step schedule [default: paper recipe].")
+@click.option("--lr-gamma", type=float, default=None,
+              help="lr factor per step of the step schedule [default: paper recipe].")
+@click.option("--momentum", type=float, default=None, help="SGD only [default: paper recipe].")
+@click.option("--weight-decay", type=float, default=None, help="[default: recipe]")
+@click.option("--epochs", type=int, default=None,
+              help="Budget; cosine decays over it [default: recipe].")
 @click.option("--episodes-per-epoch", default=200, show_default=True)
 @click.option("--tasks-per-batch", type=int, default=None,
-              help="Episodes whose gradients are accumulated per SGD step [default: recipe, "
-                   "16 as the authors].")
-@click.option("--dropout", default=0.5, show_default=True, help="On the input maps in training.")
+              help="Episodes whose gradients are accumulated per optimizer step "
+                   "[default: recipe; the authors: 16].")
+@click.option("--dropout", type=float, default=None,
+              help="On the input maps in training [default: recipe].")
+@click.option("--patience", type=int, default=None,
+              help="Stop after N validations without a better val accuracy; 0: never "
+                   "[default: recipe].")
 @click.option("--decay-every", default=40, show_default=True,
               help="Epochs between decays of the SC perturbation.")
 @click.option("--val-every", type=int, default=None, help="Epochs between validations "
