@@ -162,9 +162,12 @@ HEAD_CHOICES = click.Choice(head_names())
 @click.option("--sc/--no-sc", default=True, show_default=True, help="Spatial coordination.")
 @click.option("--sc-mode", default="mask", show_default=True,
               type=click.Choice(["mask", "grid", "enumerate"]))
-@click.option("--shots", default=5, show_default=True, help="K support videos per class.")
-@click.option("--way", default=5, show_default=True, help="N classes per episode.")
-@click.option("--queries", default=5, show_default=True, help="Q query videos per class.")
+@click.option("--shots", type=click.IntRange(min=1),
+              default=5, show_default=True, help="K support videos per class.")
+@click.option("--way", type=click.IntRange(min=2),
+              default=5, show_default=True, help="N classes per episode.")
+@click.option("--queries", type=click.IntRange(min=1),
+              default=5, show_default=True, help="Q query videos per class.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--recipe", default="fast", show_default=True,
               type=click.Choice(["fast", "paper"]),
@@ -172,35 +175,40 @@ HEAD_CHOICES = click.Choice(head_names())
                    "paper (the authors' SGD schedule for the cache's dataset).")
 @click.option("--optimizer", default=None, type=click.Choice(["sgd", "adam", "adamw"]),
               help="[default: recipe]")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [default: recipe].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True),
+              default=None, help="Peak learning rate [default: recipe].")
 @click.option("--schedule", default=None, type=click.Choice(["step", "cosine", "constant"]),
               help="lr schedule after the warm-up [default: recipe; --lr-step implies step].")
-@click.option("--warmup", type=int, default=None,
+@click.option("--warmup", type=click.IntRange(min=0), default=None,
               help="Episodes of linear lr warm-up [default: recipe].")
-@click.option("--lr-step", type=int, default=None,
+@click.option("--lr-step", type=click.IntRange(min=1), default=None,
               help="Epochs per lr decay of the step schedule [default: paper recipe].")
-@click.option("--lr-gamma", type=float, default=None,
+@click.option("--lr-gamma", type=click.FloatRange(min=0), default=None,
               help="lr factor per step of the step schedule [default: paper recipe].")
-@click.option("--momentum", type=float, default=None, help="SGD only [default: paper recipe].")
-@click.option("--weight-decay", type=float, default=None, help="[default: recipe]")
-@click.option("--epochs", type=int, default=None,
+@click.option("--momentum", type=click.FloatRange(0, 1),
+              default=None, help="SGD only [default: paper recipe].")
+@click.option("--weight-decay", type=click.FloatRange(min=0),
+              default=None, help="[default: recipe]")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Budget; cosine decays over it [default: recipe].")
-@click.option("--episodes-per-epoch", default=200, show_default=True)
-@click.option("--tasks-per-batch", type=int, default=None,
+@click.option("--episodes-per-epoch", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--tasks-per-batch", type=click.IntRange(min=1), default=None,
               help="Episodes whose gradients are accumulated per optimizer step "
                    "[default: recipe; the authors: 16].")
-@click.option("--dropout", type=float, default=None,
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="On the input maps in training [default: recipe].")
-@click.option("--patience", type=int, default=None,
+@click.option("--patience", type=click.IntRange(min=0), default=None,
               help="Stop after N validations without a better val accuracy; 0: never "
                    "[default: recipe].")
-@click.option("--decay-every", default=40, show_default=True,
+@click.option("--decay-every", type=click.IntRange(min=1), default=40, show_default=True,
               help="Epochs between decays of the SC perturbation.")
-@click.option("--val-every", type=int, default=None, help="Epochs between validations "
+@click.option("--val-every", type=click.IntRange(min=1),
+              default=None, help="Epochs between validations "
               "[default: recipe].")
-@click.option("--val-episodes", default=500, show_default=True, help="0: no validation.")
-@click.option("--val-queries", default=1, show_default=True)
-@click.option("--batch-episodes", default=16, show_default=True,
+@click.option("--val-episodes", type=click.IntRange(min=0),
+              default=500, show_default=True, help="0: no validation.")
+@click.option("--val-queries", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--batch-episodes", type=click.IntRange(min=1), default=16, show_default=True,
               help="Validation episodes per scoring call.")
 @click.option("--micro-batch", type=click.IntRange(min=1), default=None,
               help="Training episodes per forward/backward pass (never across an SGD step; "
@@ -209,7 +217,8 @@ HEAD_CHOICES = click.Choice(head_names())
 @click.option("--compile", is_flag=True, help="torch.compile the head (same results).")
 @click.option("--preload", default="auto", show_default=True, type=PRELOAD_CHOICES,
               help="Hold the split in RAM / on the device, or stream it.")
-@click.option("--workers", default=4, show_default=True, help="Reader threads when streaming.")
+@click.option("--workers", type=click.IntRange(min=0),
+              default=4, show_default=True, help="Reader threads when streaming.")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 on CUDA.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
 @click.option("--out", default=None,
@@ -237,10 +246,11 @@ def train_heads(cache_path, head, shots, device, resume, **options):
               help="A training-free baseline instead of a checkpoint.")
 @click.option("--cache", "cache_path", default=None,
               help="[default: the checkpoint's run's cache, else the latest extracted one]")
-@click.option("--episodes", default=5000, show_default=True)
-@click.option("--shots", type=int, default=None, help="[default: the run's K, else 5]")
-@click.option("--way", default=5, show_default=True)
-@click.option("--queries", default=1, show_default=True)
+@click.option("--episodes", type=click.IntRange(min=1), default=5000, show_default=True)
+@click.option("--shots", type=click.IntRange(min=1),
+              default=None, help="[default: the run's K, else 5]")
+@click.option("--way", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("--queries", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--split", default="test", show_default=True,
               type=click.Choice(["train", "val", "test"]))
 @click.option("--seed", default=0, show_default=True)
@@ -249,11 +259,11 @@ def train_heads(cache_path, head, shots, device, resume, **options):
               help="Replay an episode list (its split, way, shots and queries win).")
 @click.option("--report", default=None, metavar="FILE",
               help="JSON report [default: next to the checkpoint, or under runs/].")
-@click.option("--batch-episodes", default=16, show_default=True,
+@click.option("--batch-episodes", type=click.IntRange(min=1), default=16, show_default=True,
               help="Episodes per scoring call (after the per-video precompute).")
 @click.option("--compile", is_flag=True, help="torch.compile the head (same results).")
 @click.option("--preload", default="auto", show_default=True, type=PRELOAD_CHOICES)
-@click.option("--workers", default=4, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True)
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 on CUDA.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
 def evaluate(checkpoint, head_kind, cache_path, shots, device, report, **options):

@@ -77,6 +77,7 @@ def load_head_checkpoint(path: str | os.PathLike, map_location="cpu", *,
         extra = {"source": "authors"}
         if "iteration" in ckpt:
             extra["iteration"] = ckpt["iteration"]
+    _check_finite(state, path)
     _load_state(head, state, path)
     if isinstance(map_location, str | torch.device):
         head = head.to(map_location)
@@ -86,6 +87,14 @@ def load_head_checkpoint(path: str | os.PathLike, map_location="cpu", *,
 def _read(path, map_location):
     """The checkpoint's contents, loaded weights-only: nothing in the file is executed."""
     return load_tensors(path, f"checkpoint {path}", map_location)
+
+
+def _check_finite(state: dict, path) -> None:
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        more = " ..." if len(bad) > 1 else ""
+        raise UserError(f"{path}: holds non-finite weights ({bad[0]}{more}): the training that "
+                        "wrote it diverged")
 
 
 def _load_state(head: Head, state: dict, path) -> None:

@@ -31,6 +31,7 @@ from align.feed import Feeder, available_ram
 from align.runs import RUNS_ROOT, load_head_source, resolve_head_source
 from cache import FeatureCache, UserError
 from cache.atomic import write_json
+from cache.paths import check_writable
 from cache.store import human_bytes
 
 PER_ROW_ATTRS = ("windows", "positions", "exponents")  # synthetic ground truth, one per row
@@ -346,6 +347,9 @@ def evaluate_command(cfg: EvalConfig, *, checkpoint: str | None, head_kind: str 
         if report is None:
             report = default_report_path(cfg, source.checkpoint, head.kind,
                                          cache.attrs.get("dataset", "cache"))
+        check_writable(report, "file", "--report")  # before the work, not after it
+        if cfg.save_episodes:
+            check_writable(cfg.save_episodes, "file", "--save-episodes")
         return evaluate(head, cache, cfg, device=device, head_config=head_config,
                         checkpoint=source.checkpoint, checkpoint_config=facts,
                         report=report, progress=progress, log=log)

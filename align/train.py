@@ -46,6 +46,7 @@ from align.runs import (
 from cache import FeatureCache, UserError
 from cache.atomic import write_json
 from cache.latest import latest_cache
+from cache.paths import check_writable
 from cache.store import human_bytes
 
 # Peak memory of one training episode / the bytes of its input maps (float32), measured with
@@ -187,11 +188,23 @@ class TrainConfig:
         if self.schedule != "step" and self.lr_step is not None:
             raise UserError(f"--lr-step / --lr-gamma belong to --schedule step, not "
                             f"{self.schedule}")
-        for name in ("epochs", "tasks_per_batch", "val_every", "episodes_per_epoch"):
+        for name in ("epochs", "tasks_per_batch", "val_every", "episodes_per_epoch", "way",
+                     "shot", "queries", "val_queries", "batch_episodes", "decay_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.patience < 0 or self.warmup < 0 or self.lr <= 0:
-            raise UserError("--patience and --warmup must be >= 0 and --lr > 0")
+        if self.lr_step is not None and self.lr_step < 1:
+            raise UserError("--lr-step must be at least 1")
+        if self.patience < 0 or self.warmup < 0 or self.val_episodes < 0:
+            raise UserError("--patience, --warmup and --val-episodes must be >= 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"--lr must be a positive number, not {self.lr}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout must be in [0, 1) (1 would zero every input map), not "
+                            f"{self.dropout}")
+        for name in ("lr_gamma", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise UserError(f"--{name.replace('_', '-')} must be a number >= 0, not {value}")
 
     @classmethod
     def from_json(cls, payload: dict) -> TrainConfig:
@@ -404,6 +417,7 @@ def open_run(cfg: TrainConfig | None, resume: str | None, log) -> tuple:
         head = build_head(cfg.head, channels=c, frames=t, height=h, width=w, shot=cfg.shot,
                           seed=cfg.seed, ttm=cfg.ttm, tc=cfg.tc, sc=cfg.sc, sc_mode=cfg.sc_mode)
     check_head_fits(_head_config(head), cache)
+    check_writable(run_dir, "folder", "the run directory (--out)")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.out = str(run_dir)
     return cfg, cache, run_dir, head, state
@@ -411,6 +425,25 @@ def open_run(cfg: TrainConfig | None, resume: str | None, log) -> tuple:
 
 def new_stats() -> dict:
     return {"loss": 0.0, "correct": 0, "queries": 0, "time": 0.0}
+
+
+def check_finite(losses: list[float], group: list[int], epoch: int, run_dir: Path) -> None:
+    """Stop at the first non-finite loss: the weights after it would be garbage, and best.pt /
+    last.pt still hold the last good epoch."""
+    for index, loss in zip(group, losses):
+        if not math.isfinite(loss):
+            raise UserError(f"training diverged at epoch {epoch + 1}, episode {index}: the loss "
+                            f"is {loss}; {run_dir} keeps the last good epoch (lower --lr or "
+                            "--dropout)")
+
+
+def check_finite_weights(params: list[torch.Tensor], epoch: int, done: int,
+                         run_dir: Path) -> None:
+    """Stop when an optimizer step leaves a non-finite weight (a NaN learning rate, an
+    overflow): nothing after it could be trusted, nor saved."""
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        raise UserError(f"training diverged at epoch {epoch + 1}, episode {done}: an optimizer "
+                        f"step made the weights non-finite; {run_dir} keeps the last good epoch")
 
 
 def metrics_row(epoch: int, lr: float, stats: dict, episodes: int, val: tuple,
@@ -531,6 +564,7 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
                                                   episode_seed(cfg.seed, index))
                                     for index in group])  # (E, S+M, C, T, H, W)
                 losses, right = train_step(head, maps, n_support, targets, cfg, device)
+                check_finite(losses, group, epoch, run_dir)
                 for index, loss, correct in zip(group, losses, right):
                     # an optimizer step every tasks_per_batch episodes, and at the end of the epoch
                     done = index - epoch * per_epoch + 1
@@ -539,6 +573,7 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
                         lr = set_lr(optimizer, learning_rate(cfg, step))
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
+                        check_finite_weights(params, epoch, done, run_dir)
                     # running statistics for the progress bar and metrics.csv
                     stats["loss"] += loss
                     stats["correct"] += correct
