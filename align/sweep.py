@@ -368,8 +368,7 @@ def row_keys(spec: SweepSpec, cfg: SweepConfig) -> list[tuple[RunSpec, int]]:
     return sorted(pairs, key=lambda p: (p[1], spec.runs.index(p[0])))
 
 
-def plan_runs(spec: SweepSpec, cfg: SweepConfig, cache_path: str, dataset: str,
-              out: Path) -> list[RunPlan]:
+def plan_runs(spec: SweepSpec, cfg: SweepConfig, cache_path: str, out: Path) -> list[RunPlan]:
     """Every (row, K, seed) of the sweep as a ``RunPlan``, rows first, seeds inner."""
     keys = row_keys(spec, cfg)
     total = len(keys) * len(cfg.seeds)
@@ -379,16 +378,16 @@ def plan_runs(spec: SweepSpec, cfg: SweepConfig, cache_path: str, dataset: str,
         options.pop("shot", None)
         head = options.get("head", TrainConfig.head)
         for seed in cfg.seeds:
-            plans.append(_plan(run.name, head, options, shot, seed, cfg, cache_path, dataset,
-                               out, len(plans), total))
+            plans.append(_plan(run.name, head, options, shot, seed, cfg, cache_path, out,
+                               len(plans), total))
     return plans
 
 
 def _plan(name: str, head: str, options: dict, shot: int, seed: int, cfg: SweepConfig,
-          cache_path: str, dataset: str, out: Path, index: int, total: int) -> RunPlan:
+          cache_path: str, out: Path, index: int, total: int) -> RunPlan:
     training_free = head_class(head).training_free
     run_dir = (out / "runs" / f"{slug(name)}-{shot}shot-seed{seed}").resolve()
-    train_fields = {**options, "cache": cache_path, "seed": seed, "shot": shot,
+    train_fields = {**options, "cache": _absolute(cache_path), "seed": seed, "shot": shot,
                     "out": str(run_dir)}
     # a training-free head's result depends on its head and the episodes only
     kept = {"head": head} if training_free else options
@@ -402,13 +401,18 @@ def _plan(name: str, head: str, options: dict, shot: int, seed: int, cfg: SweepC
         episodes_file=str((out / "episodes" / episodes_name(cfg, shot, seed)).resolve()),
         workdir=os.getcwd(),
         eval_options={k: options[k] for k in EVAL_OPTIONS if k in options},
-        cost=0.0 if training_free else _training_cost(train_fields, dataset))
+        cost=0.0 if training_free else _training_cost(train_fields))
 
 
-def _training_cost(train_fields: dict, dataset: str) -> float:
+def _absolute(path: str) -> str:
+    """A local path made absolute for workers wherever they start; URLs (s3://...) as given."""
+    return path if "://" in str(path) else str(Path(path).resolve())
+
+
+def _training_cost(train_fields: dict) -> float:
+    """Episodes x videos per episode; unset epochs (the dataset's recipe) count as equal."""
     cfg = TrainConfig(**train_fields)
-    cfg.resolve(dataset)
-    return float(cfg.epochs * cfg.episodes_per_epoch * cfg.way * (cfg.shot + cfg.queries))
+    return float((cfg.epochs or 1) * cfg.episodes_per_epoch * cfg.way * (cfg.shot + cfg.queries))
 
 
 def resolve_reference(spec: SweepSpec, cfg: SweepConfig) -> dict[str, str | None]:
@@ -496,8 +500,8 @@ def execute_run(plan: RunPlan, device: str, threads: int, log: Callable | None =
     """Train (or resume) and evaluate one run on ``device`` with ``threads`` torch threads;
     write its result into sweep-run.json. Runs in a worker process or in the caller's."""
     log = log or _print
-    if os.getcwd() != plan.workdir:  # a reused worker may have been started elsewhere
-        os.chdir(plan.workdir)
+    if os.getcwd() != plan.workdir and os.path.isdir(plan.workdir):
+        os.chdir(plan.workdir)  # a reused worker may have started elsewhere: runs/latest.json
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -625,7 +629,7 @@ def run_sweep(spec: SweepSpec, cfg: SweepConfig, *, log: Callable = print,
     with FeatureCache.open(cache_path) as cache:
         out = Path(cfg.out or RUNS_ROOT / f"sweep-{slug(spec.title)}-"
                    f"{Path(str(cache_path).rstrip('/')).stem}")
-        plans = plan_runs(spec, cfg, cache_path, cache.attrs.get("dataset", "unknown"), out)
+        plans = plan_runs(spec, cfg, cache_path, out)
         check_references(plans, references)
         states = [run_state(p) for p in plans]  # refuses changed runs before anything runs
         prepare_episodes(plans, cache, cfg)
@@ -774,9 +778,10 @@ def format_markdown(summary: dict) -> str:
         mean = f"**{mean}**" if r["mean"] == best[r["shot"]] else mean
         p = r["paired"]
         compare = (["", "(reference)", ""] if p is None else
-                   [r["vs"], f"{p['gain']:+.2f} [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}]",
+                   [r["vs"].replace("|", "\\|"),
+                    f"{p['gain']:+.2f} [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}]",
                     format_p(p["p"])])
-        cells = ([r["run"]] + ([str(r["shot"])] if several_k else [])
+        cells = ([r["run"].replace("|", "\\|")] + ([str(r["shot"])] if several_k else [])
                  + [_cell(s["accuracy"], s["ci95"]) for s in r["seeds"]] + [mean] + compare)
         lines.append(f"| {' | '.join(cells)} |")
     return "\n".join([_caption(summary), "", *lines, ""])

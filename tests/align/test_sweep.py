@@ -15,12 +15,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import align.sweep
 import cli
 from align.evaluate import EvalConfig, evaluate
 from align.models import build_head
 from align.reports.sweep import sweep_command
 from align.stats import paired_test
-from align.sweep import RUN_FILE, TIMING_FIELDS, SweepConfig, load_spec, run_sweep
+from align.sweep import RUN_FILE, TIMING_FIELDS, SweepConfig, format_sweep, load_spec, run_sweep
 from cache import FeatureCache, UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,6 +135,32 @@ def test_a_folder_the_sweep_did_not_write_is_refused(free_sweep, tmp_path):
     with pytest.raises(UserError, match="did not write"):
         run()
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_ctrl_c_stops_the_sweep_and_a_rerun_finishes_it(free_sweep, tmp_path, monkeypatch):
+    """Ctrl-C inside a run's training: train saves last.pt, the sweep stops without a table;
+    the rerun skips the finished runs and resumes that one."""
+    run, _, spec_file = free_sweep
+    spec_file.write_text(HEADS_FILE + '[[run]]\nname = "ta2n"\nhead = "ta2n"\nepochs = 2\n'
+                         'episodes-per-epoch = 4\nval-episodes = 2\nqueries = 2\n')
+    real_train = align.sweep.train
+
+    def interrupted_train(cfg, **kwargs):
+        def ctrl_c(epoch, episode):
+            if (epoch, episode) == (1, 2):
+                os.kill(os.getpid(), signal.SIGINT)  # the real signal path, handled by train
+        return real_train(cfg, on_episode=ctrl_c, **kwargs)
+
+    monkeypatch.setattr(align.sweep, "train", interrupted_train)
+    stopped, _ = run(seeds=(0,))
+    assert stopped["interrupted"] and "rerun the same command" in format_sweep(stopped)
+    assert not (tmp_path / "sweep" / "sweep.csv").exists()
+    assert (tmp_path / "sweep" / "runs" / "ta2n-1shot-seed0" / "last.pt").exists()
+    monkeypatch.setattr(align.sweep, "train", real_train)
+    finished, lines = run(seeds=(0,))
+    assert any("2 done, 1 to resume, 0 to run" in line for line in lines), lines
+    ta2n = next(r for r in finished["runs"] if r["run"] == "ta2n")
+    assert ta2n["epochs_done"] == 2 and (tmp_path / "sweep" / "sweep.csv").exists()
 
 
 def test_sweep_command_line(tmp_path, monkeypatch, make_synth):
