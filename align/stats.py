@@ -1,10 +1,12 @@
-"""Statistics for comparing runs: the spread over seeds, and the paired test of two heads scored
+"""Statistics for comparing runs: the spread over seeds, and the paired tests of two heads scored
 on the same episodes (``sweep``'s "vs" columns).
 
-Two heads scored on identical episodes are compared episode by episode: the test is a two-sided
-paired t-test (``scipy.stats.ttest_rel``) on the per-episode accuracies, with the t-interval of
-the mean difference. Pairing removes the episode-to-episode difficulty that both heads share,
-which two overlapping 95% intervals cannot: "+0.4 points, p = 0.31" instead of two intervals.
+Two heads scored on identical episodes are compared episode by episode: a two-sided paired
+t-test (``scipy.stats.ttest_rel``) on the per-episode accuracies, with the t-interval of the
+mean difference. Pairing removes the episode-to-episode difficulty that both heads share, which
+two overlapping 95% intervals cannot: "+0.4 points, p = 0.31" instead of two intervals. That test
+treats the trained heads as fixed; whether a gain survives retraining with another seed is the
+same test on the per-seed accuracies (paired by seed, which fixes the episodes too).
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ import warnings
 import numpy as np
 from scipy import stats
 
-PAIRED_TEST = "two-sided paired t-test on per-episode accuracies (scipy.stats.ttest_rel)"
+PAIRED_EPISODES = ("two-sided paired t-test (scipy.stats.ttest_rel) on the per-episode "
+                   "accuracies, every seed's episodes pooled (training-seed variance not "
+                   "included: do these trained heads differ on this task distribution?)")
+PAIRED_SEEDS = ("two-sided paired t-test (scipy.stats.ttest_rel) on the per-seed accuracies, "
+                "df = seeds - 1 (does the gain hold across training seeds?)")
 
 
 def paired_test(a, b, confidence: float = 0.95) -> dict:

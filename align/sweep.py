@@ -42,7 +42,7 @@ from align.evaluate import EvalConfig, evaluate
 from align.models import HEADS, head_class, head_names
 from align.models.acm import SC_MODES
 from align.runs import RUNS_ROOT, HeadSource, load_head_source
-from align.stats import PAIRED_TEST, format_p, paired_test, seed_spread
+from align.stats import PAIRED_EPISODES, PAIRED_SEEDS, format_p, paired_test, seed_spread
 from align.train import TrainConfig, train
 from cache import FeatureCache, UserError
 from cache.atomic import atomic_path, write_json, write_text
@@ -684,7 +684,7 @@ def load_run(plan: RunPlan) -> tuple[dict, dict]:
 def summarise(spec: SweepSpec, cfg: SweepConfig, plans: list[RunPlan],
               references: dict[str, str | None], out: Path, cache_path: str) -> dict:
     """Per run (the CSV lines) and per row: per-seed accuracy +- CI, mean +- std over seeds,
-    and the paired test against the row's reference on the pooled per-episode accuracies."""
+    and the paired tests against the row's reference (over episodes, over seeds)."""
     runs, episodes = [], {}
     for plan in plans:
         result, report = load_run(plan)
@@ -704,17 +704,22 @@ def summarise(spec: SweepSpec, cfg: SweepConfig, plans: list[RunPlan],
     return {"title": spec.title, "cache": cache_path, "out": str(out),
             "test": {"split": cfg.split, "way": cfg.way, "queries": cfg.queries,
                      "episodes": cfg.episodes, "seeds": list(cfg.seeds)},
-            "statistics": f"{PAIRED_TEST}; each seed's episodes are pooled",
+            "statistics": {"episodes": PAIRED_EPISODES, "seeds": PAIRED_SEEDS},
             "shared_options": shared_options(plans), "rows": rows, "runs": runs,
             "interrupted": False}
 
 
 def _paired(episodes: dict, key: tuple[str, int], vs: str | None) -> dict | None:
-    """B = the row, A = its reference at the same K; seeds in the same order on both sides."""
+    """B = the row, A = its reference at the same K, seeds in the same order on both sides:
+    over all seeds' episodes pooled, and over the per-seed accuracies (two seeds or more)."""
     if vs is None:
         return None
-    a, b = np.concatenate(episodes[(vs, key[1])]), np.concatenate(episodes[key])  # (S * E,)
-    return paired_test(a, b)
+    a, b = episodes[(vs, key[1])], episodes[key]  # S arrays of (E,)
+    by_seed = None
+    if len(a) > 1:
+        by_seed = paired_test([x.mean() for x in a], [x.mean() for x in b])  # S pairs
+    return {"episodes": paired_test(np.concatenate(a), np.concatenate(b)),  # S * E pairs
+            "seeds": by_seed}
 
 
 def shared_options(plans: list[RunPlan]) -> dict:
@@ -771,20 +776,25 @@ def format_markdown(summary: dict) -> str:
     several_k = len({r["shot"] for r in rows}) > 1
     best = {k: max(r["mean"] for r in rows if r["shot"] == k) for k in {r["shot"] for r in rows}}
     head = (["run"] + (["K"] if several_k else []) + [f"seed {s}" for s in seeds]
-            + ["mean +- std" if len(seeds) > 1 else "mean", "vs", "gain [95% CI]", "p"])
+            + ["mean +- std" if len(seeds) > 1 else "mean", "vs", "gain [95% CI]",
+               "p (episodes)", "p (seeds)"])
     lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
     for r in rows:
         mean = _cell(r["mean"], r["std"])
         mean = f"**{mean}**" if r["mean"] == best[r["shot"]] else mean
-        p = r["paired"]
-        compare = (["", "(reference)", ""] if p is None else
-                   [r["vs"].replace("|", "\\|"),
-                    f"{p['gain']:+.2f} [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}]",
-                    format_p(p["p"])])
+        compare = ["", "(reference)", "", ""] if r["paired"] is None else _comparison(r)
         cells = ([r["run"].replace("|", "\\|")] + ([str(r["shot"])] if several_k else [])
                  + [_cell(s["accuracy"], s["ci95"]) for s in r["seeds"]] + [mean] + compare)
         lines.append(f"| {' | '.join(cells)} |")
     return "\n".join([_caption(summary), "", *lines, ""])
+
+
+def _comparison(row: dict) -> list[str]:
+    """vs, gain [CI], p over episodes, p over seeds (blank with one seed)."""
+    p, by_seed = row["paired"]["episodes"], row["paired"]["seeds"]
+    return [row["vs"].replace("|", "\\|"),
+            f"{p['gain']:+.2f} [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}]", format_p(p["p"]),
+            "" if by_seed is None else format_p(by_seed["p"])]
 
 
 def _caption(summary: dict) -> str:
@@ -796,8 +806,10 @@ def _caption(summary: dict) -> str:
             f"{'/'.join(map(str, shots))}-shot {test['split']} accuracy (%), every run scored "
             f"on the same {test['episodes']} saved episodes per seed (Q = {test['queries']}); "
             f"seed columns: mean +- 95% CI over the episodes; mean +- std (sample) over seeds "
-            f"{', '.join(map(str, test['seeds']))}; gain: points over the row in 'vs', "
-            f"{summary['statistics']}." + (f" Trained runs: {budget}." if budget else ""))
+            f"{', '.join(map(str, test['seeds']))}; gain: points over the row in 'vs' with its "
+            f"95% CI over the pooled episodes; p (episodes): {summary['statistics']['episodes']}"
+            f"; p (seeds): {summary['statistics']['seeds']}."
+            + (f" Trained runs: {budget}." if budget else ""))
 
 
 def format_sweep(summary: dict) -> str:
@@ -806,5 +818,5 @@ def format_sweep(summary: dict) -> str:
         return (f"interrupted: finished runs are kept in {summary['out']}; rerun the same "
                 f"command to continue")
     return "\n".join([format_markdown(summary),
-                      f"wall time  {summary['wall_time_s']:.1f} s",
+                      f"wall time  {summary['wall_time_s']:.1f} s (this invocation)",
                       "wrote      " + ", ".join(summary["files"].values())])

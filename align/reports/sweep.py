@@ -14,7 +14,8 @@ from align.sweep import SweepConfig, load_spec, run_sweep
 
 def plot_sweep(summary: dict, path: Path) -> None:
     """Bars: mean accuracy over seeds; error bars: std over seeds (the seed's 95% CI when there
-    is one seed); dots: each seed; above a compared bar: its paired p against its 'vs' row."""
+    is one seed); dots: each seed; above a compared bar: its paired tests' p against its 'vs'
+    row, over episodes and over seeds."""
     rows = summary["rows"]
     shots = sorted({r["shot"] for r in rows})
     names = list(dict.fromkeys(r["run"] for r in rows))
@@ -28,7 +29,8 @@ def plot_sweep(summary: dict, path: Path) -> None:
             _bar(ax, x, width, r, color=f"C{j}", label=f"K = {shot}" if len(shots) > 1 else None)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(f"{summary['test']['split']} accuracy (%)")
-    ax.set_xlabel("p: paired t-test against the row's 'vs' row (sweep.md)", fontsize=8)
+    ax.set_xlabel("p ep / p seeds: paired t-tests against the row's 'vs' row over episodes / "
+                  "over seeds (sweep.md)", fontsize=8)
     one_seed = len(summary["test"]["seeds"]) == 1
     ax.set_title(f"sweep {summary['title']}: {summary['test']['way']}-way, "
                  f"{summary['test']['episodes']} episodes per seed; error bars: "
@@ -48,8 +50,10 @@ def _bar(ax, x: float, width: float, row: dict, color: str, label: str | None) -
            label=label)
     ax.scatter(np.full(len(seeds), x), seeds, s=9, color="black", zorder=3)
     if row["paired"] is not None:
-        p = format_p(row["paired"]["p"])
-        ax.annotate(f"p{p}" if p.startswith("<") else f"p={p}", (x, row["mean"] + err),
+        tests = [("ep", row["paired"]["episodes"]), ("seeds", row["paired"]["seeds"])]
+        text = "\n".join(f"p {name} {format_p(t['p'])}" for name, t in tests if t is not None)
+        top = max(row["mean"] + err, float(seeds.max()))  # above the error bar and every dot
+        ax.annotate(text, (x, top),
                     xytext=(0, 3), textcoords="offset points", ha="center", fontsize=6)
 
 

@@ -97,7 +97,10 @@ def test_every_run_of_a_seed_is_scored_on_the_same_saved_episodes(free_sweep):
     pooled = {n: np.concatenate([reports[(n, s)]["episode_accuracy"] for s in (0, 1)])
               for n in ("protonet", "otam")}
     assert otam["vs"] == "protonet"
-    assert otam["paired"] == pytest.approx(paired_test(pooled["protonet"], pooled["otam"]))
+    assert otam["paired"]["episodes"] == pytest.approx(
+        paired_test(pooled["protonet"], pooled["otam"]))
+    by_seed = [[reports[(n, s)]["accuracy"] for s in (0, 1)] for n in ("protonet", "otam")]
+    assert otam["paired"]["seeds"] == pytest.approx(paired_test(*by_seed))
     table = (out / "sweep.md").read_text()
     assert "| otam |" in table and "(reference)" in table and "ttest_rel" in table
     assert any("4 to run" in line for line in lines)
