@@ -363,3 +363,22 @@ def spread_constant(out: torch.Tensor, height: int, width: int,
     cases = out.unflatten(-2, (-1, 3, 3)).movedim(-1, -3)  # (..., O, T, 3, 3)
     full = _spread_cases(_spread_cases(cases, -2, height), -1, width)  # (..., O, T, H, W)
     return full if keep is None else full[..., :keep[0], :keep[1]]
+
+
+def add_constant_cases(h: torch.Tensor, cases: torch.Tensor, height: int,
+                       width: int) -> torch.Tensor:
+    """h (..., H', W') += cases (..., 3, 3) spread over the (H, W) map's first / interior /
+    last rows and columns, in place; h may be a top-left crop (H' <= H, W' <= W). Each
+    position is written once and no (..., H, W) copy of the cases is made."""
+    for a, rows in _case_slices(height, h.shape[-2]):
+        for b, cols in _case_slices(width, h.shape[-1]):
+            h[..., rows, cols] += cases[..., a:a + 1, b:b + 1]
+    return h
+
+
+def _case_slices(length: int, kept: int) -> list[tuple[int, slice]]:
+    """(case, positions) of the first, interior and last rows among the first ``kept``."""
+    out = [(0, slice(0, 1)), (1, slice(1, min(kept, length - 1)))]
+    if kept == length:
+        out.append((2, slice(length - 1, length)))
+    return out

@@ -37,15 +37,16 @@ import torch.nn.functional as F
 
 from align.models.acm import (
     _closest_shift,
+    add_constant_cases,
     case_tap_kernels,
     constant_taps,
     first_conv_halves,
     integer_offsets,
     offset_mask,
-    spread_constant,
 )
 from align.models.layers import (
     apply_running_updates,
+    batch_norm_affine,
     conv3d_kept,
     frame_cosine_distance,
     mix_time,
@@ -63,12 +64,14 @@ class ClassTerms:
     """What the pair step needs of the episodes' classes; B = E * way rows, episode-major.
 
     Args:
-        maps: (B, C, T, H, W) prototype maps without TC's residual (SC pools them), or None.
+        maps: (B, T, C, H, W) prototype maps, time-major (SC pools them with one batched
+            matmul per frame), without TC's residual; or None without SC.
         mean: (B, C, T) their spatial means.
         key: (B, C, T) TC's Wk of the mean, or None without TC.
         residual: (B, C, T) TC's Wv of the mean (added to the prototype), or None.
         conv: (B, O, T, H', W') SC's first conv of the prototype half (residual and bias
             included), or None without a predictor.
+        normalized: ``conv`` and the query terms include SC's first BatchNorm (eval: folded).
     """
 
     maps: torch.Tensor | None
@@ -76,6 +79,7 @@ class ClassTerms:
     key: torch.Tensor | None
     residual: torch.Tensor | None
     conv: torch.Tensor | None
+    normalized: bool = False
 
 
 @dataclass
@@ -83,7 +87,7 @@ class QueryTerms:
     """What the pair step needs of the episodes' queries; B = E * M rows.
 
     Args:
-        maps: (B, C, T, H, W) query maps for SC's pooling, or None without SC.
+        maps: (B, T, C, H, W) query maps, time-major, for SC's pooling, or None without SC.
         project: applied to the pooled query features when ``maps`` are not yet projected by
             Wv' (training K > 1: Wv' after pooling), else None.
         mean: (B, C, T) spatial means (projected).
@@ -141,10 +145,11 @@ def sc_keep(head, height: int, width: int) -> tuple[int, int] | None:
 def video_states(head, maps: torch.Tensor, shot: int) -> dict[str, torch.Tensor]:
     """Every episode-independent tensor of videos (n, C, T, H, W), head in eval mode.
 
-    Keys (n leading): maps (C, T, H, W) warped, projected by Wv' when shot > 1 (with SC);
-    mean (C, T); shot_key, shot_query (C, T) Wk', Wq' of the warped mean (shot > 1); tc_key,
-    tc_query, tc_value (C, T) (TC); support_taps (3, O, T, H', W'), query_conv (O, T, H', W')
-    (SC's predictor); support_value_taps, query_value_taps (3, 9 O, T) (predictor and TC).
+    Keys (n leading): maps (T, C, H, W) warped, projected by Wv' when shot > 1, time-major
+    (with SC); mean (C, T); shot_key, shot_query (C, T) Wk', Wq' of the warped mean (shot > 1);
+    tc_key, tc_query, tc_value (C, T) (TC); support_taps (3, T, O, H', W'), query_conv (O, T,
+    H', W') (SC's predictor); support_value_taps, query_value_taps (3, 9 O, T) (predictor and
+    TC). The predictor's terms include its first BatchNorm's scale (eval: an affine map).
     """
     height, width = maps.shape[-2:]
     warped = mix_time(warps(head, maps, 1), maps) if head.ttm is not None else maps
@@ -161,11 +166,14 @@ def video_states(head, maps: torch.Tensor, shot: int) -> dict[str, torch.Tensor]
                           ("value", head.tc.valuenet)):
             state[f"tc_{name}"] = net(state["mean"])  # (n, C, T)
     if head.sc is not None:
-        state["maps"] = projected
+        state["maps"] = projected.transpose(1, 2).contiguous()  # (n, T, C, H, W)
     if predicts_offsets(head):
         w_support, w_query, _ = first_conv_halves(head.sc)
+        scale = batch_norm_affine(head.sc.mvnet[1])[0]  # (O,) the first BatchNorm's
+        w_support, w_query = (w * scale.view(-1, 1, 1, 1, 1) for w in (w_support, w_query))
         keep = sc_keep(head, height, width)
-        state["support_taps"] = tap_convs(projected, w_support, keep)  # (n, 3, O, T, H', W')
+        taps = tap_convs(projected, w_support, keep)  # (n, 3, O, T, H', W')
+        state["support_taps"] = taps.transpose(2, 3).contiguous()  # (n, 3, T, O, H', W')
         state["query_conv"] = conv3d_kept(projected, w_query, None, (1, 1, 1), keep)
         if head.tc is not None:
             for half, weight in (("support", w_support), ("query", w_query)):
@@ -199,7 +207,8 @@ def episode_terms(head, support: torch.Tensor, query: torch.Tensor, way: int, sh
         support_conv = support_conv + bias[:, None, None, None]
     classes = _class_terms(head, protos, support_conv)
     value = None if head.tc is None else head.tc.valuenet(mean_q)  # (E*M, C, T)
-    terms = QueryTerms(maps=queries if head.sc is not None else None, project=project,
+    terms = QueryTerms(maps=queries.transpose(1, 2) if head.sc is not None else None,
+                       project=project,
                        mean=mean_q, query=None if head.tc is None else head.tc.querynet(mean_q),
                        value=value, conv=None, value_taps=None)
     if predicts_offsets(head):
@@ -249,9 +258,10 @@ def _class_terms(head, protos: torch.Tensor, conv: torch.Tensor | None = None) -
             conv = F.conv3d(protos, w_support, bias, padding=1)  # (B, O, T, H, W)
         if residual is not None:
             taps = constant_taps(residual, case_tap_kernels(w_support))  # (B, 3, 9 O, T)
-            conv = conv + spread_constant(tap_mix(None, taps), *protos.shape[-2:])
-    return ClassTerms(maps=protos if head.sc is not None else None, mean=mean, key=key,
-                      residual=residual, conv=conv)
+            cases = tap_mix(None, taps).unflatten(1, (-1, 3, 3)).movedim(-1, 2)  # (B,O,T,3,3)
+            conv = add_constant_cases(conv, cases, *protos.shape[-2:])
+    return ClassTerms(maps=protos.transpose(1, 2) if head.sc is not None else None, mean=mean,
+                      key=key, residual=residual, conv=conv)
 
 
 # ------------------------------------------------------------------------------ from states
@@ -260,51 +270,70 @@ def state_terms(head, support: dict, query: dict, way: int, shot: int,
     """Terms of E episodes from per-video states (``video_states``): support rows (E*way*shot,
     ...) and query rows (E*M, ...), episode-major. Per episode only the shots are mixed."""
     classes = way * episodes
-    mix = None
+    mix = None  # (B, K, T_y, T_x): the shots' attention, transposed, / K
     if shot > 1:
         refs = support["shot_query"].unflatten(0, (classes, shot))[:, 0]  # (B, C, T)
         attn = head.shots.attention_from_keys(support["shot_key"], refs, classes, shot)
         mix = attn.transpose(-1, -2) / shot  # (B, K, T_y, T_x)
 
-    def over_shots(x: torch.Tensor) -> torch.Tensor:  # (B*K, C, T, ...) -> (B, C, T, ...)
+    def over_shots(x: torch.Tensor) -> torch.Tensor:  # (B*K, C, T) -> (B, C, T)
         if mix is None:
             return x
-        return torch.einsum("bkts,bkcs...->bct...", mix.to(x.dtype),
-                            x.unflatten(0, (classes, shot)))
+        return torch.einsum("bkts,bkcs->bct", mix.to(x.dtype), x.unflatten(0, (classes, shot)))
 
-    def taps_over_shots(z: torch.Tensor) -> torch.Tensor:  # (B*K, 3, O, T, ...) -> (B, O, ...)
-        if mix is None:
-            return tap_mix(None, z)
-        shifted = shifted_taps(mix.to(z.dtype))  # (B, K, 3, T, T)
-        return torch.einsum("bkdts,bkdos...->bot...", shifted, z.unflatten(0, (classes, shot)))
-
-    conv = None
+    conv = maps = None
+    if "maps" in support:
+        maps = support["maps"]  # (B*K, T, C, H, W)
+        if mix is not None:  # one matmul per class: (T, K*T) x (K*T, C*H*W)
+            frames = maps.shape[1]
+            flat = mix.to(maps.dtype).transpose(1, 2).reshape(classes, frames, -1)
+            maps = (flat @ maps.reshape(classes, shot * frames, -1)).view(
+                classes, *maps.shape[1:])  # (B, T, C, H, W)
     if predicts_offsets(head):
-        bias = first_conv_halves(head.sc)[2]
-        conv = taps_over_shots(support["support_taps"])  # (B, O, T, H', W')
+        conv = _mixed_taps(mix, support["support_taps"], classes)  # (B, O, T, H', W')
+        scale, shift = batch_norm_affine(head.sc.mvnet[1])
+        bias = first_conv_halves(head.sc)[2] * scale + shift  # (O,) bias and BatchNorm
         conv = conv + bias.to(conv.dtype)[:, None, None, None]
         if "support_value_taps" in support:
-            height, width = support["maps"].shape[-2:]
-            conv = conv + spread_constant(taps_over_shots(support["support_value_taps"]),
-                                          height, width, tuple(conv.shape[-2:]))
+            taps = support["support_value_taps"]  # (B*K, 3, 9 O, T)
+            if mix is None:
+                cases = tap_mix(None, taps)  # (B, 9 O, T)
+            else:
+                cases = torch.einsum("bkdts,bkdos->bot", shifted_taps(mix.to(taps.dtype)),
+                                     taps.unflatten(0, (classes, shot)))  # (B, 9 O, T)
+            cases = cases.unflatten(1, (-1, 3, 3)).movedim(-1, 2)  # (B, O, T, 3, 3)
+            conv = add_constant_cases(conv, cases, *support["maps"].shape[-2:])
     get = support.get
     class_terms = ClassTerms(
-        maps=over_shots(get("maps")) if "maps" in support else None,
-        mean=over_shots(support["mean"]),
+        maps=maps, mean=over_shots(support["mean"]),
         key=over_shots(get("tc_key")) if "tc_key" in support else None,
-        residual=over_shots(get("tc_value")) if "tc_value" in support else None, conv=conv)
+        residual=over_shots(get("tc_value")) if "tc_value" in support else None, conv=conv,
+        normalized=True)
     query_terms = QueryTerms(maps=query.get("maps"), project=None, mean=query["mean"],
                              query=query.get("tc_query"), value=query.get("tc_value"),
                              conv=query.get("query_conv"), value_taps=query.get("query_value_taps"))
     return class_terms, query_terms
 
 
+def _mixed_taps(mix: torch.Tensor | None, taps: torch.Tensor, classes: int) -> torch.Tensor:
+    """SC's prototype-half conv (B, O, T, H', W') from the shots' taps (B*K, 3, T, O, H', W'):
+    sum_k sum_d sum_s mix[k, t+d-1, s] taps[k, d, s], one matmul per class."""
+    frames = taps.shape[2]
+    shot = taps.shape[0] // classes
+    if mix is None:
+        mix = torch.eye(frames, device=taps.device).expand(classes, 1, frames, frames)
+    shifted = shifted_taps(mix.to(taps.dtype))  # (B, K, 3, T_out, T_s)
+    flat = shifted.permute(0, 3, 1, 2, 4).reshape(classes, frames, -1)  # (B, T, K*3*T)
+    out = flat @ taps.reshape(classes, shot * 3 * frames, -1)  # (B, T, O*H'*W')
+    return out.view(classes, frames, *taps.shape[3:]).transpose(1, 2)  # (B, O, T, H', W')
+
+
 # ------------------------------------------------------------------------------ pairs
 def pair_logits(head, classes: ClassTerms, queries: QueryTerms, episodes: int) -> torch.Tensor:
     """Logits (E, M, way) of every (prototype, query) pair of E episodes: TC's attention,
-    SC's offsets and pooling, the frame cosine distance."""
-    mean_s = classes.mean.unflatten(0, (episodes, -1))  # (E, N, C, T)
-    mean_q = queries.mean.unflatten(0, (episodes, -1))  # (E, M, C, T)
+    SC's offsets and pooling, the frame cosine distance. Pair features are (E, N, M, T, C)."""
+    mean_s = classes.mean.unflatten(0, (episodes, -1)).transpose(-1, -2)  # (E, N, T, C)
+    mean_q = queries.mean.unflatten(0, (episodes, -1)).transpose(-1, -2)  # (E, M, T, C)
     n, m = mean_s.shape[1], mean_q.shape[1]
     attn = tc = residual = None
     if head.tc is not None:
@@ -313,29 +342,42 @@ def pair_logits(head, classes: ClassTerms, queries: QueryTerms, episodes: int) -
         logits = torch.einsum("encx,emcy->enmxy", keys, asks) / math.sqrt(keys.shape[2])
         attn = logits.softmax(-1)  # (E, N, M, T_x, T_y) over query time y
         values = queries.value.unflatten(0, (episodes, m))  # (E, M, C, T)
-        tc = torch.einsum("enmxy,emcy->enmcx", attn, values)  # (E, N, M, C, T)
-        residual = classes.residual.unflatten(0, (episodes, n))[:, :, None]  # (E, N, 1, C, T)
+        tc = torch.einsum("enmxy,emcy->enmxc", attn, values)  # (E, N, M, T, C)
+        residual = classes.residual.unflatten(0, (episodes, n)).transpose(-1, -2)[:, :, None]
     if head.sc is None:
         f_s = mean_s[:, :, None] if residual is None else mean_s[:, :, None] + residual
-        f_s = f_s.expand(-1, -1, m, -1, -1)  # (E, N, M, C, T)
-        f_q = mean_q[:, None].expand(-1, n, -1, -1, -1)  # (E, N, M, C, T)
+        f_s = f_s.expand(-1, -1, m, -1, -1)  # (E, N, M, T, C)
+        f_q = mean_q[:, None].expand(-1, n, -1, -1, -1)  # (E, N, M, T, C)
     elif head.sc.mode == "enumerate":
         f_s, f_q = _enumerate_features(classes, queries, residual, tc, episodes)
     else:
         offsets = _offsets(head, classes, queries, attn, episodes)  # (E, N, M, T, 2)
         mask_s, mask_q = head.sc._pair_masks(offsets, *classes.maps.shape[-2:])
-        maps_s = classes.maps.unflatten(0, (episodes, n))  # (E, N, C, T, H, W)
-        maps_q = queries.maps.unflatten(0, (episodes, m))  # (E, M, C, T, H, W)
-        f_s = torch.einsum("enmthw,encthw->enmct", mask_s.to(maps_s.dtype), maps_s)
-        f_q = torch.einsum("enmthw,emcthw->enmct", mask_q.to(maps_q.dtype), maps_q)
+        f_s = pool_pairs(mask_s, classes.maps, episodes, by_class=True)  # (E, N, M, T, C)
+        f_q = pool_pairs(mask_q, queries.maps, episodes, by_class=False)  # (E, N, M, T, C)
         if queries.project is not None:
-            f_q = queries.project(f_q)  # (E, N, M, C, T)
+            f_q = queries.project(f_q.transpose(-1, -2)).transpose(-1, -2)  # (E, N, M, T, C)
         if residual is not None:
-            f_s = f_s + residual  # (E, N, M, C, T)
+            f_s = f_s + residual  # (E, N, M, T, C)
     if tc is not None:
-        f_q = f_q + tc  # (E, N, M, C, T)
-    distances = frame_cosine_distance(f_s, f_q)  # (E, N, M)
+        f_q = f_q + tc  # (E, N, M, T, C)
+    distances = frame_cosine_distance(f_s, f_q, channel_dim=-1)  # (E, N, M)
     return -distances.transpose(1, 2)  # (E, M, N)
+
+
+def pool_pairs(mask: torch.Tensor, maps: torch.Tensor, episodes: int,
+               by_class: bool) -> torch.Tensor:
+    """SC's masked pooling of every pair: mask (E, N, M, T, H, W) on the classes' (by_class)
+    or the queries' time-major maps (E*X, T, C, H, W) -> (E, N, M, T, C); per frame one batched
+    (pairs, H*W) x (H*W, C) matmul on a view of the maps."""
+    e, n, m, frames = mask.shape[:4]
+    flat = maps.reshape(e, -1, frames, maps.shape[2], mask.shape[-2] * mask.shape[-1])
+    weights = mask.flatten(-2).to(maps.dtype)  # (E, N, M, T, HW)
+    if by_class:
+        out = weights.permute(0, 1, 3, 2, 4) @ flat.transpose(-1, -2)  # (E, N, T, M, C)
+        return out.transpose(2, 3)  # (E, N, M, T, C)
+    out = weights.permute(0, 2, 3, 1, 4) @ flat.transpose(-1, -2)  # (E, M, T, N, C)
+    return out.permute(0, 3, 1, 2, 4)  # (E, N, M, T, C)
 
 
 def _offsets(head, classes: ClassTerms, queries: QueryTerms, attn: torch.Tensor | None,
@@ -347,34 +389,35 @@ def _offsets(head, classes: ClassTerms, queries: QueryTerms, attn: torch.Tensor 
     if attn is not None and queries.value_taps is not None:
         taps = queries.value_taps.unflatten(0, (episodes, -1))  # (E, M, 3, 9 O, T)
         out = torch.einsum("enmdts,emdks->enmkt", shifted_taps(attn.to(taps.dtype)), taps)
-        height, width = classes.maps.shape[-2:]
-        h = h + spread_constant(out, height, width, tuple(h.shape[-2:]))
+        cases = out.unflatten(3, (-1, 3, 3)).movedim(-1, 4)  # (E, N, M, O, T, 3, 3)
+        h = add_constant_cases(h, cases, *classes.maps.shape[-2:])
     e, n, m = h.shape[:3]
-    out = run_layers(head.sc.mvnet[1:], h.flatten(0, 2), episodes)  # (E*N*M, 2, T)
+    layers = head.sc.mvnet[2:] if classes.normalized else head.sc.mvnet[1:]
+    out = run_layers(layers, h.flatten(0, 2), episodes)  # (E*N*M, 2, T)
     return (out * head.sc.scale).transpose(1, 2).unflatten(0, (e, n, m))  # (E, N, M, T, 2)
 
 
 def _enumerate_features(classes: ClassTerms, queries: QueryTerms, residual, tc, episodes: int):
     """SC's enumerate variant: per frame the integer shift whose pooled pair is closest."""
-    maps_s, maps_q = classes.maps, queries.maps  # (B, C, T, H, W) each
+    maps_s, maps_q = classes.maps, queries.maps  # (B, T, C, H, W) each
     height, width = maps_s.shape[-2:]
     dtype = torch.promote_types(maps_s.dtype, torch.float32)
     cands = integer_offsets(height, width, maps_s.device, dtype)  # (S, 2)
     mask_s = offset_mask(cands, height, width).to(maps_s.dtype)  # (S, H, W)
     mask_q = offset_mask(-cands, height, width).to(maps_q.dtype)  # (S, H, W)
-    pooled_s = torch.einsum("shw,ncthw->ntsc", mask_s, maps_s)  # (B, T, S, C)
-    pooled_q = torch.einsum("shw,mcthw->mtsc", mask_q, maps_q)  # (B', T, S, C)
+    pooled_s = torch.einsum("shw,ntchw->ntsc", mask_s, maps_s)  # (B, T, S, C)
+    pooled_q = torch.einsum("shw,mtchw->mtsc", mask_q, maps_q)  # (B', T, S, C)
     pooled_s = pooled_s.unflatten(0, (episodes, -1))  # (E, N, T, S, C)
     pooled_q = pooled_q.unflatten(0, (episodes, -1))  # (E, M, T, S, C)
     if residual is not None:  # the prototype's residual is constant over H, W: every shift
-        pooled_s = pooled_s + residual[:, :, 0].transpose(-1, -2)[:, :, :, None]
+        pooled_s = pooled_s + residual[:, :, 0, :, None]  # (E, N, T, S, C)
     with torch.no_grad():
-        best = _closest_shift(pooled_s, pooled_q, tc)  # (E, N, M, T)
+        best = _closest_shift(pooled_s, pooled_q, None if tc is None else tc.transpose(-1, -2))
     e, n, m, frames = best.shape
     e_idx = torch.arange(e, device=best.device)[:, None, None, None]  # (E, 1, 1, 1)
     n_idx = torch.arange(n, device=best.device)[None, :, None, None]  # (1, N, 1, 1)
     m_idx = torch.arange(m, device=best.device)[None, None, :, None]  # (1, 1, M, 1)
     t_idx = torch.arange(frames, device=best.device)  # (T,)
-    f_s = pooled_s[e_idx, n_idx, t_idx, best].transpose(-1, -2)  # (E, N, M, C, T)
-    f_q = pooled_q[e_idx, m_idx, t_idx, best].transpose(-1, -2)  # (E, N, M, C, T)
+    f_s = pooled_s[e_idx, n_idx, t_idx, best]  # (E, N, M, T, C)
+    f_q = pooled_q[e_idx, m_idx, t_idx, best]  # (E, N, M, T, C)
     return f_s, f_q

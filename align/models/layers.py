@@ -54,9 +54,12 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def frame_cosine_distance(f_s: torch.Tensor, f_q: torch.Tensor) -> torch.Tensor:
-    """sum_t (1 - cos(f_s[..., :, t], f_q[..., :, t])) for features (..., C, T) -> (...)."""
-    cos = (F.normalize(f_s, dim=-2) * F.normalize(f_q, dim=-2)).sum(-2)  # (..., T)
+def frame_cosine_distance(f_s: torch.Tensor, f_q: torch.Tensor,
+                          channel_dim: int = -2) -> torch.Tensor:
+    """sum_t (1 - cos(f_s[..., :, t], f_q[..., :, t])) for features (..., C, T) -> (...);
+    ``channel_dim=-1`` for features (..., T, C)."""
+    cos = (F.normalize(f_s, dim=channel_dim) * F.normalize(f_q, dim=channel_dim)).sum(
+        channel_dim)  # (..., T)
     return (1 - cos).sum(-1)
 
 
@@ -188,33 +191,45 @@ def apply_running_updates(calls: list[list[RunningUpdate]], groups: int) -> None
 def run_layers(layers, x: torch.Tensor, groups: int = 1,
                deferred: list | None = None) -> torch.Tensor:
     """Run a Sequential's ``layers`` on x, which stacks ``groups`` batches (BatchNorm per
-    batch in training, see ``batch_norm``). With BatchNorm in eval mode, a 3 x 3 x 3 Conv3d
-    followed by BatchNorm and a MaxPool that drops trailing rows / columns computes only the
-    positions the pooling reads (exact: eval BatchNorm is per position). ``deferred``: see
-    ``batch_norm``."""
+    batch in training, see ``batch_norm``; ``deferred`` too).
+
+    With BatchNorm in eval mode (an affine map per channel) a 'same' Conv3d followed by it
+    absorbs it (``fold_batch_norm``), and when a MaxPool that drops trailing rows / columns
+    comes next, the conv computes only the positions the pooling reads. Both are exact.
+    """
     layers = list(layers)
-    for i, layer in enumerate(layers):
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        after = layers[i + 1:i + 3]
         if isinstance(layer, nn.BatchNorm3d):
             x = batch_norm(layer, x, groups, deferred)
-        elif isinstance(layer, nn.Conv3d) and _same_size(layer):
-            x = conv3d_kept(x, layer.weight, layer.bias, layer.padding,
-                            _kept_after(layers[i + 1:], x))
+        elif isinstance(layer, nn.Conv3d) and _same_size(layer) and after and \
+                isinstance(after[0], nn.BatchNorm3d) and not after[0].training:
+            weight, bias = fold_batch_norm(layer.weight, layer.bias, after[0])
+            keep = pooled_extent(after[1], tuple(x.shape[-2:])) if len(after) > 1 else None
+            x = conv3d_kept(x, weight, bias, layer.padding, keep)
+            i += 1  # the BatchNorm is inside the conv now
         else:
             x = layer(x)
+        i += 1
     return x
+
+
+def batch_norm_affine(bn: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) (C,) of an eval-mode BatchNorm: bn(x) = scale * x + shift per channel."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C,)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm3d):
+    """Conv weight (O, ...) and bias (O,) that include an eval-mode BatchNorm after the conv."""
+    scale, shift = batch_norm_affine(bn)
+    folded = weight * scale.view(-1, *([1] * (weight.dim() - 1))).to(weight.dtype)
+    return folded, shift if bias is None else bias * scale + shift
 
 
 def _same_size(conv: nn.Conv3d) -> bool:
     """Stride 1 and 'same' padding: the output has the input's size."""
     return conv.stride == (1, 1, 1) and all(2 * p == k - 1 for p, k in
                                             zip(conv.padding, conv.kernel_size))
-
-
-def _kept_after(rest: list, x: torch.Tensor) -> tuple[int, int] | None:
-    """(H', W') a conv's output needs when eval BatchNorm and a row-dropping MaxPool follow."""
-    if len(rest) < 2 or not isinstance(rest[0], nn.BatchNorm3d) or rest[0].training:
-        return None
-    extent = pooled_extent(rest[1], tuple(x.shape[-2:]))
-    if extent is None or extent == tuple(x.shape[-2:]):
-        return None
-    return extent

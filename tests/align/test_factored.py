@@ -129,7 +129,7 @@ def test_precompute_needs_eval_mode_and_states_are_per_video():
         together = head.precompute(maps, 2)
         alone = head.precompute(maps[2:3], 2)
     assert {k: tuple(v.shape[1:]) for k, v in together.items()}["support_taps"] == (
-        3, 128, 4, 4, 4)  # the first MaxPool reads 4 x 4 of the 5 x 5 outputs: only those
+        3, 4, 128, 4, 4)  # the first MaxPool reads 4 x 4 of the 5 x 5 outputs: only those
     for key, value in alone.items():  # a video's state does not depend on its neighbours
         torch.testing.assert_close(value[0], together[key][2], msg=key)
 
