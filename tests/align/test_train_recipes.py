@@ -134,7 +134,7 @@ def test_impossible_combinations_are_refused():
         resolved(recipe="quick")
     with pytest.raises(UserError, match="--optimizer must be one of"):
         resolved(optimizer="lbfgs")
-    with pytest.raises(UserError, match="--patience and --warmup must be >= 0"):
+    with pytest.raises(UserError, match="--patience, --warmup and --val-episodes must be >= 0"):
         resolved(patience=-1)
     with pytest.raises(UserError, match="--tasks-per-batch must be at least 1"):
         resolved(tasks_per_batch=0)

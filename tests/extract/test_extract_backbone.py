@@ -74,7 +74,7 @@ def test_weights_of_another_resnet_are_refused_with_the_right_backbone_named(tmp
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"not a checkpoint at all", "could not be loaded"),
+    (b"not a checkpoint at all", "not a readable torch file"),
     (None, "neither a state dict"),
     ({"model_state_dict": {"head.weight": torch.ones(2)}}, "no backbone keys"),
 ])
