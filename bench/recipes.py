@@ -191,16 +191,18 @@ def episodes_to_reach(episodes: np.ndarray, mean: np.ndarray, target: float) -> 
     return int(episodes[hits[0]]) if hits.size else None
 
 
-def simulated_stop(run: dict, patience: int, every: int = 200) -> tuple[int, float]:
-    """(episodes trained, best val accuracy) of early stopping with validation every ``every``
-    episodes: the points of the full curve at those episodes are what that run would see."""
-    seen = [(e, a) for e, a in zip(run["episodes"], run["val_acc"]) if e % every == 0]
+def simulated_stop(run: dict, patience: int, every: int = 200) -> tuple[int, float] | None:
+    """(episodes trained, best val accuracy) where early stopping with validation every
+    ``every`` episodes would have stopped this run, or None if it would not have: the points of
+    the full curve at those episodes are exactly what that run would see."""
     best, since = -1.0, 0
-    for e, a in seen:
+    for e, a in zip(run["episodes"], run["val_acc"]):
+        if e % every:
+            continue
         best, since = (a, 0) if a > best else (best, since + 1)
-        if patience and since >= patience:
+        if patience and since >= patience and e < run["episodes"][-1]:  # the end: the budget
             return e, best
-    return seen[-1][0], best
+    return None
 
 
 def report(results: dict, patience: int) -> None:
@@ -211,10 +213,12 @@ def report(results: dict, patience: int) -> None:
         target = chance + 0.9 * (top - chance)
         print(f"\n=== {study}: validation accuracy (%) after N training episodes, mean +- "
               f"std over seeds; 'to 90%': episodes until the mean curve is 90% of the way from "
-              f"chance to the best final mean ({target:.1f}%)")
+              f"chance to the best final mean ({target:.1f}%); s/ep: training seconds per "
+              "episode")
         header = "".join(f"{p:>12}" for p in POINTS)
-        print(f"{'candidate@episodes':<26}{'seeds':>6}{header}{'to 90%':>9}{'stop@':>8}"
-              f"{'stop acc':>9}{'s/ep':>7}")
+        print(f"{'candidate@episodes':<26}{'seeds':>6}{header}{'to 90%':>9}{'s/ep':>7}  "
+              f"early stop (val every 200, patience {patience}): runs stopped, mean "
+              "episodes, best val")
         for candidate, runs in by_candidate.items():
             episodes, mean, std = curve_stats(runs)
             cells = ""
@@ -222,11 +226,11 @@ def report(results: dict, patience: int) -> None:
                 i = np.flatnonzero(episodes == p)
                 cells += f"{mean[i[0]]:>6.1f} +-{std[i[0]]:>4.1f}" if i.size else f"{'':>12}"
             reach = episodes_to_reach(episodes, mean, target)
-            stops = [simulated_stop(r, patience) for r in runs]
+            stops = [s for s in (simulated_stop(r, patience) for r in runs) if s]
+            stop = (f"{len(stops)}/{len(runs)} {np.mean([s[0] for s in stops]):>5.0f}"
+                    f"{np.mean([s[1] for s in stops]):>7.1f}" if stops else f"0/{len(runs)}")
             per_ep = np.mean([r["train_s"] / r["episodes"][-1] for r in runs])
-            print(f"{candidate:<26}{len(runs):>6}{cells}{reach or '-':>9}"
-                  f"{np.mean([s[0] for s in stops]):>8.0f}{np.mean([s[1] for s in stops]):>9.1f}"
-                  f"{per_ep:>7.3f}")
+            print(f"{candidate:<26}{len(runs):>6}{cells}{reach or '-':>9}{per_ep:>7.3f}  {stop}")
 
 
 def test_scores(work: Path, results: dict, candidates: list[str], episodes: int) -> None:
@@ -265,8 +269,9 @@ def figure(results: dict, out: Path, candidates: list[str]) -> None:
             line, = ax.plot(episodes, mean, label=f"{candidate} ({len(runs)} seeds)")
             ax.fill_between(episodes, mean - std, mean + std, color=line.get_color(), alpha=0.2)
         ax.axhline(20, color="grey", lw=0.8, ls=":", label="chance")
+        head = "TA2N without SC (TTM + TC)" if study.endswith("-nosc") else "TA2N"
         ax.set(xlabel="training episodes", ylabel="validation accuracy (%)",
-               title=f"5-way 1-shot, cache {study}: mean +- std over seeds")
+               title=f"{head}, 5-way 1-shot, synth {study.split('-')[0]}: mean +- std")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
         fig.tight_layout()
