@@ -25,7 +25,8 @@ a random-weight ResNet-18 (no ImageNet weights here: features near chance, a smo
 
 The trajectory of a run does not depend on how often it validates (validation is in eval mode,
 every random choice of training episode i derives from (seed, i)), so the curve's points at 200,
-400, ... episodes are exactly what `train-heads` with that recipe sees at its validations.
+400, ... episodes are what `train-heads` with that recipe sees at its validations, measured on
+the first --val-episodes (200) of its 500 validation episodes.
 """
 
 from __future__ import annotations
@@ -193,8 +194,8 @@ def episodes_to_reach(episodes: np.ndarray, mean: np.ndarray, target: float) -> 
 
 def simulated_stop(run: dict, patience: int, every: int = 200) -> tuple[int, float] | None:
     """(episodes trained, best val accuracy) where early stopping with validation every
-    ``every`` episodes would have stopped this run, or None if it would not have: the points of
-    the full curve at those episodes are exactly what that run would see."""
+    ``every`` episodes would have stopped this run, or None if it would not have (the curve's
+    points at those episodes: the same trajectory, on the study's validation episodes)."""
     best, since = -1.0, 0
     for e, a in zip(run["episodes"], run["val_acc"]):
         if e % every:
@@ -231,6 +232,29 @@ def report(results: dict, patience: int) -> None:
                     f"{np.mean([s[1] for s in stops]):>7.1f}" if stops else f"0/{len(runs)}")
             per_ep = np.mean([r["train_s"] / r["episodes"][-1] for r in runs])
             print(f"{candidate:<26}{len(runs):>6}{cells}{reach or '-':>9}{per_ep:>7.3f}  {stop}")
+
+
+def patience_table(results: dict, key: str, patiences=(2, 3, 4, 5, 8)) -> None:
+    """What early stopping (validation every 200 episodes) would have done to the ``key`` runs
+    for each patience: episodes trained and best validation accuracy, against the full budget."""
+    for study, by_candidate in results.items():
+        runs = by_candidate.get(key)
+        if not runs:
+            continue
+        full = np.mean([max(a for e, a in zip(r["episodes"], r["val_acc"]) if e % 200 == 0)
+                        for r in runs])
+        print(f"\n=== {study} {key}: early stopping, validation every 200 episodes (the full "
+              f"budget: {runs[0]['episodes'][-1]} episodes, best val {full:.2f})")
+        for patience in patiences:
+            trained, bests = [], []
+            for r in runs:
+                stop = simulated_stop(r, patience)
+                trained.append(stop[0] if stop else r["episodes"][-1])
+                bests.append(stop[1] if stop else max(
+                    a for e, a in zip(r["episodes"], r["val_acc"]) if e % 200 == 0))
+            print(f"patience {patience}: {np.mean(trained):6.0f} episodes trained "
+                  f"(per seed: {', '.join(str(t) for t in trained)}), best val "
+                  f"{np.mean(bests):.2f}")
 
 
 def test_scores(work: Path, results: dict, candidates: list[str], episodes: int) -> None:
@@ -317,6 +341,7 @@ def main() -> None:
         return
     results = load_results(work)
     report(results, FAST_RECIPE["patience"])
+    patience_table(results, "fast@3000")
     if args.test:
         test_scores(work, results, args.test.split(","), args.test_episodes)
     if args.figure:
