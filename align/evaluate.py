@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -276,14 +276,18 @@ def compact_attrs(attrs: dict) -> dict:
 def evaluate(head, cache: FeatureCache, cfg: EvalConfig, *, device: torch.device,
              head_config: dict | None = None, checkpoint: str | None = None,
              checkpoint_config: dict | None = None, report: str | None = None,
-             progress: bool = True, log=None) -> dict:
-    """Score ``head`` on ``cfg.episodes`` episodes of ``cache``; write and return the report."""
+             progress: bool = True, log=None, requested: EvalConfig | None = None) -> dict:
+    """Score ``head`` on ``cfg.episodes`` episodes of ``cache``; write and return the report.
+
+    An episode file's header (split, seed, N, K, Q, count) wins over ``cfg``: the report records
+    the config as resolved and, as "requested", ``requested`` (default: ``cfg`` as passed).
+    """
     start = time.perf_counter()
+    requested = requested or cfg
     if cfg.episodes_from:
         episodes, header = load_episodes(cfg.episodes_from, cache)
-        cfg.split, cfg.seed = header["split"], header["seed"]
-        cfg.way, cfg.shot, cfg.queries = header["way"], header["shot"], header["queries"]
-        cfg.episodes = len(episodes)
+        cfg = replace(cfg, split=header["split"], seed=header["seed"], way=header["way"],
+                      shot=header["shot"], queries=header["queries"], episodes=len(episodes))
     else:
         sampler = EpisodeSampler(cache, cfg.split, way=cfg.way, shot=cfg.shot,
                                  queries=cfg.queries, seed=cfg.seed, stream=Stream.TEST)
@@ -310,6 +314,7 @@ def evaluate(head, cache: FeatureCache, cfg: EvalConfig, *, device: torch.device
         **{k: result[k] for k in ("accuracy", "ci95")},
         "episodes": len(episodes),
         **{k: v for k, v in asdict(cfg).items() if k != "episodes"},
+        "requested": asdict(requested),
         "device": str(device),
         "preload": feeder.reason,
         "head": head_config,
@@ -340,7 +345,7 @@ def evaluate_command(cfg: EvalConfig, *, checkpoint: str | None, head_kind: str 
     """
     source = resolve_head_source(checkpoint=checkpoint, kind=head_kind, cache=cache_path,
                                  shot=shot, episodes_from=cfg.episodes_from, log=log)
-    cfg.shot = source.shot
+    requested, cfg = cfg, replace(cfg, shot=source.shot)
     with FeatureCache.open(source.cache) as cache:
         head, facts = load_head_source(source, cache)
         head_config = asdict(head.config)
@@ -352,7 +357,7 @@ def evaluate_command(cfg: EvalConfig, *, checkpoint: str | None, head_kind: str 
             check_writable(cfg.save_episodes, "file", "--save-episodes")
         return evaluate(head, cache, cfg, device=device, head_config=head_config,
                         checkpoint=source.checkpoint, checkpoint_config=facts,
-                        report=report, progress=progress, log=log)
+                        report=report, progress=progress, log=log, requested=requested)
 
 
 def default_report_path(cfg: EvalConfig, checkpoint: str | None, kind: str, dataset: str) -> str:

@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -147,34 +147,36 @@ class TrainConfig:
     out: str | None = None
     dataset: str | None = None
 
-    def resolve(self, dataset: str) -> list[str]:
-        """Fill the unset values from the recipe (and the dataset's paper recipe where the
-        fast one is silent: SGD's momentum, the step schedule); returns notes to print."""
+    def resolve(self, dataset: str) -> tuple[TrainConfig, list[str]]:
+        """(a new config with every value left at None filled from the recipe, notes to print).
+
+        The fast recipe fills what it decides; the dataset's paper recipe fills what the fast
+        one is silent on (SGD's momentum, the step schedule). ``self`` - the request - is left
+        as it was, so that a run can record both (config.json's "requested" and "train").
+        """
         if self.recipe not in RECIPE_NAMES:
             raise UserError(f"--recipe must be one of {', '.join(RECIPE_NAMES)}")
         notes = []
-        self.dataset = dataset
         paper = PAPER_RECIPES.get(dataset.lower())
         if paper is None:
             paper = PAPER_RECIPES[DEFAULT_RECIPE]
             if self.recipe == "paper":
                 notes.append(f"no recipe for dataset {dataset!r}: using the {DEFAULT_RECIPE} "
                              "recipe")
-        if self.schedule is None and (self.lr_step is not None or self.lr_gamma is not None):
-            self.schedule = "step"  # asking for a step size means the step schedule
-        recipe = {**PAPER_COMMON, **paper} if self.recipe == "paper" else FAST_RECIPE
-        self._fill(recipe)
-        if self.optimizer == "sgd":
-            self._fill({"momentum": paper["momentum"]})
-        if self.schedule == "step":
-            self._fill({"lr_step": paper["lr_step"], "lr_gamma": paper["lr_gamma"]})
-        self._check()
-        return notes
+        cfg = replace(self, dataset=dataset)
+        if cfg.schedule is None and (cfg.lr_step is not None or cfg.lr_gamma is not None):
+            cfg = replace(cfg, schedule="step")  # asking for a step size means the step schedule
+        cfg = cfg._filled({**PAPER_COMMON, **paper} if cfg.recipe == "paper" else FAST_RECIPE)
+        if cfg.optimizer == "sgd":
+            cfg = cfg._filled({"momentum": paper["momentum"]})
+        if cfg.schedule == "step":
+            cfg = cfg._filled({"lr_step": paper["lr_step"], "lr_gamma": paper["lr_gamma"]})
+        cfg._check()
+        return cfg, notes
 
-    def _fill(self, values: dict) -> None:
-        for key, value in values.items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+    def _filled(self, values: dict) -> TrainConfig:
+        """A copy with ``values`` where this config has None."""
+        return replace(self, **{k: v for k, v in values.items() if getattr(self, k) is None})
 
     def _check(self) -> None:
         """Refuse combinations that cannot mean what was asked (one line each)."""
@@ -391,22 +393,28 @@ def _head_config(head) -> dict:
 
 
 def open_run(cfg: TrainConfig | None, resume: str | None, log) -> tuple:
-    """(cfg, cache, run_dir, head, state): a new run, or the one in ``resume`` with its
-    last.pt (head weights, SC step and BatchNorm statistics included) and training state."""
+    """(requested, cfg, cache, run_dir, head, state): a new run, or the one in ``resume`` with
+    its last.pt (head weights, SC step and BatchNorm statistics included) and training state.
+    ``requested`` is the config as asked for; ``cfg`` is a new object, resolved (cache, recipe,
+    dataset, run directory filled in)."""
     state = None
     if resume:
         run_dir = Path(resume)
         if not (run_dir / "last.pt").exists():
             raise UserError(f"{resume} holds no last.pt to resume from")
-        cfg = TrainConfig.from_json(json.loads((run_dir / "config.json").read_text())["train"])
-        cfg.out = str(run_dir)
+        saved = json.loads((run_dir / "config.json").read_text())
+        cfg = TrainConfig.from_json(saved.get("requested", saved["train"]))
+        cfg = replace(cfg, out=str(run_dir), cache=saved["train"]["cache"])
         head, state = load_head_checkpoint(run_dir / "last.pt", map_location="cpu")
         log(f"resuming {run_dir} at epoch {state['epoch'] + 1}, episode {state['episode']}")
+    requested = cfg
     if cfg.cache is None:
-        cfg.cache, dataset = latest_cache()
+        cache_path, dataset = latest_cache()
+        cfg = replace(cfg, cache=cache_path)
         log(f"cache  {cfg.cache} (the most recently written one, {dataset})")
     cache = FeatureCache.open(cfg.cache)
-    for note in cfg.resolve(cache.attrs.get("dataset", "unknown")):
+    cfg, notes = cfg.resolve(cache.attrs.get("dataset", "unknown"))
+    for note in notes:
         log(note)
     run_dir = Path(cfg.out or default_run_dir(cfg.dataset, cfg.head, cfg.shot))
     if state is None:
@@ -419,8 +427,7 @@ def open_run(cfg: TrainConfig | None, resume: str | None, log) -> tuple:
     check_head_fits(_head_config(head), cache)
     check_writable(run_dir, "folder", "the run directory (--out)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.out = str(run_dir)
-    return cfg, cache, run_dir, head, state
+    return requested, replace(cfg, out=str(run_dir)), cache, run_dir, head, state
 
 
 def new_stats() -> dict:
@@ -476,7 +483,7 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
     interrupt a run). Returns a summary dict (run dir, best val accuracy, epochs done ...).
     """
     # the run: config (with the dataset's recipe), cache, directory, head (restored on resume)
-    cfg, cache, run_dir, head, state = open_run(cfg, resume, log)
+    requested, cfg, cache, run_dir, head, state = open_run(cfg, resume, log)
     head = head.to(device).train()
     if cfg.compile:
         head.compile_entry_points()
@@ -505,7 +512,8 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
                             workers=cfg.workers, progress=progress)
 
     # the run directory says how it was made; runs/latest.json lets `evaluate` find it
-    write_json(run_dir / "config.json", {"train": asdict(cfg), "head": _head_config(head),
+    write_json(run_dir / "config.json", {"requested": asdict(requested), "train": asdict(cfg),
+                                         "head": _head_config(head),
                                          "device": str(device),
                                          "cache_attrs": compact_attrs(cache.attrs)})
     remember_run({"run": str(run_dir), "checkpoint": str(run_dir / "best.pt"),

@@ -41,8 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from align.episodes import EpisodeSampler  # noqa: E402
-from align.evaluate import EVAL_STREAM, run_episodes, sync  # noqa: E402
+from align.episodes import EpisodeSampler, Stream  # noqa: E402
+from align.evaluate import run_episodes, sync  # noqa: E402
 from align.feed import Feeder  # noqa: E402
 from align.models import build_head  # noqa: E402
 from cache import FeatureCache  # noqa: E402
@@ -96,7 +96,7 @@ def run_child(args) -> dict:
     device = pick_device(args.device)
     with FeatureCache.open(args.cache) as cache:
         sampler = EpisodeSampler(cache, "test", way=args.way, shot=args.shot, queries=1,
-                                 seed=0, stream=EVAL_STREAM)
+                                 seed=0, stream=Stream.TEST)
         count = args.baseline_episodes if args.child == "today" else args.episodes
         episodes = sampler.episodes(0, count)
         feeder = Feeder(cache, "test", device=device, preload="auto", progress=False)

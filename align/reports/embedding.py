@@ -4,7 +4,7 @@ pair distances."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -211,7 +211,7 @@ def embedding_command(cfg: EmbeddingConfig, *, checkpoint: str | None, head_kind
 
     source = resolve_head_source(checkpoint=checkpoint, kind=head_kind, cache=cache_path,
                                  shot=shot, log=log)
-    cfg.shot = source.shot
+    cfg = replace(cfg, shot=source.shot)
     with FeatureCache.open(source.cache) as cache:
         head, _ = load_head_source(source, cache, seed=cfg.seed, untrained=True)
         if source.checkpoint is not None:

@@ -88,12 +88,14 @@ def test_replaying_an_episode_list_reproduces_the_accuracy(synth, tmp_path):
                              device=CPU, report=str(tmp_path / "a.json"), log=lambda m: None,
                              progress=False)
     # another seed and batch size: the file decides the episodes, batching changes nothing
-    again = evaluate_command(EvalConfig(episodes=999, seed=0, episodes_from=episodes_file,
-                                        batch_episodes=1),
-                             checkpoint=str(ckpt), head_kind=None, cache_path=synth, shot=None,
-                             device=CPU, report=str(tmp_path / "b.json"), log=lambda m: None,
-                             progress=False)
+    request = EvalConfig(episodes=999, seed=0, episodes_from=episodes_file, batch_episodes=1)
+    again = evaluate_command(request, checkpoint=str(ckpt), head_kind=None, cache_path=synth,
+                             shot=None, device=CPU, report=str(tmp_path / "b.json"),
+                             log=lambda m: None, progress=False)
     assert again["episodes"] == 12 and again["seed"] == 9
+    # the report keeps the request next to what the file made of it; the request is untouched
+    assert (again["requested"]["episodes"], again["requested"]["seed"]) == (999, 0)
+    assert (request.episodes, request.seed, request.shot) == (999, 0, 1)
     assert again["episode_accuracy"] == first["episode_accuracy"]
     assert again["summary"] == first["summary"]
     assert again["confusion"] == first["confusion"]

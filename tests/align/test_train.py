@@ -112,6 +112,13 @@ def test_run_directory_records_everything(tiny, tmp_path):
     run = tmp_path / "run"
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["cache"] == tiny and config["train"]["lr_step"] == 1
+    # both configs: what was asked for, and what the recipe and the cache made of it
+    requested, resolved = config["requested"], config["train"]
+    assert (requested["optimizer"], requested["schedule"], requested["dataset"]) == \
+        (None, None, None)
+    assert (resolved["optimizer"], resolved["schedule"], resolved["dataset"]) == \
+        ("sgd", "step", "synthetic")
+    assert requested["epochs"] == resolved["epochs"] == 1
     assert config["head"]["kind"] == "ta2n" and config["head"]["channels"] == 8
     assert config["cache_attrs"]["dataset"] == "synthetic"
     with open(run / "metrics.csv") as f:
@@ -126,24 +133,32 @@ def test_run_directory_records_everything(tiny, tmp_path):
 
 
 def test_paper_recipe_defaults_come_from_the_dataset():
-    cfg = TrainConfig(cache="x", recipe="paper")
-    assert cfg.resolve("ucf101") == []
+    cfg, notes = TrainConfig(cache="x", recipe="paper").resolve("ucf101")
+    assert notes == []
     assert (cfg.epochs, cfg.lr_step, cfg.lr_gamma, cfg.momentum) == (200, 5, 0.5, 0.9)
-    cfg = TrainConfig(cache="x", recipe="paper")
-    cfg.resolve("ssv2")
+    cfg, _ = TrainConfig(cache="x", recipe="paper").resolve("ssv2")
     assert (cfg.epochs, cfg.lr_step, cfg.lr_gamma, cfg.momentum) == (600, 30, 0.8, 0.9)
-    cfg = TrainConfig(cache="x", epochs=7, recipe="paper")
-    cfg.resolve("kinetics")
+    cfg, _ = TrainConfig(cache="x", epochs=7, recipe="paper").resolve("kinetics")
     assert (cfg.epochs, cfg.lr_step, cfg.lr_gamma, cfg.momentum) == (7, 20, 0.9, 0.0)
-    cfg = TrainConfig(cache="x", recipe="paper")
-    assert "no recipe" in cfg.resolve("mydata")[0] and cfg.epochs == 200
-    cfg = TrainConfig(cache="x", recipe="paper")
-    cfg.resolve("synthetic")
+    cfg, notes = TrainConfig(cache="x", recipe="paper").resolve("mydata")
+    assert "no recipe" in notes[0] and cfg.epochs == 200
+    cfg, _ = TrainConfig(cache="x", recipe="paper").resolve("synthetic")
     assert cfg.epochs < 200 and cfg.dataset == "synthetic" and cfg.tasks_per_batch == 4
-    cfg = TrainConfig(cache="x", recipe="paper")
-    cfg.resolve("hmdb51")
+    cfg, _ = TrainConfig(cache="x", recipe="paper").resolve("hmdb51")
     assert (cfg.lr, cfg.episodes_per_epoch, cfg.tasks_per_batch, cfg.dropout) == \
         (1e-3, 200, 16, 0.5)
+
+
+def test_resolving_leaves_the_request_as_it_was():
+    """resolve() returns a new config; the request keeps its None (what the user did not ask
+    for), so that config.json can record both."""
+    request = TrainConfig(cache="x", recipe="paper", lr_step=3)
+    cfg, _ = request.resolve("ucf101")
+    assert cfg is not request
+    assert (request.epochs, request.optimizer, request.schedule, request.dataset) == \
+        (None, None, None, None)
+    assert (cfg.epochs, cfg.optimizer, cfg.schedule, cfg.lr_step, cfg.dataset) == \
+        (200, "sgd", "step", 3, "ucf101")
 
 
 def test_bad_input_is_refused_clearly(tiny, tmp_path, make_synth):

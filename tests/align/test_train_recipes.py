@@ -34,9 +34,7 @@ def one_thread():
 
 
 def resolved(dataset="synthetic", **values) -> TrainConfig:
-    cfg = TrainConfig(cache="x", **values)
-    cfg.resolve(dataset)
-    return cfg
+    return TrainConfig(cache="x", **values).resolve(dataset)[0]
 
 
 def old_lr_per_epoch(cfg: TrainConfig) -> list[float]:
@@ -81,7 +79,7 @@ def test_fast_recipe_is_the_default_for_every_dataset():
             assert getattr(cfg, key) == value, (dataset, key)
         assert cfg.momentum is None and cfg.lr_step is None  # not SGD, not the step schedule
     assert resolved("ucf101", recipe="fast", epochs=3, dropout=0.1).epochs == 3
-    assert TrainConfig().resolve("mydata") == []  # the fast recipe knows every dataset
+    assert TrainConfig().resolve("mydata")[1] == []  # the fast recipe knows every dataset
 
 
 def test_warmup_and_cosine_equal_torchs_schedulers():
@@ -151,8 +149,7 @@ def test_cli_choices_are_the_modules():
 def test_runs_from_before_the_recipes_resume_as_paper():
     old = {"cache": "x", "epochs": 200, "lr": 0.001, "lr_step": 5, "lr_gamma": 0.5,
            "momentum": 0.9, "weight_decay": 0.0, "tasks_per_batch": 16, "dropout": 0.5}
-    cfg = TrainConfig.from_json(old)
-    cfg.resolve("ucf101")
+    cfg, _ = TrainConfig.from_json(old).resolve("ucf101")
     assert (cfg.recipe, cfg.optimizer, cfg.schedule, cfg.patience) == ("paper", "sgd", "step", 0)
 
 
