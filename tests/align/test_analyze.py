@@ -91,6 +91,7 @@ def test_heldout_folds_never_let_a_video_score_itself():
         assert np.bincount(fold[labels == c], minlength=5).tolist() == [4] * 5
 
 
+@pytest.mark.slow
 def test_misalignment_writes_files_with_valid_values(online_run, synth_cache):
     summary, out = online_run
     _, windows = synth_cache
@@ -179,6 +180,7 @@ def _embed(cache_path, head, tmp_path, **cfg):
         return emb.run_embedding(cache, head, str(tmp_path), cfg, CPU, "test head", progress=False)
 
 
+@pytest.mark.slow
 def test_embedding_with_protonet_changes_nothing(synth_cache, tmp_path):
     head = build_head("protonet", channels=16, frames=8, height=5, width=5)
     summary = _embed(synth_cache[0], head, tmp_path)

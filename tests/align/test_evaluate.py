@@ -145,6 +145,7 @@ def test_bad_requests_are_refused(synth, tmp_path):
                          **{**common, "cache_path": str(tmp_path / "nothing.zarr")})
 
 
+@pytest.mark.slow
 def test_cli_synth_train_evaluate_end_to_end(tmp_path, monkeypatch):
     """The bare commands in sequence: synth -> train-heads -> evaluate, each finding the last."""
     monkeypatch.chdir(tmp_path)
@@ -184,6 +185,7 @@ def test_cli_synth_train_evaluate_end_to_end(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------ precompute
 @pytest.mark.parametrize("shot", [1, 3])
+@pytest.mark.slow
 def test_precomputed_evaluation_predicts_what_the_maps_path_predicts(synth, monkeypatch, shot):
     """TA2N's per-video states + batched scoring give the predictions of today's per-episode
     path on the same episodes, whether the states fit (one block) or not (several blocks,

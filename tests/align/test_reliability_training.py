@@ -29,6 +29,7 @@ def tiny(cache, out, **overrides):
                                  val_episodes=3), **overrides})
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_at_once_and_keeps_the_last_good_epoch(synth, tmp_path,
                                                                     monkeypatch):
     def poison(epoch, episode):  # after one good epoch, the weights become NaN

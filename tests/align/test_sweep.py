@@ -140,6 +140,7 @@ def test_a_folder_the_sweep_did_not_write_is_refused(free_sweep, tmp_path):
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_sweep_and_a_rerun_finishes_it(free_sweep, tmp_path, monkeypatch):
     """Ctrl-C inside a run's training: train saves last.pt, the sweep stops without a table;
     the rerun skips the finished runs and resumes that one."""

@@ -64,6 +64,7 @@ FAST_MID_BATCH = dict(recipe="fast", momentum=None, lr_step=None, lr_gamma=None,
 
 
 @pytest.mark.parametrize("recipe", [{}, FAST_MID_BATCH], ids=["paper", "fast"])
+@pytest.mark.slow
 def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tiny, tmp_path, recipe):
     """Ctrl-C in the middle of a gradient-accumulation batch, then --resume: the final weights,
     BatchNorm statistics, SC step, optimizer state and metrics equal those of a straight run."""
@@ -107,6 +108,7 @@ def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tiny, tmp_path, recipe)
     assert metrics("straight") == metrics("resumed") and len(metrics("straight")) == 2
 
 
+@pytest.mark.slow
 def test_run_directory_records_everything(tiny, tmp_path):
     summary = train(tiny_config(tiny, tmp_path / "run", epochs=1), **QUIET)
     run = tmp_path / "run"
@@ -161,6 +163,7 @@ def test_resolving_leaves_the_request_as_it_was():
         (200, "sgd", "step", 3, "ucf101")
 
 
+@pytest.mark.slow
 def test_bad_input_is_refused_clearly(tiny, tmp_path, make_synth):
     with pytest.raises(UserError, match="no cache at"):
         train(tiny_config(str(tmp_path / "missing.zarr"), tmp_path / "a"), **QUIET)
@@ -180,6 +183,7 @@ def test_bad_input_is_refused_clearly(tiny, tmp_path, make_synth):
         train(resume=str(tmp_path / "d"), **QUIET)
 
 
+@pytest.mark.slow
 def test_training_draws_random_views_of_an_augmented_cache(tmp_path, monkeypatch, make_synth):
     monkeypatch.chdir(tmp_path)
     path = make_synth(tmp_path / "aug.zarr", aug_views=3)
@@ -227,6 +231,7 @@ def test_micro_batches_never_straddle_an_sgd_step():
     assert [len(g) for g in micro_batches(range(6), 0, 16, 4)] == [4, 2]
 
 
+@pytest.mark.slow
 def test_micro_batched_training_equals_one_episode_per_pass(tiny, tmp_path):
     """Episodes batched 3 per forward / backward pass (groups cut at SGD steps): the same
     weights, BatchNorm statistics and metrics as one episode per pass, to float32 rounding."""

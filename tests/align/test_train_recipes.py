@@ -184,6 +184,7 @@ def test_early_stopping_stops_keeps_the_best_and_says_why(tmp_path, monkeypatch,
     assert again["stopped"] == summary["stopped"] and again["history"] == history
 
 
+@pytest.mark.slow
 def test_train_heads_with_only_shots_stops_by_itself(tmp_path, monkeypatch, make_synth):
     """`train-heads --shots 5` on the latest (synthetic) cache: the fast recipe stops early and
     says why. Only the sizes are shrunk (episodes per epoch, validation), not the recipe."""

@@ -215,6 +215,7 @@ def test_each_figure_says_where_its_frames_came_from(trained, tmp_path):
     assert all(r["frames"]["support"] == "video" for r in figures)
 
 
+@pytest.mark.slow
 def test_energy_frames_without_videos_and_multi_shot(tmp_path, monkeypatch):
     """A cache with no videos behind it (synth) still gets figures, of feature energy; a 2-shot
     prototype shows its first shot."""

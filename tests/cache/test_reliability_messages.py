@@ -165,6 +165,7 @@ def test_an_hdf5_creation_killed_half_way_leaves_no_cache_and_is_redone(tmp_path
     assert FeatureCache.open(path).done.tolist() == [True] + [False] * 8
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_while_the_lock_is_held_and_a_killed_holder_frees_it(tmp_path):
     out = tmp_path / "c.zarr"
     holder = subprocess.Popen([sys.executable, "-c", (

@@ -130,6 +130,7 @@ def test_overwrite_deletes_only_the_cache_entries(tmp_path):
                                         "zarr.json"]
 
 
+@pytest.mark.slow
 def test_hdf5_overwrite_is_refused_while_another_process_writes_and_both_survive(tmp_path):
     path = str(tmp_path / "busy.h5")
     create(path, "hdf5", n=12).close()

@@ -254,6 +254,7 @@ def run_writer(path, first, stop, delay=0.0, step=1):
     return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_a_writer_killed_mid_way_then_resumed_leaves_every_row_intact(tmp_path, backend):
     n = 40
     shape = (64, 4, 8, 8)  # rows large enough that a kill can land inside a write
@@ -283,6 +284,7 @@ def test_a_writer_killed_mid_way_then_resumed_leaves_every_row_intact(tmp_path, 
     cache.close()
 
 
+@pytest.mark.slow
 def test_two_processes_write_disjoint_rows_of_one_zarr_store(tmp_path):
     n = 60
     path = str(tmp_path / "shared.zarr")
@@ -297,6 +299,7 @@ def test_two_processes_write_disjoint_rows_of_one_zarr_store(tmp_path):
         np.testing.assert_array_equal(cache.read_row(row), row_values(row).astype(np.float16))
 
 
+@pytest.mark.slow
 def test_hdf5_refuses_a_second_writer_with_a_clear_message(tmp_path):
     video_ids, splits, labels = make_rows(3)
     path = str(tmp_path / "single.h5")

@@ -44,6 +44,7 @@ FORMATS = {
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.slow
 def test_weights_formats_are_detected_and_load_the_same_tensors(tmp_path, reference, name):
     net, trunk, expected_hash = reference
     wrap, fmt = FORMATS[name]
@@ -91,6 +92,7 @@ def test_unusable_files_give_one_line_errors(tmp_path, content, message):
         load_backbone("resnet18", str(tmp_path / "absent.pth"))
 
 
+@pytest.mark.slow
 def test_none_is_seeded_random_with_a_warning():
     a, info_a = load_backbone("resnet18", "none", seed=0)
     _, info_b = load_backbone("resnet18", "none", seed=0)

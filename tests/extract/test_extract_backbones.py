@@ -151,6 +151,7 @@ def library_maps(kind, net, x):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.slow
 def test_rows_equal_the_library_forward_on_the_same_frames(caches, videos, weight_files, kind):
     backbone, size = KINDS[kind]
     prep = library_preprocessing(kind, backbone)
@@ -193,6 +194,7 @@ def test_attributes_record_backbone_weights_preprocessing_grid_and_pooling(cache
     assert attrs["grid"] == grid and attrs["pool_to"] is None
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_backbone_and_another_pooling(caches, videos, weight_files):
     work = caches["timm-vit"]
     other = extract(videos, work, "timm:resnet18", weight_files["timm-cnn"], 64)
@@ -304,6 +306,7 @@ def test_random_init_is_seeded(weight_files):
 
 # ------------------------------------------------------------------------------ phase two
 @pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.slow
 def test_train_heads_and_evaluate_run_on_a_cache_of_each_kind(caches, kind):
     work = caches[kind]
     cache = str(work / "feats.zarr")

@@ -72,6 +72,7 @@ def test_augmented_views_follow_their_plans(dataset):
             view, reference_crops(task.path, plan.indices, plan.top, plan.left, plan.flip))
 
 
+@pytest.mark.slow
 def test_corrupt_file_fails_in_both_decoders_with_reasons(dataset):
     root, _ = dataset
     results = list(DecodePool(workers=1, timeout=30).imap([task_for(root, "swim/v1", row=5)]))
@@ -80,6 +81,7 @@ def test_corrupt_file_fails_in_both_decoders_with_reasons(dataset):
     assert "decord:" in results[0].reason and "pyav:" in results[0].reason
 
 
+@pytest.mark.slow
 def test_hanging_decord_is_killed_and_pyav_decodes_the_video(dataset):
     root, _ = dataset
     pool = DecodePool(workers=1, timeout=2.0, decode_fn=hang_in_decord)

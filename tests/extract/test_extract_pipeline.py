@@ -99,6 +99,7 @@ def extracted(dataset, weights_file, tmp_path_factory):
     return work, work / "feats.zarr", result
 
 
+@pytest.mark.slow
 def test_rows_equal_the_backbone_on_the_sampled_frames(extracted, dataset, trunk):
     work, out, result = extracted
     root, _ = dataset
@@ -149,6 +150,7 @@ def test_corrupt_and_missing_videos_are_reported_and_skipped(extracted):
     assert "pyav:" in report["failed"][0]["reason"]
 
 
+@pytest.mark.slow
 def test_rerun_resumes_and_other_settings_are_refused(extracted, dataset, weights_file, tmp_path):
     work, out, _ = extracted
     root, split_dir = dataset
@@ -172,6 +174,7 @@ def test_rerun_resumes_and_other_settings_are_refused(extracted, dataset, weight
         assert cache.done.all()
 
 
+@pytest.mark.slow
 def test_augmented_views_are_seeded_crops_of_random_segment_frames(dataset, weights_file,
                                                                    tmp_path, trunk):
     root, split_dir = dataset
@@ -212,6 +215,7 @@ def _release(fifo: Path) -> None:
         pass  # no reader left
 
 
+@pytest.mark.slow
 def test_hung_decode_times_out_and_the_run_goes_on(tmp_path, weights_file):
     root, split_dir, fifo, _ = _fifo_dataset(tmp_path)
     result = run_cli(extract_args(root, split_dir, tmp_path / "c.zarr", weights_file,
@@ -327,6 +331,7 @@ def test_rows_hold_the_frames_of_the_sampling_rule_not_their_neighbours(extracte
     assert np.abs(row - shifted).max() > 0.05 * np.abs(shifted).max()
 
 
+@pytest.mark.slow
 def test_ssv2_videos_by_id_with_split_prefixed_classes_and_no_flip(dataset, weights_file,
                                                                    tmp_path, trunk):
     root, _ = dataset

@@ -33,6 +33,7 @@ def chunk(cache, row):
     return cache / "features" / "c" / str(row) / "0" / "0" / "0" / "0"
 
 
+@pytest.mark.slow
 def test_rerun_repairs_a_deleted_row_and_clears_a_forged_done_flag(extracted, tiny_dataset,
                                                                    weights_file, tmp_path):
     cache_path, rows = extracted
