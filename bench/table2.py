@@ -4,21 +4,22 @@ same saved test episodes, with 95% intervals and a paired test of each method ag
     python bench/table2.py [--cache caches/synthetic.zarr] [--shots 1 5]
                            [--methods cmn tarn arn protonet trn otam trx ta2n]
                            [--epochs 4] [--episodes-per-epoch 100] [--queries 3] [--lr 0.001]
-                           [--lr-for tarn=0.1] [--recipe short|paper] [--val-episodes 200]
+                           [--lr-for tarn=0.1] [--recipe fast|short|paper] [--val-episodes 200]
                            [--test-episodes 1000]
                            [--seed 0] [--device auto] [--threads 1] [--out runs/table2]
 
 With no cache at ``--cache`` it first writes the default synthetic cache there (``python cli.py
 synth``'s defaults: C = 64, T = 8, 7 x 7). Per shot K: ProtoNet's evaluation draws and saves the
 test episodes, every other method replays that file; trainable heads are trained by
-``align.train.train`` (``python cli.py train-heads``) with one recipe for all - ``short``: SGD
-with momentum 0.9, ``--lr``, ``--epochs`` x ``--episodes-per-epoch`` episodes of ``--queries``
-queries per class, lr halved every 2 epochs, 4 episodes per step, best epoch by validation; or
+``align.train.train`` (``python cli.py train-heads``) with one recipe for all - ``fast`` (the
+default, train-heads' default recipe): Adam at ``--lr``, cosine to 0 over ``--epochs`` x
+``--episodes-per-epoch`` episodes of ``--queries`` queries per class, one episode per step, best
+epoch by validation; ``short`` (the recipe before train-heads had Adam): SGD with momentum 0.9,
+lr halved every 2 epochs, 4 episodes per step, and TARN at lr 0.1 (its relation logits start
+near zero and plain SGD at 1e-3 leaves it at chance after a few hundred episodes; 0.1 scored
+best of 1e-2, 0.05, 0.1 and 0.2 on validation episodes after 400 training episodes); or
 ``paper``: the cache's dataset recipe (the paper's, as train-heads uses it). ``--lr-for`` sets
-one method's learning rate (default: TARN at 0.1 - its relation logits start near zero and
-plain SGD at 1e-3 leaves it at chance after a few hundred episodes; 0.1 scored best of 1e-2,
-0.05, 0.1 and 0.2 on validation episodes after 400 training episodes; its paper used Adam, which
-the training loop does not offer). Evaluation is
+one method's learning rate. Evaluation is
 ``python cli.py evaluate``'s (``align.evaluate.evaluate_command``): 5-way K-shot, 1 query per
 class.
 
@@ -61,13 +62,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache", default="caches/synthetic.zarr")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5])
     p.add_argument("--methods", nargs="+", default=list(LABELS), choices=list(LABELS))
-    p.add_argument("--recipe", default="short", choices=["short", "paper"])
-    p.add_argument("--epochs", type=int, default=4, help="short recipe: epochs")
+    p.add_argument("--recipe", default="fast", choices=["fast", "short", "paper"])
+    p.add_argument("--epochs", type=int, default=4, help="fast / short recipes: epochs")
     p.add_argument("--episodes-per-epoch", type=int, default=100)
     p.add_argument("--queries", type=int, default=3, help="queries per class in training")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lr-for", nargs="*", default=["tarn=0.1"], metavar="METHOD=LR",
-                   help="a method's own learning rate")
+    p.add_argument("--lr-for", nargs="*", default=None, metavar="METHOD=LR",
+                   help="a method's own learning rate (default: none; tarn=0.1 with --recipe "
+                        "short)")
     p.add_argument("--val-episodes", type=int, default=200)
     p.add_argument("--test-episodes", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
@@ -93,7 +95,9 @@ def quiet(message: str) -> None:
 def learning_rates(args) -> dict[str, float]:
     """--lr-for METHOD=LR pairs as {method: lr}."""
     rates = {}
-    for item in args.lr_for:
+    pairs = args.lr_for if args.lr_for is not None else (
+        ["tarn=0.1"] if args.recipe == "short" else [])
+    for item in pairs:
         kind, _, value = item.partition("=")
         if kind not in LABELS or not value:
             sys.exit(f"--lr-for takes METHOD=LR with METHOD one of {list(LABELS)}, not {item!r}")
@@ -108,8 +112,12 @@ def train_config(args, kind: str, shot: int, out: Path) -> TrainConfig:
                   seed=args.seed, lr=learning_rates(args).get(kind, args.lr),
                   val_episodes=args.val_episodes, out=str(out))
     if args.recipe == "paper":
-        return TrainConfig(**common)
-    return TrainConfig(**common, epochs=args.epochs, episodes_per_epoch=args.episodes_per_epoch,
+        return TrainConfig(**common, recipe="paper")
+    if args.recipe == "fast":  # train-heads' default recipe, on a fixed budget (no early stop)
+        return TrainConfig(**common, recipe="fast", epochs=args.epochs,
+                           episodes_per_epoch=args.episodes_per_epoch, val_every=1, patience=0)
+    return TrainConfig(**common, recipe="paper", epochs=args.epochs,
+                       episodes_per_epoch=args.episodes_per_epoch,
                        lr_step=2, lr_gamma=0.5, momentum=0.9, tasks_per_batch=4, val_every=1)
 
 
@@ -188,7 +196,7 @@ def main() -> None:
     print(f"device {device}, torch threads {torch.get_num_threads()}, cache {args.cache}, "
           f"recipe {args.recipe}" + (f" ({args.epochs} x {args.episodes_per_epoch} episodes, "
                                      f"Q={args.queries}, lr {args.lr})"
-                                     if args.recipe == "short" else "")
+                                     if args.recipe != "paper" else "")
           + "".join(f", {k} lr {v}" for k, v in learning_rates(args).items()))
     order = ["protonet", *[m for m in args.methods if m != "protonet"]]  # ProtoNet draws
     results: dict[int, dict[str, dict]] = {}
