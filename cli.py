@@ -114,6 +114,9 @@ def _check_backbone(ctx, param, value):
 @click.option("--workers", type=click.IntRange(min=0),
               help="Decode processes (0: decode in the main process, no timeout).  "
                    "[default: cores-2 on CUDA, cores/8 on CPU, at least 1]")
+@click.option("--writers", type=click.IntRange(min=1),
+              help="Threads compressing and writing rows (zarr; hdf5 takes 1).  "
+                   "[default: 4 on CUDA, 1 on CPU]")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
               show_default=True, help="Seconds one video may take to decode before its worker "
                                       "is killed (decord, then PyAV is tried).")
@@ -124,8 +127,8 @@ def _check_backbone(ctx, param, value):
                    "fail); without it only done rows with no stored data are redone.")
 @click.option("--device", type=DEVICE_CHOICES, default="auto", show_default=True)
 def extract(dataset, root, split_dir, splits, limit, out, backend, backbone, weights, frames,
-            image_size, resize, pool_to, aug_views, seed, dtype, batch_size, workers, timeout,
-            overwrite, verify, device):
+            image_size, resize, pool_to, aug_views, seed, dtype, batch_size, workers, writers,
+            timeout, overwrite, verify, device):
     """Phase one: decode videos, sample T frames, run the frozen backbone, write the cache.
 
     Under torchrun (RANK / WORLD_SIZE set) each process extracts a disjoint shard of the rows
@@ -138,8 +141,8 @@ def extract(dataset, root, split_dir, splits, limit, out, backend, backbone, wei
         splits=tuple(s.strip() for s in splits.split(",") if s.strip()), limit=limit, out=out,
         backend=backend, backbone=backbone, weights=weights, frames=frames,
         image_size=image_size, resize=resize, pool_to=pool_to, aug_views=aug_views, seed=seed,
-        dtype=dtype, batch_size=batch_size, workers=workers, timeout=timeout, overwrite=overwrite,
-        verify=verify)
+        dtype=dtype, batch_size=batch_size, workers=workers, writers=writers, timeout=timeout,
+        overwrite=overwrite, verify=verify)
     shard = Shard.from_env()
     torch_device = pick_device(device)
     if torch_device.type == "cuda" and torch_device.index is None:

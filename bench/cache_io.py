@@ -1,6 +1,10 @@
 """Benchmark the feature cache at the real row shape (2048 x 8 x 7 x 7, float16).
 
-    python bench/cache_io.py [--rows 200] [--dir /tmp/cache-bench]
+    python bench/cache_io.py [--rows 200] [--dir /tmp/cache-bench] [--writers 1,2,4]
+                             [--only-writers]
+
+First it writes the same rows with 1, 2, 4 threads (``extract --writers``) and prints the zarr
+write rate of each and its ratio to one thread.
 
 For each backend (zarr with Blosc zstd-1 + byte shuffle, HDF5 with gzip-1 + shuffle) it prints MB/s
 (uncompressed bytes) for writing rows one by one, loading the whole split, and random single-row
@@ -18,9 +22,11 @@ deletes only the cache_io/ folder it makes under --dir.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import google_crc32c
@@ -137,6 +143,29 @@ def integrity_overhead(backend: str, folder: Path, rows: np.ndarray, repeats: in
     }
 
 
+def write_rows(cache: FeatureCache, pool: ThreadPoolExecutor, rows: np.ndarray) -> None:
+    list(pool.map(lambda i: cache.write_row(i, rows[i]), range(len(rows))))
+
+
+def writer_scaling(folder: Path, rows: np.ndarray, counts: list[int]) -> list[dict]:
+    """Zarr write rate with N threads calling write_row on disjoint rows (what `extract
+    --writers N` does), the same rows for every N; the ratio is to one thread in this run."""
+    results = []
+    for threads in counts:
+        path = folder / f"writers{threads}.zarr"
+        n = len(rows)
+        with FeatureCache.create(path, video_ids=[f"c/v{i}" for i in range(n)],
+                                 splits=["train"] * n, labels=[0] * n, classes=["c"],
+                                 shape=SHAPE, backend="zarr", overwrite=True) as cache, \
+                ThreadPoolExecutor(threads) as pool:
+            seconds = timed(lambda c=cache, p=pool: write_rows(c, p, rows))
+        results.append({"backend": f"{threads} thread{'s' if threads > 1 else ''}",
+                        "write MB/s": rows.nbytes / 2**20 / seconds, "rows/s": n / seconds})
+    for r in results:
+        r["x one thread"] = r["write MB/s"] / results[0]["write MB/s"]
+    return results
+
+
 def print_table(results: list[dict]) -> None:
     keys = [k for k in results[0] if k != "backend"]
     print(f"\n{'':<24}" + "".join(f"{r['backend']:>12}" for r in results))
@@ -183,6 +212,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7,
                         help="Rounds of the checksum comparison (median ratio).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--writers", default="1,2,4",
+                        help="Comma-separated writer thread counts to compare (zarr).")
+    parser.add_argument("--only-writers", action="store_true",
+                        help="Run only the writer-thread comparison.")
     args = parser.parse_args()
 
     rows = synthetic_rows(args.rows, args.seed)
@@ -194,6 +227,11 @@ def main() -> None:
     try:
         print(f"{args.rows} rows of {SHAPE} float16 = {rows.nbytes / 2**20:.0f} MB "
               f"uncompressed, {rows[0].nbytes / 2**20:.2f} MB per row")
+        print(f"\nzarr writes by N threads ({os.cpu_count()} CPUs; extract --writers N)")
+        print_table(writer_scaling(work, rows, [int(c) for c in args.writers.split(",")]))
+        if args.only_writers:
+            return
+        print()
         print_table([bench_backend(b, work / f"bench.{s}", rows, args.drop_caches, args.seed)
                      for b, s in (("zarr", "zarr"), ("hdf5", "h5"))])
         print("\nrow checksums: the same rows with / without them, warm page cache")

@@ -112,6 +112,7 @@ def test_misalignment_writes_files_with_valid_values(online_run, synth_cache):
     assert ((probs >= 0) & (probs <= 1)).all()
 
 
+@pytest.mark.slow
 def test_measured_start_times_follow_the_generated_windows(online_run, synth_cache):
     _, out = online_run
     _, windows = synth_cache
@@ -126,6 +127,7 @@ def test_measured_start_times_follow_the_generated_windows(online_run, synth_cac
     assert late > early + 1.0  # windows starting 2+ frames later are recognised later
 
 
+@pytest.mark.slow
 def test_frame_readout_finds_where_a_class_appearance_starts(tmp_path):
     # Appearance-defined classes (as in UCF101): each class adds its own channel pattern from a
     # per-video start frame on; single frames then identify the class, and the default per-frame
@@ -152,6 +154,7 @@ def test_frame_readout_finds_where_a_class_appearance_starts(tmp_path):
     assert (measured == starts).mean() > 0.9
 
 
+@pytest.mark.slow
 def test_misalignment_cli_prints_the_caveat_and_the_frame_readout_warning(synth_cache, tmp_path):
     # Single frames of the synthetic cache show patterns every class shares: the per-frame
     # readout is at chance, and the command says so and what to do.
@@ -188,6 +191,7 @@ def test_embedding_with_protonet_changes_nothing(synth_cache, tmp_path):
     assert summary["before"]["accuracy"] == summary["after"]["accuracy"]
 
 
+@pytest.mark.slow
 def test_embedding_with_a_ta2n_head_writes_the_figure_and_finite_ratios(synth_cache, tmp_path):
     head = build_head("ta2n", channels=16, frames=8, height=5, width=5, shot=2, seed=0)
     summary = _embed(synth_cache[0], head, tmp_path, shot=2)
@@ -219,6 +223,7 @@ def test_embedding_refuses_a_head_without_pair_features(synth_cache):
         emb.embed_episode(otam, maps[:2], maps[2:], way=2, shot=1)
 
 
+@pytest.mark.slow
 def test_embedding_cli_with_an_untrained_protonet(synth_cache, tmp_path):
     result = CliRunner().invoke(cli, ["analyze", "embedding", synth_cache[0], "--head",
                                       "protonet", "--episodes", "2", "--way", "2", "--queries",

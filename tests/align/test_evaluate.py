@@ -78,6 +78,7 @@ def test_report_says_how_the_number_was_made(synth, tmp_path):
     assert saved["head"] == {"kind": "protonet"}
 
 
+@pytest.mark.slow
 def test_replaying_an_episode_list_reproduces_the_accuracy(synth, tmp_path):
     ckpt = tmp_path / "head.pt"
     save_head(build_head("ta2n", channels=8, frames=8, height=4, width=4, shot=1, seed=3), ckpt)

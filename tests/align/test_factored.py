@@ -136,6 +136,7 @@ def test_precompute_needs_eval_mode_and_states_are_per_video():
 
 # ------------------------------------------------------------------------------ every head
 @pytest.mark.parametrize("kind", ["ta2n", "protonet", "otam"])
+@pytest.mark.slow
 def test_batched_episodes_equal_the_loop(kind):
     """forward_episodes of 3 episodes = 3 calls, values and gradients; score_episodes from
     precomputed states = the loop too (float32)."""

@@ -71,6 +71,7 @@ def test_evaluate_refuses_a_non_finite_checkpoint(synth, tmp_path):
     ["--lr", "0"], ["--dropout", "1.0"], ["--dropout", "-0.5"], ["--epochs", "0"],
     ["--val-episodes", "-1"], ["--batch-episodes", "0"], ["--patience", "-1"],
 ])
+@pytest.mark.slow
 def test_train_heads_refuses_bad_numbers_before_any_work(synth, option):
     result = CliRunner().invoke(cli, ["train-heads", "--cache", synth, *option])
     # 2: click's range check; 1: the config check (NaN passes click's comparisons)

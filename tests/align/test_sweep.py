@@ -106,6 +106,7 @@ def test_every_run_of_a_seed_is_scored_on_the_same_saved_episodes(free_sweep):
     assert any("4 to run" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_finished_runs(free_sweep):
     run, _, _ = free_sweep
     first, _ = run()
@@ -120,6 +121,7 @@ def test_a_rerun_skips_finished_runs(free_sweep):
     assert second["rows"] == first["rows"]
 
 
+@pytest.mark.slow
 def test_changed_runs_are_refused_with_the_difference_named(free_sweep):
     run, _, spec_file = free_sweep
     run()

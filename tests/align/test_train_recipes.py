@@ -159,6 +159,7 @@ def test_validations_since_best():
     assert validations_since_best(rows[:3]) == 0 and validations_since_best([]) == 0
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_keeps_the_best_and_says_why(tmp_path, monkeypatch, make_synth):
     monkeypatch.chdir(tmp_path)
     cache = make_synth(tmp_path / "tiny.zarr")

@@ -56,6 +56,7 @@ def info_cli(*args):
     return CliRunner().invoke(cli.cli, ["info", *map(str, args)])
 
 
+@pytest.mark.slow
 def test_a_forged_done_flag_is_named_on_read_and_by_info(cache_path, backend):
     filled(cache_path, backend)
     forge_done(cache_path, 7)  # row 7 (run/v007) was never written: a failed video

@@ -59,6 +59,7 @@ def test_weights_formats_are_detected_and_load_the_same_tensors(tmp_path, refere
         torch.testing.assert_close(loaded(x), trunk(x))
 
 
+@pytest.mark.slow
 def test_ta2n_checkpoint_records_its_prefix(tmp_path, reference):
     net, _, _ = reference
     path = tmp_path / "dp.pth"

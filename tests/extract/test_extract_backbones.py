@@ -172,6 +172,7 @@ EXPECTED = {  # kind -> (C, grid, library, mean, interpolation, resize at the te
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.slow
 def test_attributes_record_backbone_weights_preprocessing_grid_and_pooling(caches, weight_files,
                                                                           kind):
     channels, grid, library, mean, interpolation, resize = EXPECTED[kind]
@@ -208,6 +209,7 @@ def test_resume_refuses_another_backbone_and_another_pooling(caches, videos, wei
     assert again.exit_code == 0 and f"{len(IDS)} already done" in again.output
 
 
+@pytest.mark.slow
 def test_pool_to_averages_the_map_and_is_recorded(caches, videos, weight_files, tmp_path):
     result = extract(videos, tmp_path, KINDS["clip-vit"][0], weight_files["clip-vit"], 64,
                      "--pool-to", "2", "--dtype", "float32", "--splits", "test")

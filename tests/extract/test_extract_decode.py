@@ -95,6 +95,7 @@ def test_hanging_decord_is_killed_and_pyav_decodes_the_video(dataset):
         os.kill(pool.killed_pids[0], 0)
 
 
+@pytest.mark.slow
 def test_crashing_worker_is_replaced_and_pyav_decodes_the_video(dataset):
     root, _ = dataset
     pool = DecodePool(workers=1, timeout=30, decode_fn=crash_in_decord)

@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import functional as tvf
 
 from cache import FeatureCache
 from cli import cli
-from extract.pipeline import read_errors
+from extract.pipeline import ExtractConfig, RunPlan, read_errors
 from extract.sampling import ViewPlan, plan_views
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,6 +116,7 @@ def test_rows_equal_the_backbone_on_the_sampled_frames(extracted, dataset, trunk
             assert_close_fp16(cache.read_row(row), expected)
 
 
+@pytest.mark.slow
 def test_labels_splits_ids_and_attributes(extracted, weights_file):
     work, out, _ = extracted
     with FeatureCache.open(out) as cache:
@@ -137,6 +138,7 @@ def test_labels_splits_ids_and_attributes(extracted, weights_file):
         "path": str(out), "dataset": "custom"}
 
 
+@pytest.mark.slow
 def test_corrupt_and_missing_videos_are_reported_and_skipped(extracted):
     _, out, result = extracted
     assert "extracted 7 videos" in result.output
@@ -286,6 +288,35 @@ def test_two_ranks_give_the_same_cache_as_one_process(extracted, dataset, weight
         assert "errors_rank1" in two.attrs and two.attrs["errors_rank0"]["failed"] == []
 
 
+@pytest.mark.slow
+def test_several_writer_threads_write_the_same_cache_as_one(extracted, dataset, weights_file,
+                                                           tmp_path):
+    """--writers 3: rows written by three threads in any order equal the one-writer cache, bit
+    for bit (same backbone outputs, same fp16 rows), with every done flag and error report."""
+    _, single, _ = extracted
+    root, split_dir = dataset
+    out = tmp_path / "threads.zarr"
+    result = run_cli(extract_args(root, split_dir, out, weights_file, "--writers", "3"), tmp_path)
+    assert result.exit_code == 0, result.output
+    with FeatureCache.open(out) as three, FeatureCache.open(single) as one:
+        assert list(three.video_ids) == list(one.video_ids)
+        np.testing.assert_array_equal(three.done, one.done)
+        for row in one.rows():
+            np.testing.assert_array_equal(three.read_row(row), one.read_row(row))
+        assert [f["video"] for f in read_errors(three)["failed"]] == ["swim/v1"]
+
+
+def test_writer_threads_default_by_device_and_backend():
+    plan = RunPlan.make(ExtractConfig(dataset="custom", root="x"), torch.device("cuda"))
+    assert plan.writers == 4
+    assert RunPlan.make(ExtractConfig(dataset="custom", root="x"), torch.device("cpu")).writers == 1
+    hdf5 = ExtractConfig(dataset="custom", root="x", backend="hdf5", writers=8)
+    assert RunPlan.make(hdf5, torch.device("cuda")).writers == 1  # one HDF5 writer, always
+    assert RunPlan.make(ExtractConfig(dataset="custom", root="x", writers=2),
+                        torch.device("cpu")).writers == 2
+
+
+@pytest.mark.slow
 def test_hdf5_backend_works_for_one_process_and_refuses_several(dataset, weights_file,
                                                                  tmp_path, monkeypatch):
     root, split_dir = dataset
@@ -301,6 +332,7 @@ def test_hdf5_backend_works_for_one_process_and_refuses_several(dataset, weights
     assert refused.exit_code == 1 and "hdf5 backend takes one writer" in refused.output
 
 
+@pytest.mark.slow
 def test_nothing_found_or_nothing_decodable_is_an_error(dataset, weights_file, tmp_path):
     _, split_dir = dataset
     (tmp_path / "empty").mkdir()
@@ -317,6 +349,7 @@ def test_nothing_found_or_nothing_decodable_is_an_error(dataset, weights_file, t
     assert bad.exit_code == 1 and "no video could be extracted" in bad.output
 
 
+@pytest.mark.slow
 def test_rows_hold_the_frames_of_the_sampling_rule_not_their_neighbours(extracted, dataset,
                                                                          trunk):
     _, out, _ = extracted

@@ -35,6 +35,7 @@ def test_symlink_loops_are_reported_per_video_and_the_run_goes_on(weights_file, 
 
 
 @pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+@pytest.mark.slow
 def test_an_unwritable_out_is_refused_before_any_work(tmp_path, weights_file, backend):
     (tmp_path / "plain").write_text("x")
     missing_root = tmp_path / "no-dataset-here"  # would fail later: --out is checked first
@@ -59,6 +60,7 @@ def test_split_lines_that_leave_the_root_are_refused(tmp_path, tiny_dataset, wei
     assert "leaves the dataset folder" in one_line(result)
 
 
+@pytest.mark.slow
 def test_a_zarr_store_whose_creation_was_killed_resumes_without_overwrite(tiny_dataset,
                                                                           weights_file,
                                                                           tmp_path, monkeypatch):
@@ -79,6 +81,7 @@ def test_a_zarr_store_whose_creation_was_killed_resumes_without_overwrite(tiny_d
         assert cache.done.tolist() == [True, True, True, False]
 
 
+@pytest.mark.slow
 def test_a_cache_killed_before_it_was_ready_resumes_on_hdf5(tiny_dataset, weights_file, tmp_path,
                                                            monkeypatch):
     root, split_dir = tiny_dataset
@@ -100,6 +103,7 @@ def test_a_cache_killed_before_it_was_ready_resumes_on_hdf5(tiny_dataset, weight
         assert cache.attrs["extract_ready"] and cache.done.sum() == 3
 
 
+@pytest.mark.slow
 def test_a_second_extract_on_the_same_out_is_refused_and_wipes_nothing(tiny_dataset,
                                                                        weights_file, tmp_path):
     root, split_dir = tiny_dataset

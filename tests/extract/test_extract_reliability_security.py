@@ -41,6 +41,7 @@ def test_overwrite_never_deletes_a_dataset_or_home_folder(tiny_dataset, weights_
     assert not (out.parent / f"{out.name}.lock").exists()  # refused before taking any lock
 
 
+@pytest.mark.slow
 def test_a_cache_extract_did_not_make_needs_overwrite_and_is_then_replaced(tiny_dataset,
                                                                            weights_file,
                                                                            tmp_path):
@@ -57,6 +58,7 @@ def test_a_cache_extract_did_not_make_needs_overwrite_and_is_then_replaced(tiny_
         assert cache.attrs["dataset"] == "custom" and cache.done.sum() == 3
 
 
+@pytest.mark.slow
 def test_hdf5_overwrite_while_another_process_writes_is_refused_untouched(tiny_dataset,
                                                                           weights_file, tmp_path):
     root, split_dir = tiny_dataset

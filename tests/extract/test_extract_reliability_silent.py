@@ -52,6 +52,7 @@ def test_rerun_repairs_a_deleted_row_and_clears_a_forged_done_flag(extracted, ti
         assert cache.verify() == []
 
 
+@pytest.mark.slow
 def test_verify_finds_and_repairs_a_corrupted_chunk_the_listing_cannot_see(extracted,
                                                                          tiny_dataset,
                                                                          weights_file, tmp_path):

@@ -61,6 +61,7 @@ def test_videos_are_real_files_of_the_asked_size(toy):
     assert frames.std() > 5  # not a blank video
 
 
+@pytest.mark.slow
 def test_same_config_same_videos_other_seed_other_videos(toy, tmp_path):
     again = make_toy_dataset(tmp_path / "again", ToyConfig(**SMALL), progress=False)
     first, second = file_hashes(Path(toy.root)), file_hashes(Path(again.root))
