@@ -144,8 +144,8 @@ def run_one(work: Path, cache_name: str, candidate: str, seed: int, args) -> dic
     if result_file.exists():
         return json.loads(result_file.read_text())
     if out.exists():  # a run killed half-way: this study made the folder, start it again
-        for name in ("last.pt", "best.pt", "metrics.csv", "config.json"):
-            (out / name).unlink(missing_ok=True)
+        for file in ("last.pt", "best.pt", "metrics.csv", "config.json"):
+            (out / file).unlink(missing_ok=True)
     cfg = run_config(cache_path(work, cache_name), out, candidate, seed, args.episodes,
                      args.val_episodes, args.sc)
     tick = time.perf_counter()
