@@ -274,9 +274,10 @@ def describe_recipe(cfg: TrainConfig) -> str:
         sched = f"{cfg.warmup} episodes warm-up, then {sched}"
     stop = (f"early stop after {cfg.patience} validations without improvement"
             if cfg.patience else "no early stopping")
-    return (f"{opt}, {sched}; {cfg.tasks_per_batch} episodes per step, dropout {cfg.dropout:g}; "
-            f"{cfg.epochs} epochs x {cfg.episodes_per_epoch} episodes, validation every "
-            f"{cfg.val_every}; {stop}")
+    per_step = f"{cfg.tasks_per_batch} episode{'s' if cfg.tasks_per_batch > 1 else ''} per step"
+    every = "every epoch" if cfg.val_every == 1 else f"every {cfg.val_every} epochs"
+    return (f"{opt}, {sched}; {per_step}, dropout {cfg.dropout:g}; "
+            f"{cfg.epochs} epochs x {cfg.episodes_per_epoch} episodes, validation {every}; {stop}")
 
 
 def early_stop(cfg: TrainConfig, history: list[dict], best: float) -> str | None:
