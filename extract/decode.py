@@ -52,6 +52,12 @@ class DecodeTask:
     flip: bool = True
     interpolation: str = "bilinear"  # the backbone's resize filter (torchvision's mode names)
 
+    def plan(self, n: int) -> list[ViewPlan]:
+        """The views to cut from an n-frame video: the cached view, then the augmented ones."""
+        return plan_views(n, frames=self.frames, video_id=self.video_id,
+                          aug_views=self.aug_views, seed=self.seed, resize=self.resize,
+                          image_size=self.image_size, flip=self.flip)
+
 
 @dataclass
 class DecodedVideo:
@@ -167,9 +173,7 @@ def decode_task(task: DecodeTask, method: str) -> DecodedVideo:
     plans: list[ViewPlan] = []
 
     def pick(n: int) -> list[int]:
-        plans[:] = plan_views(n, frames=task.frames, video_id=task.video_id,
-                              aug_views=task.aug_views, seed=task.seed, resize=task.resize,
-                              image_size=task.image_size, flip=task.flip)
+        plans[:] = task.plan(n)
         return sorted({i for plan in plans for i in plan.indices})
 
     n, frames = READERS[method](task.path, pick)
