@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from cache import SPLITS, FeatureCache, UserError
 from cache.latest import default_cache_path, remember_cache
-from extract.backbone import FeatureExtractor
+from extract.backbone import FeatureExtractor, check_not_adapted_on
 from extract.backbones import Backbone
 from extract.datasets import NO_FLIP_DATASETS, VideoList, VideoLocator, find_videos
 from extract.decode import DecodedVideo, DecodeFailure, DecodePool, DecodeTask
@@ -541,6 +541,8 @@ def run_extract(config: ExtractConfig, device: torch.device, shard: Shard | None
     found = find_videos(config.dataset, config.root, splits=config.splits,
                         split_dir=config.split_dir, limit=config.limit)
     config, backbone = prepare_backbone(config, device)
+    check_not_adapted_on(config.weights, backbone.weights, config.dataset, config.root,
+                         found.records)
     if backbone.weights.warning:
         echo(f"warning: {backbone.weights.warning}")
     channels, height, width = backbone.shape
