@@ -1,9 +1,10 @@
 """Decoding: video file or frame folder -> uint8 crops of every view, in killable worker processes.
 
-``decode_task`` opens one video, plans its views (``sampling.plan_views``), decodes only the frames
-those views need, resizes them to ``resize`` x ``resize`` (antialiased, on uint8 like the paper's
-pipeline, with the backbone's filter: bilinear for the torchvision ResNets) and cuts each view's
-crop (flipped if planned): a (V, T, 3, S, S) uint8 array.
+``decode_task`` opens one video, plans its views (``task.plan``: ``sampling.plan_views``; a task
+subclass may plan others, as adapt-backbone's one training view per epoch), decodes only the
+frames those views need, resizes them to ``resize`` x ``resize`` (antialiased, on uint8 like the
+paper's pipeline, with the backbone's filter: bilinear for the torchvision ResNets) and cuts each
+view's crop (flipped if planned): a (V, T, 3, S, S) uint8 array.
 Doing the whole preprocessing here keeps the backbone's process free for the forward pass and sends
 the smallest arrays through the pipes.
 
