@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import click
 import torch
+from tqdm import tqdm
 
 from align.models import head_names
 from cache import FeatureCache, UserError, format_info
 from demo import DemoConfig
 from extract.backbones import PREFIXES, REGISTERED
+from extract.datasets import DATASETS
 
 DEVICE_CHOICES = click.Choice(["auto", "cpu", "cuda"])
 DEMO = DemoConfig()  # the demo's defaults, shown in its --help
@@ -36,10 +38,25 @@ def cli():
 # ------------------------------------------------------------------------------------ info
 @cli.command()
 @click.argument("cache_path", metavar="CACHE")
-def info(cache_path):
+@click.option("--verify", is_flag=True,
+              help="Read every done row and check it (stored, checksum); exit 1 if any is "
+                   "missing or damaged.")
+def info(cache_path, verify):
     """Summarise a feature cache: rows per split, classes, done / not done, size on disk."""
+    from cache.store import format_verify
+
     with FeatureCache.open(cache_path) as cache:
         click.echo(format_info(cache.info()))
+        if not verify:
+            return
+        rows = cache.rows()
+        with tqdm(total=len(rows), desc="verify", unit="row", dynamic_ncols=True) as bar:
+            damaged = cache.verify(rows, progress=bar.update)
+        click.echo(format_verify(len(rows), damaged, cache.checksummed))
+    if damaged:
+        raise UserError(f"{len(damaged)} done rows of {cache_path} are missing or damaged; "
+                        "rerun the extract command that made it, with --verify, to extract them "
+                        "again")
 
 
 # ------------------------------------------------------------------------------------ extract
@@ -56,7 +73,7 @@ def _check_backbone(ctx, param, value):
 
 @cli.command()
 @click.option("--dataset", required=True,
-              type=click.Choice(["ucf101", "hmdb51", "ssv2", "ssv2-cmn", "kinetics", "custom"]),
+              type=click.Choice(list(DATASETS)),
               help="Which split lists to use (custom: --split-dir).")
 @click.option("--root", type=click.Path(), help="Dataset folder.  [default: data/<dataset>]")
 @click.option("--split-dir", type=click.Path(exists=True, file_okay=False),
@@ -102,11 +119,15 @@ def _check_backbone(ctx, param, value):
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
               show_default=True, help="Seconds one video may take to decode before its worker "
                                       "is killed (decord, then PyAV is tried).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing cache at --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the cache at --out (only ever a cache: anything else is refused).")
+@click.option("--verify", is_flag=True,
+              help="Before resuming, read and check every done row (re-extracts those that "
+                   "fail); without it only done rows with no stored data are redone.")
 @click.option("--device", type=DEVICE_CHOICES, default="auto", show_default=True)
 def extract(dataset, root, split_dir, splits, limit, out, backend, backbone, weights, frames,
             image_size, resize, pool_to, aug_views, seed, dtype, batch_size, workers, timeout,
-            overwrite, device):
+            overwrite, verify, device):
     """Phase one: decode videos, sample T frames, run the frozen backbone, write the cache.
 
     Under torchrun (RANK / WORLD_SIZE set) each process extracts a disjoint shard of the rows
@@ -119,8 +140,8 @@ def extract(dataset, root, split_dir, splits, limit, out, backend, backbone, wei
         splits=tuple(s.strip() for s in splits.split(",") if s.strip()), limit=limit, out=out,
         backend=backend, backbone=backbone, weights=weights, frames=frames,
         image_size=image_size, resize=resize, pool_to=pool_to, aug_views=aug_views, seed=seed,
-        dtype=dtype,
-        batch_size=batch_size, workers=workers, timeout=timeout, overwrite=overwrite)
+        dtype=dtype, batch_size=batch_size, workers=workers, timeout=timeout, overwrite=overwrite,
+        verify=verify)
     shard = Shard.from_env()
     torch_device = pick_device(device)
     if torch_device.type == "cuda" and torch_device.index is None:
@@ -211,32 +232,63 @@ HEAD_CHOICES = click.Choice(head_names())
 @click.option("--sc/--no-sc", default=True, show_default=True, help="Spatial coordination.")
 @click.option("--sc-mode", default="mask", show_default=True,
               type=click.Choice(["mask", "grid", "enumerate"]))
-@click.option("--shots", default=5, show_default=True, help="K support videos per class.")
-@click.option("--way", default=5, show_default=True, help="N classes per episode.")
-@click.option("--queries", default=5, show_default=True, help="Q query videos per class.")
+@click.option("--shots", type=click.IntRange(min=1),
+              default=5, show_default=True, help="K support videos per class.")
+@click.option("--way", type=click.IntRange(min=2),
+              default=5, show_default=True, help="N classes per episode.")
+@click.option("--queries", type=click.IntRange(min=1),
+              default=5, show_default=True, help="Q query videos per class.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--epochs", type=int, default=None, help="[default: the dataset's recipe]")
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--lr-step", type=int, default=None, help="Epochs per lr decay [default: recipe].")
-@click.option("--lr-gamma", type=float, default=None, help="lr factor per step [default: recipe].")
-@click.option("--momentum", type=float, default=None, help="SGD momentum [default: recipe].")
-@click.option("--weight-decay", default=0.0, show_default=True)
-@click.option("--episodes-per-epoch", default=200, show_default=True)
-@click.option("--tasks-per-batch", type=int, default=None,
-              help="Episodes whose gradients are accumulated per SGD step [default: recipe, "
-                   "16 as the authors].")
-@click.option("--dropout", default=0.5, show_default=True, help="On the input maps in training.")
-@click.option("--decay-every", default=40, show_default=True,
+@click.option("--recipe", default="fast", show_default=True,
+              type=click.Choice(["fast", "paper"]),
+              help="Defaults for the options below: fast (Adam, early stopping; any dataset) or "
+                   "paper (the authors' SGD schedule for the cache's dataset).")
+@click.option("--optimizer", default=None, type=click.Choice(["sgd", "adam", "adamw"]),
+              help="[default: recipe]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True),
+              default=None, help="Peak learning rate [default: recipe].")
+@click.option("--schedule", default=None, type=click.Choice(["step", "cosine", "constant"]),
+              help="lr schedule after the warm-up [default: recipe; --lr-step implies step].")
+@click.option("--warmup", type=click.IntRange(min=0), default=None,
+              help="Episodes of linear lr warm-up [default: recipe].")
+@click.option("--lr-step", type=click.IntRange(min=1), default=None,
+              help="Epochs per lr decay of the step schedule [default: paper recipe].")
+@click.option("--lr-gamma", type=click.FloatRange(min=0), default=None,
+              help="lr factor per step of the step schedule [default: paper recipe].")
+@click.option("--momentum", type=click.FloatRange(0, 1),
+              default=None, help="SGD only [default: paper recipe].")
+@click.option("--weight-decay", type=click.FloatRange(min=0),
+              default=None, help="[default: recipe]")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Budget; cosine decays over it [default: recipe].")
+@click.option("--episodes-per-epoch", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--tasks-per-batch", type=click.IntRange(min=1), default=None,
+              help="Episodes whose gradients are accumulated per optimizer step "
+                   "[default: recipe; the authors: 16].")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="On the input maps in training [default: recipe].")
+@click.option("--patience", type=click.IntRange(min=0), default=None,
+              help="Stop after N validations without a better val accuracy; 0: never "
+                   "[default: recipe].")
+@click.option("--decay-every", type=click.IntRange(min=1), default=40, show_default=True,
               help="Epochs between decays of the SC perturbation.")
-@click.option("--val-every", type=int, default=None, help="Epochs between validations "
+@click.option("--val-every", type=click.IntRange(min=1),
+              default=None, help="Epochs between validations "
               "[default: recipe].")
-@click.option("--val-episodes", default=500, show_default=True, help="0: no validation.")
-@click.option("--val-queries", default=1, show_default=True)
-@click.option("--batch-episodes", default=16, show_default=True,
-              help="Validation episodes per forward pass.")
+@click.option("--val-episodes", type=click.IntRange(min=0),
+              default=500, show_default=True, help="0: no validation.")
+@click.option("--val-queries", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--batch-episodes", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Validation episodes per scoring call.")
+@click.option("--micro-batch", type=click.IntRange(min=1), default=None,
+              help="Training episodes per forward/backward pass (never across an SGD step; "
+                   "same gradients).  [default: auto: as many as fit in half the free GPU "
+                   "memory, up to --tasks-per-batch; 1 on the CPU]")
+@click.option("--compile", is_flag=True, help="torch.compile the head (same results).")
 @click.option("--preload", default="auto", show_default=True, type=PRELOAD_CHOICES,
               help="Hold the split in RAM / on the device, or stream it.")
-@click.option("--workers", default=4, show_default=True, help="Reader threads when streaming.")
+@click.option("--workers", type=click.IntRange(min=0),
+              default=4, show_default=True, help="Reader threads when streaming.")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 on CUDA.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
 @click.option("--out", default=None,
@@ -264,10 +316,11 @@ def train_heads(cache_path, head, shots, device, resume, **options):
               help="A training-free baseline instead of a checkpoint.")
 @click.option("--cache", "cache_path", default=None,
               help="[default: the checkpoint's run's cache, else the latest extracted one]")
-@click.option("--episodes", default=5000, show_default=True)
-@click.option("--shots", type=int, default=None, help="[default: the run's K, else 5]")
-@click.option("--way", default=5, show_default=True)
-@click.option("--queries", default=1, show_default=True)
+@click.option("--episodes", type=click.IntRange(min=1), default=5000, show_default=True)
+@click.option("--shots", type=click.IntRange(min=1),
+              default=None, help="[default: the run's K, else 5]")
+@click.option("--way", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("--queries", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--split", default="test", show_default=True,
               type=click.Choice(["train", "val", "test"]))
 @click.option("--seed", default=0, show_default=True)
@@ -276,10 +329,11 @@ def train_heads(cache_path, head, shots, device, resume, **options):
               help="Replay an episode list (its split, way, shots and queries win).")
 @click.option("--report", default=None, metavar="FILE",
               help="JSON report [default: next to the checkpoint, or under runs/].")
-@click.option("--batch-episodes", default=16, show_default=True,
-              help="Episodes per forward pass.")
+@click.option("--batch-episodes", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Episodes per scoring call (after the per-video precompute).")
+@click.option("--compile", is_flag=True, help="torch.compile the head (same results).")
 @click.option("--preload", default="auto", show_default=True, type=PRELOAD_CHOICES)
-@click.option("--workers", default=4, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True)
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 on CUDA.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
 def evaluate(checkpoint, head_kind, cache_path, shots, device, report, **options):
@@ -291,6 +345,60 @@ def evaluate(checkpoint, head_kind, cache_path, shots, device, report, **options
                               report=report, log=click.echo)
     click.echo(result["summary"])
     click.echo(f"report     {result['report']}  ({result['episodes_per_s']:.1f} episodes/s)")
+
+
+# ------------------------------------------------------------------------------------ sweep
+def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated integers, got {text!r}") from None
+
+
+@cli.command()
+@click.argument("source", metavar="PRESET|FILE")
+@click.option("--cache", "cache_path", default=None,
+              help="Feature cache [default: the most recently extracted one].")
+@click.option("--shots", default=None, help="Comma-separated K values, e.g. 1,5 "
+              "[default: the preset's or file's; 1 for table3 / table4 / heads / table2].")
+@click.option("--seeds", default="0,1,2", show_default=True,
+              help="Each run is trained and tested once per seed.")
+@click.option("--heads", default=None, help="Comma-separated registered heads for the heads, "
+              "table2 and shots presets.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="A train-heads option for every run, e.g. --set epochs=6 (repeatable).")
+@click.option("--episodes", default=5000, show_default=True,
+              help="Saved test episodes per seed (every run is scored on them).")
+@click.option("--way", default=5, show_default=True)
+@click.option("--queries", default=1, show_default=True, help="Test queries per class.")
+@click.option("--reference", default=None, metavar="RUN",
+              help="Compare every row with this run [default: each run's vs, else the first].")
+@click.option("--jobs", default=1, show_default=True,
+              help="Worker processes on one device (1: this process).")
+@click.option("--devices", default="auto", show_default=True,
+              help="auto, cpu, cuda, or a list (cuda:0,cuda:1): one process per device.")
+@click.option("--threads", default=1, show_default=True,
+              help="torch threads per run (fixed, so results do not depend on --jobs).")
+@click.option("--out", default=None, help="Sweep folder [default: runs/sweep-<preset or file>-"
+              "<cache name>]; rerunning into it skips finished runs.")
+def sweep(source, cache_path, shots, seeds, heads, assignments, devices, out, **options):
+    """A paper table in one command: every run of a preset (table3, table4, heads, table2,
+    shots) or sweep file (TOML / JSON), per seed, on the same saved test episodes, with paired
+    tests; writes sweep.csv, sweep.md, sweep.png. Rerunning resumes."""
+    from align.reports.sweep import sweep_command
+    from align.sweep import SweepConfig, format_sweep, parse_assignments
+
+    names = [d.strip() for d in devices.split(",") if d.strip()]
+    cfg = SweepConfig(cache=cache_path, out=out, seeds=_int_list(seeds, "--seeds"),
+                      shots=_int_list(shots, "--shots"), overrides=parse_assignments(assignments),
+                      devices=tuple(str(pick_device(d)) for d in names), **options)
+    summary = sweep_command(source, cfg, log=click.echo,
+                            heads=None if heads is None else [h.strip() for h in heads.split(",")])
+    click.echo(format_sweep(summary))
+    if summary["interrupted"]:
+        raise SystemExit(130)
 
 
 # ------------------------------------------------------------------------------------ analyze
@@ -383,28 +491,31 @@ def analyze_compare(report_a, report_b, out_dir, top, allow_different_episodes):
 # ------------------------------------------------------------------------------------ synth
 @cli.command()
 @click.option("--out", default=None, help="[default: caches/synthetic.zarr]")
-@click.option("--channels", default=64, show_default=True, help="C")
-@click.option("--frames", default=8, show_default=True, help="T")
-@click.option("--size", default=7, show_default=True, help="H = W")
-@click.option("--patterns", default=4, show_default=True,
+@click.option("--channels", default=64, show_default=True, type=click.IntRange(min=1), help="C")
+@click.option("--frames", default=8, show_default=True, type=click.IntRange(min=4), help="T")
+@click.option("--size", default=7, show_default=True, type=click.IntRange(min=4), help="H = W")
+@click.option("--patterns", default=4, show_default=True, type=click.IntRange(min=1),
               help="Shared patterns every class is made of.")
-@click.option("--length", default=4, show_default=True,
+@click.option("--length", default=4, show_default=True, type=click.IntRange(min=0),
               help="Patterns per class sequence (no immediate repeats); 0: every class is a "
                    "permutation of all patterns, so classes differ only in order.")
-@click.option("--train-classes", default=64, show_default=True)
-@click.option("--val-classes", default=16, show_default=True)
-@click.option("--test-classes", default=24, show_default=True)
-@click.option("--videos-per-class", default=20, show_default=True)
+@click.option("--train-classes", default=64, show_default=True, type=click.IntRange(min=0))
+@click.option("--val-classes", default=16, show_default=True, type=click.IntRange(min=0))
+@click.option("--test-classes", default=24, show_default=True, type=click.IntRange(min=0))
+@click.option("--videos-per-class", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--min-duration", default=0.5, show_default=True,
+              type=click.FloatRange(min=0, max=1, min_open=True),
               help="Shortest action window, fraction of T.")
-@click.option("--evolution", default=2.0, show_default=True,
+@click.option("--evolution", default=2.0, show_default=True, type=click.FloatRange(min=1),
               help="Progress exponents in [1/e, e].")
-@click.option("--background", default=0.3, show_default=True)
-@click.option("--noise", default=0.3, show_default=True)
-@click.option("--aug-views", default=0, show_default=True, help="Extra training views per row.")
+@click.option("--background", default=0.3, show_default=True, type=click.FloatRange(min=0))
+@click.option("--noise", default=0.3, show_default=True, type=click.FloatRange(min=0))
+@click.option("--aug-views", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Extra training views per row.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--backend", default="zarr", show_default=True, type=click.Choice(["zarr", "hdf5"]))
-@click.option("--overwrite", is_flag=True, help="Replace an existing cache at --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the cache at --out (only ever a cache: anything else is refused).")
 def synth(out, backend, overwrite, **options):
     """Write a synthetic cache: classes are orders of shared patterns, misaligned in time/space."""
     from cache.latest import default_cache_path
@@ -433,7 +544,7 @@ def synth(out, backend, overwrite, **options):
                    "before and after it).")
 @click.option("--max-duration", default=0.85, show_default=True,
               help="Longest action window, as a fraction of the video.")
-@click.option("--evolution", default=2.0, show_default=True,
+@click.option("--evolution", default=2.0, show_default=True, type=click.FloatRange(min=1),
               help="Progress exponents are log-uniform in [1/E, E].")
 @click.option("--seed", default=0, show_default=True)
 def toy_data(out, **options):

@@ -7,7 +7,6 @@ Loading never executes code from the file: ``torch.load(weights_only=True)`` onl
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from align.models import Head, HeadConfig, build_head_from_config
 from cache import UserError
 from cache.atomic import atomic_path
+from cache.torch_files import load_tensors
 
 CHECKPOINT_FORMAT = "ta2n-cache/head"
 CHECKPOINT_VERSION = 1
@@ -77,6 +77,7 @@ def load_head_checkpoint(path: str | os.PathLike, map_location="cpu", *,
         extra = {"source": "authors"}
         if "iteration" in ckpt:
             extra["iteration"] = ckpt["iteration"]
+    _check_finite(state, path)
     _load_state(head, state, path)
     if isinstance(map_location, str | torch.device):
         head = head.to(map_location)
@@ -84,16 +85,16 @@ def load_head_checkpoint(path: str | os.PathLike, map_location="cpu", *,
 
 
 def _read(path, map_location):
-    if not Path(path).is_file():
-        raise UserError(f"{path}: no such checkpoint file")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # this project's trainer keeps RNG states and histories in "extra"
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # any unreadable file is the user's to fix
-        raise UserError(f"{path}: not a readable torch checkpoint ({exc})") from exc
+    """The checkpoint's contents, loaded weights-only: nothing in the file is executed."""
+    return load_tensors(path, f"checkpoint {path}", map_location)
+
+
+def _check_finite(state: dict, path) -> None:
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        more = " ..." if len(bad) > 1 else ""
+        raise UserError(f"{path}: holds non-finite weights ({bad[0]}{more}): the training that "
+                        "wrote it diverged")
 
 
 def _load_state(head: Head, state: dict, path) -> None:

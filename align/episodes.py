@@ -175,7 +175,7 @@ def load_episodes(path: str | os.PathLike, cache: FeatureCache) -> tuple[list[Ep
         raise UserError(f"{path} is not an episode file (no format {EPISODE_FILE_FORMAT!r})")
     row_of = {str(v): i for i, v in enumerate(cache.video_ids)}
     label_of = {name: i for i, name in enumerate(cache.classes)}
-    done = cache.done
+    done, labels = cache.done, cache.labels
 
     def rows(videos: list[str]) -> np.ndarray:
         missing = [v for v in videos if v not in row_of or not done[row_of[v]]]
@@ -183,12 +183,41 @@ def load_episodes(path: str | os.PathLike, cache: FeatureCache) -> tuple[list[Ep
             raise UserError(f"{path}: video {missing[0]!r} is not a done row of {cache.path}")
         return np.asarray([row_of[v] for v in videos], dtype=np.int64)
 
-    episodes = []
-    for e in payload["episodes"]:
-        unknown = [c for c in e["classes"] if c not in label_of]
-        if unknown:
-            raise UserError(f"{path}: class {unknown[0]!r} is not a class of {cache.path}")
-        episodes.append(Episode(np.asarray([label_of[c] for c in e["classes"]], dtype=np.int64),
-                                rows(e["support"]), rows(e["query"])))
     header = {k: payload.get(k) for k in ("split", "way", "shot", "queries", "seed", "dataset")}
+    episodes = []
+    try:
+        for i, e in enumerate(payload["episodes"]):
+            unknown = [c for c in e["classes"] if c not in label_of]
+            if unknown:
+                raise UserError(f"{path}: class {unknown[0]!r} is not a class of {cache.path}")
+            episode = Episode(np.asarray([label_of[c] for c in e["classes"]], dtype=np.int64),
+                              rows(e["support"]), rows(e["query"]))
+            check_episode(episode, header, labels, f"{path}: episode {i}")
+            episodes.append(episode)
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not an episode list of this tool (bad entry {exc})") from None
+    if not episodes:
+        raise UserError(f"{path} holds no episodes")
     return episodes, header
+
+
+def check_episode(episode: Episode, header: dict, labels: np.ndarray, where: str) -> None:
+    """Refuse an episode that disagrees with its file's header (way, shot, queries), reuses a
+    video (a query that is also a support video would score itself) or places a video under a
+    class it does not belong to."""
+    way, shot, queries = header.get("way"), header.get("shot"), header.get("queries")
+    sizes = (len(episode.classes), len(episode.support), len(episode.query))
+    if (way, way * shot if way and shot else None, way * queries if way and queries else None) \
+            != sizes:
+        raise UserError(f"{where} has {sizes[0]} classes, {sizes[1]} support and {sizes[2]} "
+                        f"query videos; the header says {way}-way {shot}-shot, {queries} "
+                        "queries per class")
+    videos = np.concatenate([episode.support, episode.query])
+    if len(np.unique(videos)) != len(videos):
+        raise UserError(f"{where} uses a video twice (a query may not be a support video)")
+    if len(np.unique(episode.classes)) != len(episode.classes):
+        raise UserError(f"{where} lists a class twice")
+    expected = np.concatenate([np.repeat(episode.classes, episode.shot),
+                               episode.classes[episode.query_targets]])
+    if not np.array_equal(labels[videos], expected):
+        raise UserError(f"{where} places a video under a class it does not belong to")

@@ -2,8 +2,13 @@
 confusion matrix and a JSON report that says how every number was made.
 
 The interval is the paper's (and the authors' code's): 1.96 x std / sqrt(episodes), over the
-per-episode accuracies (std with ddof=0). Evaluation is embarrassingly parallel: heads that offer
-``forward_episodes`` get many episodes per forward pass.
+per-episode accuracies (std with ddof=0).
+
+With the head fixed, most of an episode's work does not depend on the episode: a head that
+``precomputes`` (TA2N's factored path, ProtoNet, OTAM) gets its per-video states once for every
+video the episodes use - kept on the device when they fit in half of its free memory, else in
+blocks of episodes whose videos fit - and each episode only pays for its pairs,
+``batch_episodes`` episodes per call. Other heads get each episode's maps (``forward_episodes``).
 
 ``run_episodes`` is shared with training's validation. ``evaluate_command`` is `python cli.py
 evaluate`: it resolves the defaults (the latest run's best.pt, recorded in runs/latest.json by
@@ -22,12 +27,16 @@ import torch
 from tqdm import tqdm
 
 from align.episodes import Episode, EpisodeSampler, Stream, load_episodes, save_episodes
-from align.feed import Feeder
+from align.feed import Feeder, available_ram
 from align.runs import RUNS_ROOT, load_head_source, resolve_head_source
 from cache import FeatureCache, UserError
 from cache.atomic import write_json
+from cache.paths import check_writable
+from cache.store import human_bytes
 
 PER_ROW_ATTRS = ("windows", "positions", "exponents")  # synthetic ground truth, one per row
+PRECOMPUTE_ROWS = 64  # videos per precompute pass: bounds the activations' memory
+STATE_SHARE = 0.5  # states are kept whole when they take at most this share of free memory
 
 
 @dataclass
@@ -39,9 +48,11 @@ class EvalConfig:
         way, shot, queries: N-way K-shot with Q queries per class (the authors: Q = 1).
         episodes: number of episodes (the paper: 5000).
         seed: draws the episodes.
-        batch_episodes: episodes per forward pass for heads with ``forward_episodes``.
+        batch_episodes: episodes per scoring call (per forward pass for heads that do not
+            precompute).
         preload, workers: how rows reach the device (see align/feed.py).
         amp: bfloat16 autocast on CUDA.
+        compile: torch.compile the head's batched entry points.
         episodes_from: replay this episode file instead of sampling (its split/way/shot win).
         save_episodes: write the episodes scored to this file.
     """
@@ -56,6 +67,7 @@ class EvalConfig:
     preload: str = "auto"
     workers: int = 4
     amp: bool = True
+    compile: bool = False
     episodes_from: str | None = None
     save_episodes: str | None = None
 
@@ -66,38 +78,152 @@ def autocast(device: torch.device, amp: bool):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
 
 
-def _episode_logits(head, stacked: torch.Tensor, batch: list[Episode]) -> torch.Tensor:
-    """(E, M, way) logits of ``len(batch)`` episodes whose rows are stacked support-then-query."""
-    way, shot = batch[0].way, batch[0].shot
-    n_support, n_query = way * shot, len(batch[0].query)
-    maps = stacked.view(len(batch), n_support + n_query, *stacked.shape[1:])  # (E, S+M, C, T, H, W)
-    support, query = maps[:, :n_support], maps[:, n_support:]  # (E, S, ...), (E, M, ...)
-    return head.forward_episodes(support, query, way, shot)  # (E, M, way)
+def sync(device: torch.device) -> None:
+    """Wait for the device, so that a timer measures work done, not work queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run_episodes(head, feeder: Feeder, episodes: list[Episode], *, device: torch.device,
                  batch_episodes: int = 16, amp: bool = True, desc: str = "evaluate",
-                 progress: bool = True) -> np.ndarray:
-    """(E, way * queries) episode-local predictions of ``head`` (in eval mode) for ``episodes``."""
+                 progress: bool = True, log=None, timing: dict | None = None) -> np.ndarray:
+    """(E, way * queries) episode-local predictions of ``head`` (in eval mode) for ``episodes``.
+
+    A head that ``precomputes`` gets its per-video states once for every video the episodes
+    use, then ``batch_episodes`` episodes per ``score_episodes`` call; any other head gets the
+    maps of ``batch_episodes`` episodes per ``forward_episodes`` call. ``log`` hears where the
+    states are kept; ``timing`` receives precompute_s and score_s.
+    """
     shapes = {(e.way, e.shot, len(e.query)) for e in episodes}
     if len(shapes) != 1:
-        raise UserError(f"episodes of different shapes (way, shot, queries): {sorted(shapes)}")
-    step = max(1, batch_episodes)
-    batches = [episodes[i:i + step] for i in range(0, len(episodes), step)]
-    requests = ((np.concatenate([np.concatenate([e.support, e.query]) for e in b]), None)
-                for b in batches)
+        raise UserError(f"episodes of different shapes (way, shots, queries): {sorted(shapes)}")
+    batch = max(1, batch_episodes)
     was_training = head.training
     head.eval()
-    preds = []
-    with torch.inference_mode(), tqdm(total=len(episodes), desc=desc, unit="ep",
-                                      disable=not progress, leave=False) as bar:
-        for batch, stacked in zip(batches, feeder.stream(requests)):
+    try:
+        with torch.inference_mode():
+            run = _predict_from_states if head.precomputes else _predict_from_maps
+            return run(head, feeder, episodes, device=device, batch=batch, amp=amp, desc=desc,
+                       progress=progress, log=log, timing={} if timing is None else timing)
+    finally:
+        head.train(was_training)
+
+
+def _predict_from_maps(head, feeder, episodes, *, device, batch, amp, desc, progress, log,
+                       timing) -> np.ndarray:
+    """Every episode's maps through ``forward_episodes``, ``batch`` episodes at a time."""
+    way, shot, n_support = episodes[0].way, episodes[0].shot, len(episodes[0].support)
+    batches = [episodes[i:i + batch] for i in range(0, len(episodes), batch)]
+    requests = ((np.concatenate([np.concatenate([e.support, e.query]) for e in b]), None)
+                for b in batches)
+    preds, start = [], time.perf_counter()
+    with tqdm(total=len(episodes), desc=desc, unit="ep", disable=not progress,
+              leave=False) as bar:
+        for chunk, stacked in zip(batches, feeder.stream(requests)):
+            maps = stacked.unflatten(0, (len(chunk), -1))  # (E, S+M, C, T, H, W)
             with autocast(device, amp):
-                logits = _episode_logits(head, stacked, batch)  # (E, M, way)
+                logits = head.forward_episodes(maps[:, :n_support], maps[:, n_support:], way,
+                                               shot)  # (E, M, way)
             preds.append(logits.float().argmax(-1).cpu().numpy())
-            bar.update(len(batch))
-    head.train(was_training)
+            bar.update(len(chunk))
+    timing.update(precompute_s=0.0, score_s=time.perf_counter() - start)
     return np.concatenate(preds)
+
+
+def _predict_from_states(head, feeder, episodes, *, device, batch, amp, desc, progress, log,
+                         timing) -> np.ndarray:
+    """Per-video states once (in blocks when they do not fit), then the episodes' pairs."""
+    way, shot = episodes[0].way, episodes[0].shot
+    blocks = _state_blocks(head, feeder, episodes, device, amp, shot, desc, log)
+    preds, timing["precompute_s"], timing["score_s"] = [], 0.0, 0.0
+    with tqdm(total=len(episodes), desc=desc, unit="ep", disable=not progress,
+              leave=False) as bar:
+        for block, rows in blocks:
+            start = time.perf_counter()
+            states = compute_states(head, feeder, rows, shot, device=device, amp=amp)
+            sync(device)
+            timing["precompute_s"] += time.perf_counter() - start
+            start = time.perf_counter()
+            position = np.full(int(rows.max()) + 1, -1, dtype=np.int64)
+            position[rows] = np.arange(len(rows))
+            for i in range(0, len(block), batch):
+                chunk = block[i:i + batch]
+                support = _gather(states, position, [e.support for e in chunk], device)
+                query = _gather(states, position, [e.query for e in chunk], device)
+                with autocast(device, amp):
+                    logits = head.score_episodes(support, query, way, shot)  # (E, M, way)
+                preds.append(logits.float().argmax(-1).cpu().numpy())
+                bar.update(len(chunk))
+            timing["score_s"] += time.perf_counter() - start
+    return np.concatenate(preds)
+
+
+def compute_states(head, feeder: Feeder, rows: np.ndarray, shot: int, *, device: torch.device,
+                   amp: bool) -> dict[str, torch.Tensor]:
+    """{name: (len(rows), ...)} per-video states of ``rows``, on the device, in the dtype the
+    head computes them in (bfloat16 under autocast, float32 otherwise), PRECOMPUTE_ROWS videos
+    per pass."""
+    chunks = [rows[i:i + PRECOMPUTE_ROWS] for i in range(0, len(rows), PRECOMPUTE_ROWS)]
+    states: dict[str, torch.Tensor] = {}
+    done = 0
+    for maps in feeder.stream((chunk, None) for chunk in chunks):
+        with autocast(device, amp):
+            part = head.precompute(maps, shot)  # {name: (n, ...)}
+        if not states:
+            states = {k: torch.empty((len(rows), *v.shape[1:]), dtype=v.dtype, device=v.device)
+                      for k, v in part.items()}
+        for key, value in part.items():
+            states[key][done:done + len(maps)] = value
+        done += len(maps)
+    return states
+
+
+def _gather(states: dict, position: np.ndarray, rows: list[np.ndarray],
+            device: torch.device) -> dict[str, torch.Tensor]:
+    """States of each episode's ``rows`` stacked: {name: (E, n, ...)}."""
+    index = torch.from_numpy(position[np.stack(rows)]).to(device)  # (E, n)
+    return {k: v.index_select(0, index.flatten()).unflatten(0, tuple(index.shape))
+            for k, v in states.items()}
+
+
+def _state_blocks(head, feeder, episodes, device, amp, shot, desc, log):
+    """[(episodes, their unique rows)]: one block when every video's state fits in
+    STATE_SHARE of the free memory, else consecutive blocks whose videos fit (a video used by
+    two blocks is computed twice). Says which in ``log``."""
+    rows = np.unique(np.concatenate([np.concatenate([e.support, e.query]) for e in episodes]))
+    probe = compute_states(head, feeder, rows[:1], shot, device=device, amp=amp)
+    per_video = sum(v.nbytes for v in probe.values())
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in probe.values()})
+    budget = STATE_SHARE * free_memory(device)
+    total = per_video * len(rows)
+    where = f"on {device.type} in {'/'.join(dtypes)}"
+    if total <= budget:
+        if log is not None:
+            log(f"{desc}: per-video states of {len(rows)} videos ({human_bytes(per_video)} each, "
+                f"{human_bytes(total)}) computed once, kept {where}")
+        return [(episodes, rows)]
+    capacity = max(1, int(budget // per_video))
+    blocks, block, seen = [], [], set()
+    for e in episodes:
+        videos = set(e.support.tolist()) | set(e.query.tolist())
+        if block and len(seen | videos) > capacity:
+            blocks.append((block, np.asarray(sorted(seen), dtype=np.int64)))
+            block, seen = [], set()
+        block.append(e)
+        seen |= videos
+    blocks.append((block, np.asarray(sorted(seen), dtype=np.int64)))
+    if log is not None:
+        log(f"{desc}: per-video states of {len(rows)} videos ({human_bytes(total)}) exceed "
+            f"{human_bytes(budget)}: {len(blocks)} blocks of <= {capacity} videos kept {where}, "
+            "videos shared by blocks recomputed")
+    return blocks
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on the device (GPU memory, or available RAM for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_ram()
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -169,9 +295,12 @@ def evaluate(head, cache: FeatureCache, cfg: EvalConfig, *, device: torch.device
     if log is not None:
         log(f"{cfg.split:<6} {feeder.reason}")
     head = head.to(device)
-    loop_start = time.perf_counter()
+    if cfg.compile:
+        head.compile_entry_points()
+    loop_start, timing = time.perf_counter(), {}
     preds = run_episodes(head, feeder, episodes, device=device, amp=cfg.amp,
-                         batch_episodes=cfg.batch_episodes, progress=progress)
+                         batch_episodes=cfg.batch_episodes, progress=progress, log=log,
+                         timing=timing)
     loop_time = time.perf_counter() - loop_start
     result = score(episodes, preds, cache.classes)
     summary = format_result(cfg.way, cfg.shot, cfg.split, result["accuracy"], result["ci95"],
@@ -190,6 +319,7 @@ def evaluate(head, cache: FeatureCache, cfg: EvalConfig, *, device: torch.device
                   "attrs": compact_attrs(cache.attrs)},
         "wall_time_s": round(time.perf_counter() - start, 3),
         "episode_time_s": round(loop_time, 3),
+        "precompute_s": round(timing["precompute_s"], 3),
         "episodes_per_s": round(len(episodes) / loop_time, 3) if loop_time > 0 else None,
         **{k: result[k] for k in ("per_class_accuracy", "confusion", "episode_accuracy")},
     }
@@ -217,6 +347,9 @@ def evaluate_command(cfg: EvalConfig, *, checkpoint: str | None, head_kind: str 
         if report is None:
             report = default_report_path(cfg, source.checkpoint, head.kind,
                                          cache.attrs.get("dataset", "cache"))
+        check_writable(report, "file", "--report")  # before the work, not after it
+        if cfg.save_episodes:
+            check_writable(cfg.save_episodes, "file", "--save-episodes")
         return evaluate(head, cache, cfg, device=device, head_config=head_config,
                         checkpoint=source.checkpoint, checkpoint_config=facts,
                         report=report, progress=progress, log=log)

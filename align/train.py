@@ -2,9 +2,13 @@
 
 The loop (``train``) reads top to bottom: episodes from the train split -> dropout on the maps ->
 head -> cross-entropy summed over the queries -> gradients accumulated over ``tasks_per_batch``
-episodes -> SGD step; per epoch: lr schedule, the head's ``decay()``, validation on fixed val
-episodes, ``best.pt`` / ``last.pt`` / ``metrics.csv``. Defaults are the paper's recipe
-(supplementary material) per dataset, read from the cache's ``dataset`` attribute.
+episodes -> optimizer step at the scheduled lr; per epoch: the head's ``decay()``, validation on
+fixed val episodes, ``best.pt`` / ``last.pt`` / ``metrics.csv``, early stopping.
+
+This module also owns the recipes (optimizer, lr schedule, budget, stopping rule): ``paper`` is
+the authors' supplementary recipe per dataset, read from the cache's ``dataset`` attribute;
+``fast`` (the default) is one recipe for every dataset, chosen by ``bench/recipes.py`` for time
+to accuracy with a frozen backbone. Options left unset (None) are filled from the recipe.
 
 Every random choice of episode ``i`` (classes, videos, views, dropout mask) is a function of
 (seed, i), and ``last.pt`` holds the optimizer, the scheduler, the RNG state, the position inside
@@ -15,6 +19,7 @@ interrupted (Ctrl-C) run stopped. Checkpoints are written atomically (temp file 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 import time
@@ -41,9 +46,16 @@ from align.runs import (
 from cache import FeatureCache, UserError
 from cache.atomic import write_json
 from cache.latest import latest_cache
+from cache.paths import check_writable
+from cache.store import human_bytes
 
-# The paper's supplementary recipe; "synthetic" is a short schedule for the `synth` cache.
-RECIPES = {
+# Peak memory of one training episode / the bytes of its input maps (float32), measured with
+# bench/heads_step.py (5-way 5-shot, C=2048): sizes the automatic micro-batch on a GPU.
+EPISODE_MEMORY_FACTOR = 6.0
+
+# The paper's supplementary recipe per dataset (SGD, step decay per epoch, no early stopping);
+# "synthetic" is a short schedule for the `synth` cache. Exactly the defaults before `fast`.
+PAPER_RECIPES = {
     "ucf101": dict(epochs=200, lr_step=5, lr_gamma=0.5, momentum=0.9, val_every=5,
                    tasks_per_batch=16),
     "hmdb51": dict(epochs=200, lr_step=5, lr_gamma=0.5, momentum=0.9, val_every=5,
@@ -58,7 +70,16 @@ RECIPES = {
     "synthetic": dict(epochs=10, lr_step=5, lr_gamma=0.5, momentum=0.9, val_every=1,
                       tasks_per_batch=4),
 }
-DEFAULT_RECIPE = "ucf101"
+PAPER_COMMON = dict(optimizer="sgd", lr=1e-3, weight_decay=0.0, schedule="step", warmup=0,
+                    dropout=0.5, patience=0)
+DEFAULT_RECIPE = "ucf101"  # the paper recipe of a dataset it does not know
+# One recipe for every dataset; the values come from the study in bench/recipes.py (README).
+FAST_RECIPE = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="cosine", warmup=0,
+                   dropout=0.5, tasks_per_batch=1, epochs=15, val_every=1, patience=5)
+RECIPE_NAMES = ("fast", "paper")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("step", "cosine", "constant")
+
 
 @dataclass
 class TrainConfig:
@@ -69,15 +90,21 @@ class TrainConfig:
         head: "ta2n" | "protonet" | "otam"; ttm, tc, sc, sc_mode: the ablation switches.
         way, shot, queries: N-way K-shot, Q queries per class in training (the authors: 5).
         seed: every random choice of the run derives from it.
-        epochs, lr_step, lr_gamma, momentum, val_every, tasks_per_batch: None = the dataset's
-            recipe.
-        lr, weight_decay: SGD.
-        episodes_per_epoch: 200 in the paper.
-        tasks_per_batch: episodes whose gradients are accumulated per SGD step (the authors: 16).
+        recipe: "fast" | "paper": where the options left at None come from.
+        optimizer: "sgd" | "adam" | "adamw"; lr, weight_decay; momentum: SGD's only.
+        schedule: "step" (lr x lr_gamma every lr_step epochs) | "cosine" (to 0 at the end of
+            the budget) | "constant"; warmup: episodes of linear warm-up before it.
+        epochs, episodes_per_epoch: the budget (the paper: 200 episodes per epoch).
+        tasks_per_batch: episodes whose gradients are accumulated per optimizer step.
         dropout: dropout on the input maps in training.
         decay_every: epochs between calls of the head's ``decay()`` (SC perturbation).
-        val_episodes, val_queries: fixed validation episodes (0 episodes: no validation).
-        batch_episodes: validation episodes per forward pass.
+        val_every: epochs between validations; val_episodes, val_queries: the fixed validation
+            episodes (0 episodes: no validation).
+        patience: stop after this many validations without a new best (0: never).
+        batch_episodes: validation episodes per scoring call.
+        micro_batch: training episodes per forward / backward pass (they never straddle an SGD
+            step); None = auto (``micro_batch_size``).
+        compile: torch.compile the head's batched entry points.
         preload, workers: how rows reach the device (align/feed.py).
         amp: bfloat16 autocast on CUDA.
         out: the run directory (None: runs/<dataset>-<head>-<K>shot-<timestamp>).
@@ -93,20 +120,27 @@ class TrainConfig:
     shot: int = 5
     queries: int = 5
     seed: int = 0
+    recipe: str = "fast"
+    optimizer: str | None = None
     epochs: int | None = None
-    lr: float = 1e-3
+    lr: float | None = None
+    schedule: str | None = None
+    warmup: int | None = None
     lr_step: int | None = None
     lr_gamma: float | None = None
     momentum: float | None = None
-    weight_decay: float = 0.0
+    weight_decay: float | None = None
     episodes_per_epoch: int = 200
     tasks_per_batch: int | None = None
-    dropout: float = 0.5
+    dropout: float | None = None
     decay_every: int = 40
     val_every: int | None = None
     val_episodes: int = 500
     val_queries: int = 1
+    patience: int | None = None
     batch_episodes: int = 16
+    micro_batch: int | None = None
+    compile: bool = False
     preload: str = "auto"
     workers: int = 4
     amp: bool = True
@@ -114,28 +148,152 @@ class TrainConfig:
     dataset: str | None = None
 
     def resolve(self, dataset: str) -> list[str]:
-        """Fill the unset recipe values from the dataset's recipe; returns notes to print."""
+        """Fill the unset values from the recipe (and the dataset's paper recipe where the
+        fast one is silent: SGD's momentum, the step schedule); returns notes to print."""
+        if self.recipe not in RECIPE_NAMES:
+            raise UserError(f"--recipe must be one of {', '.join(RECIPE_NAMES)}")
         notes = []
         self.dataset = dataset
-        recipe = RECIPES.get(dataset.lower())
-        if recipe is None:
-            recipe = RECIPES[DEFAULT_RECIPE]
-            notes.append(f"no recipe for dataset {dataset!r}: using the {DEFAULT_RECIPE} recipe")
-        for key, value in recipe.items():
+        paper = PAPER_RECIPES.get(dataset.lower())
+        if paper is None:
+            paper = PAPER_RECIPES[DEFAULT_RECIPE]
+            if self.recipe == "paper":
+                notes.append(f"no recipe for dataset {dataset!r}: using the {DEFAULT_RECIPE} "
+                             "recipe")
+        if self.schedule is None and (self.lr_step is not None or self.lr_gamma is not None):
+            self.schedule = "step"  # asking for a step size means the step schedule
+        recipe = {**PAPER_COMMON, **paper} if self.recipe == "paper" else FAST_RECIPE
+        self._fill(recipe)
+        if self.optimizer == "sgd":
+            self._fill({"momentum": paper["momentum"]})
+        if self.schedule == "step":
+            self._fill({"lr_step": paper["lr_step"], "lr_gamma": paper["lr_gamma"]})
+        self._check()
+        return notes
+
+    def _fill(self, values: dict) -> None:
+        for key, value in values.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
-        return notes
+
+    def _check(self) -> None:
+        """Refuse combinations that cannot mean what was asked (one line each)."""
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}")
+        if self.momentum is not None and self.optimizer != "sgd":
+            raise UserError(f"--momentum is SGD's; {self.optimizer} keeps its own moment "
+                            "estimates (betas 0.9, 0.999)")
+        if self.schedule != "step" and self.lr_step is not None:
+            raise UserError(f"--lr-step / --lr-gamma belong to --schedule step, not "
+                            f"{self.schedule}")
+        for name in ("epochs", "tasks_per_batch", "val_every", "episodes_per_epoch", "way",
+                     "shot", "queries", "val_queries", "batch_episodes", "decay_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.lr_step is not None and self.lr_step < 1:
+            raise UserError("--lr-step must be at least 1")
+        if self.patience < 0 or self.warmup < 0 or self.val_episodes < 0:
+            raise UserError("--patience, --warmup and --val-episodes must be >= 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"--lr must be a positive number, not {self.lr}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout must be in [0, 1) (1 would zero every input map), not "
+                            f"{self.dropout}")
+        for name in ("lr_gamma", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise UserError(f"--{name.replace('_', '-')} must be a number >= 0, not {value}")
 
     @classmethod
     def from_json(cls, payload: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in payload.items() if k in names})
+        values = {k: v for k, v in payload.items() if k in names}
+        values.setdefault("recipe", "paper")  # runs from before the recipes were all paper's
+        return cls(**values)
 
 
 # ------------------------------------------------------------------------------ helpers
-def make_scheduler(optimizer, cfg: TrainConfig):
-    """lr x gamma every lr_step epochs (stepped once per epoch)."""
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The recipe's optimizer (a placeholder parameter keeps torch happy without any)."""
+    params = params or [torch.zeros(1, requires_grad=True)]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def steps_per_epoch(cfg: TrainConfig) -> int:
+    """Optimizer steps per epoch: one per tasks_per_batch episodes, plus one at the epoch's end
+    for a partial batch."""
+    return -(-cfg.episodes_per_epoch // cfg.tasks_per_batch)
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The lr of optimizer step ``step`` (0-based): linear warm-up over ``warmup`` episodes,
+    then the schedule. A pure function of the step, so a resumed run needs no scheduler state.
+
+    step: lr x lr_gamma every lr_step epochs, multiplied one decay at a time as torch's StepLR
+    does (bit for bit: the paper recipe's lr sequence is the one it had per epoch). cosine:
+    torch's CosineAnnealingLR closed form from the end of the warm-up to the end of the budget.
+    """
+    warm = -(-cfg.warmup // cfg.tasks_per_batch)  # warm-up episodes in optimizer steps
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.schedule == "step":
+        lr = cfg.lr
+        for _ in range((step // steps_per_epoch(cfg)) // cfg.lr_step):
+            lr *= cfg.lr_gamma
+        return lr
+    if cfg.schedule == "cosine":
+        span = max(1, cfg.epochs * steps_per_epoch(cfg) - warm)
+        return cfg.lr * (1 + math.cos(math.pi * (step - warm) / span)) / 2
+    return cfg.lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def describe_recipe(cfg: TrainConfig) -> str:
+    """One line: the resolved optimizer, schedule, budget and stopping rule."""
+    opt = f"{cfg.optimizer} lr {cfg.lr:g}"
+    if cfg.optimizer == "sgd":
+        opt += f" momentum {cfg.momentum:g}"
+    if cfg.weight_decay:
+        opt += f" weight decay {cfg.weight_decay:g}"
+    sched = (f"x{cfg.lr_gamma:g} every {cfg.lr_step} epochs" if cfg.schedule == "step"
+             else {"cosine": "cosine to 0", "constant": "constant lr"}[cfg.schedule])
+    if cfg.warmup:
+        sched = f"{cfg.warmup} episodes warm-up, then {sched}"
+    stop = (f"early stop after {cfg.patience} validations without improvement"
+            if cfg.patience else "no early stopping")
+    return (f"{opt}, {sched}; {cfg.tasks_per_batch} episodes per step, dropout {cfg.dropout:g}; "
+            f"{cfg.epochs} epochs x {cfg.episodes_per_epoch} episodes, validation every "
+            f"{cfg.val_every}; {stop}")
+
+
+def early_stop(cfg: TrainConfig, history: list[dict], best: float) -> str | None:
+    """Why the run stops early (``patience`` validations without a new best), or None."""
+    if not cfg.patience or validations_since_best(history) < cfg.patience:
+        return None
+    validated = [row for row in history if row["val_acc"] is not None]
+    best_epoch = max(validated, key=lambda row: row["val_acc"])["epoch"]  # the first best
+    return (f"early stop after epoch {history[-1]['epoch']}/{cfg.epochs}: no better val accuracy "
+            f"in {cfg.patience} validations since epoch {best_epoch} (best {best:.2f}, in "
+            "best.pt)")
+
+
+def validations_since_best(history: list[dict]) -> int:
+    """Validations since the best one (ties are not improvements: best.pt keeps the first)."""
+    accs = [row["val_acc"] for row in history if row["val_acc"] is not None]
+    if not accs:
+        return 0
+    return len(accs) - 1 - int(np.argmax(accs))
 
 
 def input_dropout(maps: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -152,12 +310,59 @@ def episode_seed(seed: int, index: int) -> int:
 
 
 def validate(head, feeder, episodes, cfg: TrainConfig, device,
-             progress: bool) -> tuple[float, float]:
+             progress: bool, log=None) -> tuple[float, float]:
     """Accuracy (percent) and 95% CI on the fixed validation episodes."""
     preds = run_episodes(head, feeder, episodes, device=device, batch_episodes=cfg.batch_episodes,
-                         amp=cfg.amp, desc="validate", progress=progress)
+                         amp=cfg.amp, desc="validate", progress=progress, log=log)
     result = score(episodes, preds, feeder.cache.classes)
     return result["accuracy"], result["ci95"]
+
+
+def micro_batch_size(cfg: TrainConfig, device: torch.device, episode_bytes: int
+                     ) -> tuple[int, str]:
+    """Training episodes per forward / backward pass, and why. Auto: on a GPU as many as fit
+    in half its free memory (EPISODE_MEMORY_FACTOR x the input bytes each), up to
+    tasks_per_batch; on the CPU 1 (batching does not pay there, see README)."""
+    if cfg.micro_batch:
+        size = min(cfg.micro_batch, cfg.tasks_per_batch)
+        return size, f"micro-batch {size} (as asked)"
+    if device.type != "cuda":
+        return 1, "micro-batch auto -> 1 on the CPU"
+    free = torch.cuda.mem_get_info(device)[0]
+    fit = int(0.5 * free // (EPISODE_MEMORY_FACTOR * episode_bytes))
+    size = max(1, min(cfg.tasks_per_batch, fit))
+    return size, (f"micro-batch auto -> {size}: episodes of ~{human_bytes(episode_bytes)} input "
+                  f"each in half of {human_bytes(free)} free GPU memory, at most "
+                  f"--tasks-per-batch {cfg.tasks_per_batch}")
+
+
+def micro_batches(indices: range, epoch_start: int, tasks_per_batch: int, size: int):
+    """Consecutive groups of at most ``size`` episode indices that never straddle an SGD step
+    (steps fall every tasks_per_batch episodes from the epoch's start)."""
+    group: list[int] = []
+    for index in indices:
+        group.append(index)
+        if len(group) == size or (index - epoch_start + 1) % tasks_per_batch == 0:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def train_step(head, maps: torch.Tensor, n_support: int, targets: torch.Tensor,
+               cfg: TrainConfig, device: torch.device) -> tuple[list[float], list[int]]:
+    """Forward and backward of a micro-batch of episodes, maps (E, S+M, C, T, H, W): the
+    cross-entropy summed over each episode's queries, divided by tasks_per_batch, accumulated
+    into the gradients. Returns each episode's loss and number of correct queries."""
+    with autocast(device, cfg.amp):
+        logits = head.forward_episodes(maps[:, :n_support], maps[:, n_support:], cfg.way,
+                                       cfg.shot)  # (E, M, way)
+    episodes = logits.shape[0]
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.repeat(episodes),
+                             reduction="none").view(episodes, -1).sum(1)  # (E,)
+    (losses.sum() / cfg.tasks_per_batch).backward()
+    correct = (logits.argmax(-1) == targets).sum(1)  # (E,)
+    return losses.tolist(), correct.tolist()
 
 
 class StopFlag:
@@ -212,6 +417,7 @@ def open_run(cfg: TrainConfig | None, resume: str | None, log) -> tuple:
         head = build_head(cfg.head, channels=c, frames=t, height=h, width=w, shot=cfg.shot,
                           seed=cfg.seed, ttm=cfg.ttm, tc=cfg.tc, sc=cfg.sc, sc_mode=cfg.sc_mode)
     check_head_fits(_head_config(head), cache)
+    check_writable(run_dir, "folder", "the run directory (--out)")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.out = str(run_dir)
     return cfg, cache, run_dir, head, state
@@ -219,6 +425,25 @@ def open_run(cfg: TrainConfig | None, resume: str | None, log) -> tuple:
 
 def new_stats() -> dict:
     return {"loss": 0.0, "correct": 0, "queries": 0, "time": 0.0}
+
+
+def check_finite(losses: list[float], group: list[int], epoch: int, run_dir: Path) -> None:
+    """Stop at the first non-finite loss: the weights after it would be garbage, and best.pt /
+    last.pt still hold the last good epoch."""
+    for index, loss in zip(group, losses):
+        if not math.isfinite(loss):
+            raise UserError(f"training diverged at epoch {epoch + 1}, episode {index}: the loss "
+                            f"is {loss}; {run_dir} keeps the last good epoch (lower --lr or "
+                            "--dropout)")
+
+
+def check_finite_weights(params: list[torch.Tensor], epoch: int, done: int,
+                         run_dir: Path) -> None:
+    """Stop when an optimizer step leaves a non-finite weight (a NaN learning rate, an
+    overflow): nothing after it could be trusted, nor saved."""
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        raise UserError(f"training diverged at epoch {epoch + 1}, episode {done}: an optimizer "
+                        f"step made the weights non-finite; {run_dir} keeps the last good epoch")
 
 
 def metrics_row(epoch: int, lr: float, stats: dict, episodes: int, val: tuple,
@@ -253,15 +478,16 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
     # the run: config (with the dataset's recipe), cache, directory, head (restored on resume)
     cfg, cache, run_dir, head, state = open_run(cfg, resume, log)
     head = head.to(device).train()
+    if cfg.compile:
+        head.compile_entry_points()
     params = [p for p in head.parameters() if p.requires_grad]
     if not params:
         log(f"{cfg.head} has no trainable parameters here: nothing to train, validating once")
     epochs = cfg.epochs if params else 0
 
-    # SGD and the step lr schedule (a placeholder parameter keeps SGD happy without any)
-    optimizer = torch.optim.SGD(params or [torch.zeros(1, requires_grad=True)], lr=cfg.lr,
-                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg)
+    # the recipe's optimizer; its lr is set before every step from learning_rate(cfg, step)
+    optimizer = make_optimizer(params, cfg)
+    log(f"recipe {cfg.recipe}: {describe_recipe(cfg)}")
 
     # episodes: training draws from `train` (random aug views when cached), selection on `val`
     sampler = EpisodeSampler(cache, "train", way=cfg.way, shot=cfg.shot, queries=cfg.queries,
@@ -286,13 +512,12 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
                   "cache": cfg.cache, "head": cfg.head, "way": cfg.way, "shot": cfg.shot,
                   "dataset": cfg.dataset})
 
-    # restore a resumed run's position, optimizer, lr, RNG and accumulated gradients
+    # restore a resumed run's position, optimizer, RNG and accumulated gradients
     start_epoch, start_episode, history, best, stats = 0, 0, [], -1.0, new_stats()
     if state is not None:
         start_epoch, start_episode = state["epoch"], state["episode"]
         history, best, stats = state["history"], state["best_val_acc"], state["stats"]
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         for p, g in zip(params, state["grads"] or []):
             p.grad = None if g is None else g.to(device)
@@ -302,41 +527,62 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
         save_head(head, run_dir / name, extra={
             "epoch": epoch, "episode": episode, "history": history, "best_val_acc": best,
             "stats": dict(stats), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "grads": grads if episode else None,
+            "grads": grads if episode else None,
             "rng": {"torch": torch.get_rng_state()}, "config": asdict(cfg)})
 
-    per_epoch, n_support = cfg.episodes_per_epoch, cfg.way * cfg.shot
+    per_epoch, n_support, spe = cfg.episodes_per_epoch, cfg.way * cfg.shot, steps_per_epoch(cfg)
     targets = torch.arange(cfg.way, device=device).repeat_interleave(cfg.queries)  # (M,)
+    episode_bytes = (n_support + len(targets)) * int(np.prod(cache.shape)) * 4
+    micro, why = micro_batch_size(cfg, device, episode_bytes)
+    if epochs:
+        log(f"train  {why}")
+    said: list[str] = []
+
+    def log_once(message: str) -> None:  # where validation keeps its per-video states
+        if not said:
+            said.append(message)
+            log(message)
+
     bar = tqdm(total=epochs * per_epoch, initial=start_epoch * per_epoch + start_episode,
                desc=f"train {cfg.head}", unit="ep", disable=not progress)
+    stopped = None
     with StopFlag() as stop:
         for epoch in range(start_epoch, epochs):
+            # early stopping: `patience` validations without a new best (a resumed run too)
+            stopped = early_stop(cfg, history, best)
+            if stopped:
+                log(stopped)
+                break
             first = epoch * per_epoch + (start_episode if epoch == start_epoch else 0)
             indices = range(first, (epoch + 1) * per_epoch)
             episodes = [sampler.episode(i) for i in indices]
+            stream = feeder.stream(episode_requests(episodes))
             tick = time.perf_counter()
-            for index, maps in zip(indices, feeder.stream(episode_requests(episodes))):
-                # dropout on the input maps, then the head's logits for the episode's queries
-                maps = input_dropout(maps, cfg.dropout, episode_seed(cfg.seed, index))
-                with autocast(device, cfg.amp):
-                    logits = head(maps[:n_support], maps[n_support:], cfg.way, cfg.shot)  # (M, way)
-                # the episode loss: cross-entropy summed over its queries, averaged over the batch
-                loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-                (loss / cfg.tasks_per_batch).backward()
-                # an SGD step every tasks_per_batch episodes, and at the end of the epoch
-                done = index - epoch * per_epoch + 1
-                if done % cfg.tasks_per_batch == 0 or done == per_epoch:
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                # running statistics for the progress bar and metrics.csv
-                stats["loss"] += loss.item()
-                stats["correct"] += int((logits.argmax(-1) == targets).sum())
-                stats["queries"] += len(targets)
-                bar.update()
-                bar.set_postfix(epoch=epoch + 1, loss=f"{stats['loss'] / done:.3f}",
-                                acc=f"{100 * stats['correct'] / stats['queries']:.1f}")
-                if on_episode is not None:
-                    on_episode(epoch, done)
+            for group in micro_batches(indices, epoch * per_epoch, cfg.tasks_per_batch, micro):
+                # dropout on each episode's input maps, then one forward + backward of the group
+                maps = torch.stack([input_dropout(next(stream), cfg.dropout,
+                                                  episode_seed(cfg.seed, index))
+                                    for index in group])  # (E, S+M, C, T, H, W)
+                losses, right = train_step(head, maps, n_support, targets, cfg, device)
+                check_finite(losses, group, epoch, run_dir)
+                for index, loss, correct in zip(group, losses, right):
+                    # an optimizer step every tasks_per_batch episodes, and at the end of the epoch
+                    done = index - epoch * per_epoch + 1
+                    if done % cfg.tasks_per_batch == 0 or done == per_epoch:
+                        step = epoch * spe + (done - 1) // cfg.tasks_per_batch
+                        lr = set_lr(optimizer, learning_rate(cfg, step))
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        check_finite_weights(params, epoch, done, run_dir)
+                    # running statistics for the progress bar and metrics.csv
+                    stats["loss"] += loss
+                    stats["correct"] += correct
+                    stats["queries"] += len(targets)
+                    bar.update()
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{stats['loss'] / done:.3f}",
+                                    acc=f"{100 * stats['correct'] / stats['queries']:.1f}")
+                    if on_episode is not None:
+                        on_episode(epoch, done)
                 # Ctrl-C mid-epoch: keep everything needed to continue from the next episode
                 if stop.requested and done < per_epoch:
                     stats["time"] += time.perf_counter() - tick
@@ -344,14 +590,12 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
                     bar.close()
                     return _summary(run_dir, cfg, history, best, interrupted=True)
             stats["time"] += time.perf_counter() - tick
-            # end of epoch: lr schedule, the SC perturbation's decay, validation
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
+            # end of epoch: the SC perturbation's decay, validation
             if (epoch + 1) % cfg.decay_every == 0:
                 head.decay()
             val = (None, None)
             if val_feeder is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == epochs):
-                val = validate(head, val_feeder, val_episodes, cfg, device, progress)
+                val = validate(head, val_feeder, val_episodes, cfg, device, progress, log_once)
                 log(f"epoch {epoch + 1}: val {val[0]:.2f} +- {val[1]:.2f} "
                     f"(best {max(best, val[0]):.2f})")
             # best.pt by validation accuracy (without validation: the latest epoch)
@@ -378,14 +622,18 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
         save_head(head, run_dir / "best.pt", extra={"epoch": 0, "val_acc": val[0],
                                                     "val_ci95": val[1], "config": asdict(cfg)})
         checkpoint("last.pt", 0, 0)
-    return _summary(run_dir, cfg, history, best, interrupted=False)
+        stopped = "nothing to train: validated once"
+    return _summary(run_dir, cfg, history, best, interrupted=False, stopped=stopped)
 
 
 def _summary(run_dir: Path, cfg: TrainConfig, history: list[dict], best: float,
-             interrupted: bool) -> dict:
+             interrupted: bool, stopped: str | None = None) -> dict:
+    if stopped is None and not interrupted:
+        stopped = f"the budget of {cfg.epochs} epochs is done"
     return {"run": str(run_dir), "best": str(run_dir / "best.pt"), "epochs_done": len(history),
             "epochs": cfg.epochs, "best_val_acc": best if best >= 0 else None,
-            "interrupted": interrupted, "history": history, "config": asdict(cfg)}
+            "interrupted": interrupted, "stopped": stopped, "history": history,
+            "config": asdict(cfg)}
 
 
 def format_summary(summary: dict) -> str:
@@ -397,6 +645,8 @@ def format_summary(summary: dict) -> str:
              f"{cfg['episodes_per_epoch']} episodes ({cfg['way']}-way {cfg['shot']}-shot)",
              f"best val   {best:.2f}" if best is not None else "best val   (no validation)",
              f"checkpoint {summary['best']}"]
+    if summary["stopped"]:
+        lines.append(f"stopped    {summary['stopped']}")
     if summary["interrupted"]:
         lines.append(f"interrupted: saved last.pt; continue with `python cli.py train-heads "
                      f"--resume {summary['run']}`")

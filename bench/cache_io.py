@@ -4,10 +4,15 @@
 
 For each backend (zarr with Blosc zstd-1 + byte shuffle, HDF5 with gzip-1 + shuffle) it prints MB/s
 (uncompressed bytes) for writing rows one by one, loading the whole split, and random single-row
-reads, plus bytes per row on disk. Then it compares candidate compressors on the same rows, which
-is how the zarr default was chosen. Rows are synthetic but shaped like ResNet-50 layer4 output:
-non-negative after ReLU, about half zeros. Reads right after writes come from the page cache unless
---drop-caches works (it needs root and a writable /proc/sys/vm/drop_caches).
+reads, plus bytes per row on disk. Then it measures what the per-row checksums cost (CRC32C in
+zarr, Fletcher-32 in HDF5, checked on every read, plus the scan for rows that read as the fill
+value): the same rows are written with and without checksums (the layout caches had before them)
+and read back (and rewritten) through the same API, back to back in each of --repeats rounds; the
+median of the per-round time ratios is printed. Last it compares candidate compressors on the same
+rows, which is how the zarr default was chosen. Rows are synthetic but shaped like ResNet-50 layer4
+output: non-negative after ReLU, about half zeros. Reads right after writes come from the page
+cache unless --drop-caches works (it needs root and a writable /proc/sys/vm/drop_caches). It
+deletes only the cache_io/ folder it makes under --dir.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ import sys
 import time
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 from numcodecs import Blosc, Zstd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cache import FeatureCache  # noqa: E402
+from cache import FeatureCache, hdf5_store, zarr_store  # noqa: E402
+from cache.store import fill_rows  # noqa: E402
 
 SHAPE = (2048, 8, 7, 7)
 
@@ -75,6 +82,70 @@ def bench_backend(backend: str, path: Path, rows: np.ndarray, drop: bool, seed: 
     }
 
 
+def write_cache(path: Path, backend: str, rows: np.ndarray, checksums: bool) -> float:
+    """Write ``rows`` to a new cache, with or without the row checksums; seconds taken."""
+    saved = zarr_store.ROW_COMPRESSORS, hdf5_store.ROW_CHECKSUM
+    if not checksums:  # the layout of caches made before checksums existed
+        zarr_store.ROW_COMPRESSORS, hdf5_store.ROW_CHECKSUM = (zarr_store.COMPRESSOR,), False
+    try:
+        n = len(rows)
+        with FeatureCache.create(path, video_ids=[f"c/v{i}" for i in range(n)],
+                                 splits=["train"] * n, labels=[0] * n, classes=["c"],
+                                 shape=SHAPE, backend=backend, overwrite=True) as cache:
+            assert cache.checksummed == checksums
+            return timed(lambda: [cache.write_row(i, rows[i]) for i in range(n)])
+    finally:
+        zarr_store.ROW_COMPRESSORS, hdf5_store.ROW_CHECKSUM = saved
+
+
+def integrity_overhead(backend: str, folder: Path, rows: np.ndarray, repeats: int,
+                       seed: int) -> dict:
+    """Time with checksums over time without, on identical rows: each repeat times both caches
+    back to back (so both see the same machine load) and the median of the per-repeat ratios is
+    kept. Writes rewrite the first rows of each cache in turn."""
+    suffix = ".h5" if backend == "hdf5" else ".zarr"
+    paths = {c: folder / f"{'checked' if c else 'unchecked'}{suffix}" for c in (False, True)}
+    for checked in (False, True):
+        write_cache(paths[checked], backend, rows, checked)
+    picks = np.random.default_rng(seed).integers(0, len(rows), size=min(len(rows), 100))
+    rewrite = range(min(len(rows), 20))
+    times = {key: {False: [], True: []} for key in ("load", "random", "write")}
+    for _ in range(repeats):
+        for checked in (False, True):
+            with FeatureCache.open(paths[checked], mode="r+") as cache:
+                times["load"][checked].append(timed(lambda c=cache: c.load_split("train")))
+                times["random"][checked].append(
+                    timed(lambda c=cache: [c.read_row(int(i)) for i in picks]))
+                times["write"][checked].append(
+                    timed(lambda c=cache: [c.write_row(i, rows[i]) for i in rewrite]))
+    with FeatureCache.open(paths[True]) as cache:
+        split = cache.load_split("train").features
+    scan_s = min(timed(lambda: fill_rows(split, np.nan)) for _ in range(repeats))
+    mb = rows.nbytes / 2**20
+
+    def ratio(key: str) -> float:
+        return float(np.median(np.divide(times[key][True], times[key][False])))
+
+    return {
+        "backend": backend,
+        "load MB/s checked": mb / float(np.median(times["load"][True])),
+        "load MB/s unchecked": mb / float(np.median(times["load"][False])),
+        "load time ratio": ratio("load"),
+        "random time ratio": ratio("random"),
+        "write time ratio": ratio("write"),
+        "fill scan % of load": 100 * scan_s / float(np.median(times["load"][True])),
+    }
+
+
+def print_table(results: list[dict]) -> None:
+    keys = [k for k in results[0] if k != "backend"]
+    print(f"\n{'':<24}" + "".join(f"{r['backend']:>12}" for r in results))
+    for key in keys:
+        cells = "".join(f"{r[key]:>12.3f}" if isinstance(r[key], float) else f"{r[key]!s:>12}"
+                        for r in results)
+        print(f"{key:<24}{cells}")
+
+
 def compare_compressors(rows: np.ndarray) -> None:
     candidates = {
         "blosc zstd-3 shuffle": Blosc("zstd", 3, Blosc.SHUFFLE),
@@ -96,6 +167,12 @@ def compare_compressors(rows: np.ndarray) -> None:
         decomp_s = time.perf_counter() - start
         ratio = rows.nbytes / sum(len(e) for e in encoded)
         print(f"{name:<38}{ratio:>7.2f}{mb / comp_s:>11.0f}{mb / decomp_s:>13.0f}")
+        if "zarr default" in name:
+            checksum_s = min(timed(lambda e=encoded: [google_crc32c.value(x) for x in e])
+                             for _ in range(5))
+            default_decode_s = decomp_s
+    print(f"CRC32C of the zstd-1 chunks (what reads add in zarr): {mb / checksum_s:.0f} MB/s of "
+          f"rows, {100 * checksum_s / default_decode_s:.1f}% of their decode time")
 
 
 def main() -> None:
@@ -103,23 +180,30 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/ta2n-cache-bench"))
     parser.add_argument("--drop-caches", action="store_true")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="Rounds of the checksum comparison (median ratio).")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     rows = synthetic_rows(args.rows, args.seed)
-    args.dir.mkdir(parents=True, exist_ok=True)
-    print(f"{args.rows} rows of {SHAPE} float16 = {rows.nbytes / 2**20:.0f} MB uncompressed, "
-          f"{rows[0].nbytes / 2**20:.2f} MB per row")
-    results = [bench_backend("zarr", args.dir / "bench.zarr", rows, args.drop_caches, args.seed),
-               bench_backend("hdf5", args.dir / "bench.h5", rows, args.drop_caches, args.seed)]
-    keys = [k for k in results[0] if k != "backend"]
-    print(f"\n{'':<20}" + "".join(f"{r['backend']:>12}" for r in results))
-    for key in keys:
-        cells = "".join(f"{r[key]:>12.2f}" if isinstance(r[key], float) else f"{r[key]!s:>12}"
-                        for r in results)
-        print(f"{key:<20}{cells}")
-    compare_compressors(rows[: min(len(rows), 50)])
-    shutil.rmtree(args.dir, ignore_errors=True)
+    made_dir = not args.dir.exists()
+    work = args.dir / "cache_io"  # the only thing this script deletes at the end
+    if work.exists():
+        sys.exit(f"{work} exists: remove it or pass another --dir")
+    work.mkdir(parents=True)
+    try:
+        print(f"{args.rows} rows of {SHAPE} float16 = {rows.nbytes / 2**20:.0f} MB "
+              f"uncompressed, {rows[0].nbytes / 2**20:.2f} MB per row")
+        print_table([bench_backend(b, work / f"bench.{s}", rows, args.drop_caches, args.seed)
+                     for b, s in (("zarr", "zarr"), ("hdf5", "h5"))])
+        print("\nrow checksums: the same rows with / without them, warm page cache")
+        print_table([integrity_overhead(b, work, rows, args.repeats, args.seed)
+                     for b in ("zarr", "hdf5")])
+        compare_compressors(rows[: min(len(rows), 50)])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if made_dir:
+            args.dir.rmdir()
 
 
 if __name__ == "__main__":

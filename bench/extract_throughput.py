@@ -20,6 +20,7 @@ measured before and after the pipeline, and the mean is used, to damp a shared m
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
@@ -137,6 +139,13 @@ def main() -> None:
     print(f"pipeline    {pipeline:8.1f} frames/s  ({summary.extracted} videos in "
           f"{summary.seconds:.1f} s; {wall:.1f} s with set-up)")
     print(f"ratio       {pipeline / bare:8.3f}  (goal >= {0.9 if device.type == 'cuda' else 0.85})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "device": name, "backbone": args.backbone, "videos": args.videos,
+            "frames": args.frames, "image_size": args.image_size, "batch": plan.batch_size,
+            "workers": plan.workers, "bare_frames_per_s": round(bare, 1),
+            "pipeline_frames_per_s": round(pipeline, 1), "ratio": round(pipeline / bare, 3),
+            "wall_s": round(wall, 1)}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""FeatureCache: create, open, write rows, mark them done, list and load splits, summarise.
+"""FeatureCache: create, open, write rows, mark them done, list, load and verify splits, summarise.
 
 A cache holds one row per video (see README "Cache format"):
 
-    features      (N, C, T, H, W)     float16 (or float32)   one chunk per row
+    features      (N, C, T, H, W)     float16 (or float32)   one chunk per row, checksummed
     aug_features  (N, V, C, T, H, W)  optional extra training views
     video_id      (N,)                str    the split-list line, "<class>/<stem>"
     split         (N,)                str    "train" | "val" | "test"
@@ -12,26 +12,40 @@ A cache holds one row per video (see README "Cache format"):
 The size N is fixed at creation, so several writers can fill disjoint rows of one Zarr store.
 A row is marked done only after its features are written, and unmarked before it is rewritten,
 so a writer killed at any moment never leaves a done row with partial or stale data.
+
+Done rows are verified as they are read: every feature chunk carries a checksum (CRC32C in Zarr,
+Fletcher-32 in HDF5) that the backend checks on decoding, and the fill value is NaN, so a row
+whose chunk is missing (deleted, or a forged done flag) is found instead of read as zeros. Either
+raises a one-line ``UserError`` naming the row. ``verify`` checks every done row; extract redoes
+the rows it finds damaged. Opening checks the metadata (shapes, dtype, labels against classes,
+duplicate videos), so a damaged cache fails at open in one line, not after hours of training.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from cache.errors import UserError
+from cache.errors import DamagedChunk, NotACache, UserError
 from cache.hdf5_store import HDF5_SUFFIXES, HDF5Backend
+from cache.paths import Found, check_writable
 from cache.zarr_store import ZarrBackend
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
+DTYPES = ("float16", "float32")
+ROW_ARRAYS = ("features", "aug_features")  # per-row feature maps: checksummed, verified on read
+CACHE_ARRAYS = (*ROW_ARRAYS, "video_id", "split", "label", "done")
 REQUIRED_ARRAYS = ("features", "video_id", "split", "label", "done")
-REQUIRED_ATTRS = ("schema_version", "classes", "frames", "channels", "height", "width")
+# Only what cannot be derived from the arrays is required (dtype, C, T, H, W and V can).
+REQUIRED_ATTRS = ("schema_version", "classes")
 BACKENDS = {"zarr": ZarrBackend, "hdf5": HDF5Backend}
+CHECKSUM_NAMES = {"zarr": "CRC32C", "hdf5": "Fletcher-32"}
+VERIFY_BATCH = 16  # rows per read when verifying a whole cache (bounded memory)
 
 
 def _backend_for(path: str, backend: str | None):
@@ -51,6 +65,31 @@ def _is_hdf5_file(path: str) -> bool:
     return h5py.is_hdf5(path)
 
 
+def inspect_path(path: str | os.PathLike, backend: str | None = None) -> Found:
+    """What ``path`` holds: nothing, an empty folder or file, a cache of this tool (with its
+    attributes, unvalidated), or something else, which the tool never replaces."""
+    return _backend_for(str(path), backend).inspect(str(path))
+
+
+def refuse_non_cache(path: str | os.PathLike, backend: str | None = None,
+                     what: str = "--out") -> Found:
+    """What ``path`` holds, refusing at once (before any lock file or work) a path that holds
+    something other than a cache of this tool: it is never written over."""
+    found = inspect_path(path, backend)
+    if found.state == "other":
+        raise NotACache(f"{path} exists and is not a feature cache ({found.reason}); it is never "
+                        f"replaced: choose another {what}")
+    return found
+
+
+def check_output(path: str | os.PathLike, backend: str | None = None,
+                 what: str = "--out") -> None:
+    """Before any work: ``path`` holds no foreign data and can be written as a cache."""
+    store_cls = _backend_for(str(path), backend)
+    refuse_non_cache(path, store_cls.name, what)
+    check_writable(path, "file" if store_cls is HDF5Backend else "folder", what=what)
+
+
 def _contiguous_runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
     """Split sorted row indices into (start, stop, offset) runs that one slice can read."""
     if len(rows) == 0:
@@ -59,6 +98,29 @@ def _contiguous_runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
     starts = np.concatenate([[0], breaks])
     stops = np.concatenate([breaks, [len(rows)]])
     return [(int(rows[a]), int(rows[b - 1]) + 1, int(a)) for a, b in zip(starts, stops)]
+
+
+def _batched(runs: list[tuple[int, int, int]], size: int) -> list[tuple[int, int, int]]:
+    """The same runs, cut into pieces of at most ``size`` rows."""
+    return [(a, min(a + size, stop), offset + a - start)
+            for start, stop, offset in runs for a in range(start, stop, size)]
+
+
+def fill_rows(block: np.ndarray, fill) -> np.ndarray:
+    """Indices of the rows of ``block`` (n, ...) that hold the fill value everywhere: rows whose
+    chunk is not in the store. A few sampled values rule out almost every real row first, so the
+    full comparison runs only on suspects."""
+    if fill is None or len(block) == 0 or block[0].size == 0:
+        return np.zeros(0, dtype=np.int64)
+    flat = block.reshape(len(block), -1)  # (n, values)
+    nan = bool(np.isnan(fill))
+
+    def is_fill(values: np.ndarray) -> np.ndarray:
+        return np.isnan(values) if nan else values == fill
+
+    sample = flat[:, ::max(1, flat.shape[1] // 16)]  # (n, <= 32)
+    suspects = np.flatnonzero(is_fill(sample).all(axis=1))
+    return np.asarray([i for i in suspects if is_fill(flat[i]).all()], dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -70,15 +132,24 @@ class SplitData:
     rows: np.ndarray
 
 
+@dataclass(frozen=True)
+class Damage:
+    """One done row that is missing or damaged, and why."""
+
+    row: int
+    video_id: str
+    reason: str
+
+
 class FeatureCache:
     """One feature cache on disk (Zarr group or HDF5 file) behind one API for both phases."""
 
-    def __init__(self, backend, writable: bool):
+    def __init__(self, backend, writable: bool, index: dict[str, np.ndarray] | None = None):
         self._backend = backend
         self.writable = writable
         self.path = backend.path
-        self._index: dict[str, np.ndarray] | None = None
-        self.attrs = backend.attrs
+        self._index = index
+        self.attrs = self._complete_attrs(backend.attrs)
 
     # ----------------------------------------------------------------- create / open / close
     @classmethod
@@ -107,64 +178,52 @@ class FeatureCache:
             aug_views: number of extra training views per row (``aug_features``), 0 for none.
             attrs: extra attributes (backbone, weights, sampling ...), stored as JSON.
             backend: "zarr" or "hdf5"; None picks by the path's suffix.
-            overwrite: replace whatever is at ``path``.
+            overwrite: replace the cache at ``path``. Only a cache of this tool (recognised by
+                its schema_version attribute) is ever replaced, and only its own entries are
+                deleted; any other file or folder is refused.
         """
         path = str(path)
-        n = len(video_ids)
-        if not (len(splits) == len(labels) == n):
-            raise ValueError("video_ids, splits and labels must have one entry per row")
-        bad_splits = sorted(set(splits) - set(SPLITS))
-        if bad_splits:
-            raise ValueError(f"unknown split names {bad_splits}; use {SPLITS}")
-        if dtype not in ("float16", "float32"):
-            raise UserError(f"cache dtype must be float16 or float32, not {dtype}")
-        labels = np.asarray(labels, dtype=np.int32)
-        if n and (labels.min() < 0 or labels.max() >= len(classes)):
-            raise ValueError("labels must index into classes")
+        labels = _checked_rows(video_ids, splits, labels, classes, dtype)
+        store_cls = _backend_for(path, backend)
         c, t, h, w = (int(v) for v in shape)
-        arrays = {
-            "features": dict(shape=(n, c, t, h, w), chunks=(1, c, t, h, w), dtype=dtype,
-                             fill_value=0),
-            "video_id": dict(shape=(n,), chunks=(max(n, 1),), dtype="str"),
-            "split": dict(shape=(n,), chunks=(max(n, 1),), dtype="str"),
-            "label": dict(shape=(n,), chunks=(max(n, 1),), dtype="int32", fill_value=-1),
-            # One chunk per flag: concurrent writers of disjoint rows never share an object.
-            "done": dict(shape=(n,), chunks=(1,), dtype="bool", fill_value=False),
-        }
-        if aug_views:
-            arrays["aug_features"] = dict(shape=(n, aug_views, c, t, h, w),
-                                          chunks=(1, aug_views, c, t, h, w), dtype=dtype,
-                                          fill_value=0)
+        arrays = _array_specs(video_ids, splits, labels, (c, t, h, w), dtype, aug_views)
         all_attrs = dict(attrs or {})
         all_attrs.update(schema_version=SCHEMA_VERSION, classes=list(classes), channels=c,
                          frames=t, height=h, width=w, dtype=dtype, aug_views=int(aug_views))
-        store = _backend_for(path, backend).create(path, arrays, all_attrs, overwrite)
-        if n:
-            store.write("video_id", slice(None), np.asarray(list(video_ids), dtype=object))
-            store.write("split", slice(None), np.asarray(list(splits), dtype=object))
-            store.write("label", slice(None), labels)
-        store.flush()
+        found = refuse_non_cache(path, store_cls.name, what="path")
+        check_writable(path, "file" if store_cls is HDF5Backend else "folder", what="cache")
+        if found.state == "cache":
+            if not overwrite:
+                raise UserError(f"{path} already exists; open it, or pass overwrite to replace it")
+            store_cls.remove(path, found, CACHE_ARRAYS)
+        store = store_cls.create(path, arrays, all_attrs)
         return cls(store, writable=True)
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r", backend: str | None = None):
-        """Open an existing cache, read-only (``mode="r"``, never modifies it) or ``"r+"``."""
+        """Open an existing cache, read-only (``mode="r"``, never modifies it) or ``"r+"``.
+
+        The metadata is checked here (see ``_validate``), so that a damaged cache is refused at
+        once in one line rather than failing late in phase two.
+        """
         if mode not in ("r", "r+"):
             raise ValueError("mode must be 'r' or 'r+'")
         path = str(path)
         store = _backend_for(path, backend).open(path, writable=mode == "r+")
         try:
-            cls._validate(store)
+            index = cls._validate(store)
         except UserError:
             store.close()
             raise
-        return cls(store, writable=mode == "r+")
+        return cls(store, writable=mode == "r+", index=index)
 
     @staticmethod
-    def _validate(store) -> None:
+    def _validate(store) -> dict[str, np.ndarray]:
+        """Refuse, in one line naming the problem, metadata that would make phase two fail late
+        or silently wrong; returns the row index (ids, splits, labels) it had to read."""
         attrs = store.attrs
         if "schema_version" not in attrs:
-            raise UserError(f"{store.path} is not a feature cache (no schema_version attribute)")
+            raise NotACache(f"{store.path} is not a feature cache (no schema_version attribute)")
         if attrs["schema_version"] != SCHEMA_VERSION:
             raise UserError(
                 f"{store.path} has cache schema_version {attrs['schema_version']}; "
@@ -172,10 +231,16 @@ class FeatureCache:
             )
         for name in REQUIRED_ARRAYS:
             if not store.has(name):
-                raise UserError(f"{store.path} is missing the array '{name}'")
+                raise UserError(f"{store.path} is missing the array '{name}' (an interrupted "
+                                "creation?); create it again")
         for name in REQUIRED_ATTRS:
             if name not in attrs:
                 raise UserError(f"{store.path} is missing the attribute '{name}'")
+        _check_shapes(store)
+        _check_derived_attrs(store, attrs)
+        index = _read_index(store)
+        _check_index(store.path, index, attrs["classes"])
+        return index
 
     def close(self) -> None:
         self._backend.close()
@@ -187,6 +252,16 @@ class FeatureCache:
         self.close()
 
     # ----------------------------------------------------------------- description
+    def _derived(self) -> dict:
+        c, t, h, w = self.shape
+        return {"dtype": self.dtype, "channels": c, "frames": t, "height": h, "width": w,
+                "aug_views": self.aug_views}
+
+    def _complete_attrs(self, stored: dict) -> dict:
+        """The stored attributes, plus those derivable from the arrays where a cache written by
+        another program left them out (they agree where present: ``_validate`` checks)."""
+        return {**self._derived(), **stored}
+
     @property
     def backend(self) -> str:
         return self._backend.name
@@ -195,6 +270,11 @@ class FeatureCache:
     def shape(self) -> tuple[int, int, int, int]:
         """(C, T, H, W) of one row."""
         return tuple(int(v) for v in self._backend.array("features").shape[1:])
+
+    @property
+    def dtype(self) -> str:
+        """The stored dtype of the maps, from the features array itself."""
+        return np.dtype(self._backend.array("features").dtype).name
 
     @property
     def classes(self) -> list[str]:
@@ -208,16 +288,17 @@ class FeatureCache:
     def has_aug(self) -> bool:
         return self._backend.has("aug_features")
 
+    @property
+    def checksummed(self) -> bool:
+        """Whether the row chunks carry checksums (caches made before they existed do not)."""
+        return all(self._backend.checksummed(name) for name in self._row_arrays())
+
     def __len__(self) -> int:
         return int(self._backend.array("features").shape[0])
 
     def _load_index(self) -> dict[str, np.ndarray]:
         if self._index is None:
-            self._index = {
-                "video_id": np.asarray(self._backend.read_strings("video_id"), dtype=object),
-                "split": np.asarray(self._backend.read_strings("split"), dtype=object),
-                "label": self._backend.read("label", slice(None)).astype(np.int64),
-            }
+            self._index = _read_index(self._backend)
         return self._index
 
     @property
@@ -248,6 +329,9 @@ class FeatureCache:
             keep &= self.done
         return np.flatnonzero(keep)
 
+    def _row_arrays(self) -> tuple[str, ...]:
+        return ROW_ARRAYS if self.has_aug else ROW_ARRAYS[:1]
+
     # ----------------------------------------------------------------- writing
     def _require_writable(self) -> None:
         if not self.writable:
@@ -262,7 +346,7 @@ class FeatureCache:
                              f"the cache holds {self.shape}")
         if self._backend.read("done", row):
             self._backend.write("done", row, False)  # never leave a done flag over stale data
-        dtype = self.attrs["dtype"]
+        dtype = self.dtype
         self._backend.write("features", row, features.astype(dtype, copy=False))
         if aug is not None:
             if not self.has_aug:
@@ -272,25 +356,74 @@ class FeatureCache:
         self._backend.write("done", row, True)
         self._backend.flush()
 
+    def mark_not_done(self, rows: Sequence[int]) -> None:
+        """Clear the done flags of ``rows`` (rows found damaged: they are to be written again)."""
+        self._require_writable()
+        for row in np.asarray(rows, dtype=np.int64).tolist():
+            self._backend.write("done", row, False)
+        self._backend.flush()
+
     def update_attrs(self, **values) -> None:
         """Add or replace attributes (JSON-compatible values)."""
         self._require_writable()
         self._backend.update_attrs(values)
-        self.attrs = self._backend.attrs
+        self.attrs = self._complete_attrs(self._backend.attrs)
 
-    # ----------------------------------------------------------------- reading
+    # ----------------------------------------------------------------- reading, verified
     def _check_done(self, rows: np.ndarray) -> None:
         done = self.done[rows] if len(rows) > 1 else self._backend.read("done", rows).astype(bool)
         if not done.all():
             missing = np.asarray(rows)[~done][:5].tolist()
             raise UserError(f"{self.path}: rows {missing} are not done (extraction unfinished)")
 
+    def _scan(self, array: str, start: int, stop: int, index=None
+              ) -> tuple[np.ndarray | None, dict[int, str]]:
+        """Read rows [start, stop) of ``array`` (or ``index`` within one row) and check them:
+        (block, {row: why it is damaged}); block is None when a chunk could not be decoded."""
+        where = slice(start, stop) if index is None else index
+        try:
+            block = self._backend.read_data(array, where)
+        except DamagedChunk:
+            return None, self._undecodable(array, start, stop, index)
+        fill = self._backend.fill_value(array)
+        rows = block[None] if index is not None else block
+        missing = {start + int(i): f"missing (no stored chunk: it reads as {fill})"
+                   for i in fill_rows(rows, fill)}
+        return block, missing
+
+    def _undecodable(self, array: str, start: int, stop: int, index) -> dict[int, str]:
+        """Which rows of a block that failed to decode are at fault, one read each."""
+        damaged = {}
+        for row in range(start, stop):
+            try:
+                self._backend.read_data(array, row if index is None else index)
+            except DamagedChunk as e:
+                damaged[row] = f"damaged ({e})"
+        return damaged or {start: "damaged (unreadable)"}
+
+    def _raise_damaged(self, array: str, damaged: dict[int, str]) -> None:
+        row = min(damaged)
+        video = self.video_ids[row]
+        if not self._backend.read("done", row):
+            raise UserError(f"{self.path}: row {row} ({video}) is being rewritten by another "
+                            "process; read it again when that process is done")
+        more = f" (and {len(damaged) - 1} more rows)" if len(damaged) > 1 else ""
+        raise UserError(f"{self.path}: row {row} ({video}) of {array} is {damaged[row]}{more}; "
+                        f"`python cli.py info {self.path} --verify` lists every damaged row, "
+                        "and rerunning extract with --verify redoes them")
+
+    def _read_verified(self, array: str, start: int, stop: int, index=None) -> np.ndarray:
+        block, damaged = self._scan(array, start, stop, index)
+        if damaged:
+            self._raise_damaged(array, damaged)
+        return block
+
     def read_row(self, row: int, view: int | None = None) -> np.ndarray:
         """One done row's (C, T, H, W) map: the cached view, or augmented view ``view``."""
         self._check_done(np.asarray([row]))
         if view is None:
-            return self._backend.read("features", row)
-        return self._backend.read("aug_features", (row, view))
+            return self._read_verified("features", row, row + 1)[0]
+        return self._read_verified("aug_features", row, row + 1, index=(row, view))
 
     def read_rows(self, rows: Sequence[int], array: str = "features", dtype: str | None = None,
                   views: Sequence[int] | None = None, check_done: bool = True) -> np.ndarray:
@@ -298,19 +431,21 @@ class FeatureCache:
 
         ``views`` picks one augmented view per row (from ``aug_features``). ``check_done=False``
         skips re-reading the done flags, for rows that came from ``rows(split)`` already.
+        Every row is verified (checksum, missing chunk) as it is read.
         """
         rows = np.asarray(rows, dtype=np.int64)
         if check_done:
             self._check_done(rows)
         if views is not None:
-            return np.stack([self._backend.read("aug_features", (int(r), int(v)))
-                             for r, v in zip(rows, views)]).astype(dtype or self.attrs["dtype"])
+            return np.stack([
+                self._read_verified("aug_features", int(r), int(r) + 1, index=(int(r), int(v)))
+                for r, v in zip(rows, views)]).astype(dtype or self.dtype)
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         source = self._backend.array(array)
         out = np.empty((len(rows), *source.shape[1:]), dtype=dtype or source.dtype)
         for start, stop, offset in _contiguous_runs(sorted_rows):
-            out[order[offset:offset + stop - start]] = self._backend.read(array, slice(start, stop))
+            out[order[offset:offset + stop - start]] = self._read_verified(array, start, stop)
         return out
 
     def load_split(
@@ -336,9 +471,42 @@ class FeatureCache:
                 features = features.to(device)
         return SplitData(features=features, labels=labels, rows=rows)
 
+    # ----------------------------------------------------------------- verification
+    def missing_rows(self, rows: Sequence[int] | None = None) -> np.ndarray:
+        """Which of ``rows`` (default: the done rows) have no stored chunk in a row array: one
+        listing per array, no data read. Empty where the layout cannot tell."""
+        rows = self.rows() if rows is None else np.asarray(rows, dtype=np.int64)
+        missing = np.zeros(len(rows), dtype=bool)
+        for array in self._row_arrays():
+            stored = self._backend.stored_rows(array)
+            if stored is not None:
+                missing |= ~stored[rows]
+        return rows[missing]
+
+    def verify(self, rows: Sequence[int] | None = None,
+               progress: Callable[[int], None] | None = None) -> list[Damage]:
+        """Read and check every one of ``rows`` (default: every done row): chunks present, and
+        their checksums (caches without checksums: that they decode). ``progress(n)`` is called
+        after each batch of n rows. Returns the damaged rows, sorted."""
+        rows = self.rows() if rows is None else np.asarray(rows, dtype=np.int64)
+        damaged: dict[int, str] = {int(r): "missing (no stored chunk)"
+                                   for r in self.missing_rows(rows)}
+        for start, stop, _ in _batched(_contiguous_runs(np.sort(rows)), VERIFY_BATCH):
+            for array in self._row_arrays():
+                _, found = self._scan(array, start, stop)
+                for row, reason in found.items():
+                    damaged.setdefault(row, reason if array == "features" else
+                                       f"{array}: {reason}")
+            if progress is not None:
+                progress(stop - start)
+        # a row another process unmarked meanwhile is being rewritten, not damaged
+        return [Damage(row, str(self.video_ids[row]), reason)
+                for row, reason in sorted(damaged.items()) if self._backend.read("done", row)]
+
     # ----------------------------------------------------------------- summary
     def info(self) -> dict:
-        """Counts per split, classes, done / not done, bytes on disk, compression ratio."""
+        """Counts per split, classes, done / not done, bytes on disk, compression ratio, and
+        the done rows with no stored chunk (a cheap listing, no data read)."""
         done = self.done
         per_split = {}
         for split in SPLITS:
@@ -349,7 +517,7 @@ class FeatureCache:
                 "classes": int(len(np.unique(self.labels[in_split]))),
             }
         c, t, h, w = self.shape
-        itemsize = np.dtype(self.attrs["dtype"]).itemsize
+        itemsize = np.dtype(self.dtype).itemsize
         raw = int(done.sum()) * c * t * h * w * itemsize * (1 + self.aug_views)
         stored = self._backend.bytes_stored()
         return {
@@ -358,16 +526,122 @@ class FeatureCache:
             "rows": len(self),
             "done": int(done.sum()),
             "not_done": int((~done).sum()),
+            "missing_done": self.missing_rows(np.flatnonzero(done)).tolist(),
+            "checksums": CHECKSUM_NAMES[self.backend] if self.checksummed else None,
             "splits": per_split,
             "classes": len(self.classes),
             "shape": [c, t, h, w],
-            "dtype": self.attrs["dtype"],
+            "dtype": self.dtype,
             "aug_views": self.aug_views,
             "bytes_on_disk": stored,
             "raw_bytes_done": raw,
             "compression_ratio": (raw / stored) if stored else None,
             "attrs": self.attrs,
         }
+
+
+# ------------------------------------------------------------------------------ creation
+def _checked_rows(video_ids, splits, labels, classes, dtype: str) -> np.ndarray:
+    """The labels as int32, after checking that the per-row arguments fit together."""
+    n = len(video_ids)
+    if not (len(splits) == len(labels) == n):
+        raise ValueError("video_ids, splits and labels must have one entry per row")
+    bad_splits = sorted(set(splits) - set(SPLITS))
+    if bad_splits:
+        raise ValueError(f"unknown split names {bad_splits}; use {SPLITS}")
+    if dtype not in DTYPES:
+        raise UserError(f"cache dtype must be float16 or float32, not {dtype}")
+    labels = np.asarray(labels, dtype=np.int32)
+    if n and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise ValueError("labels must index into classes")
+    return labels
+
+
+def _array_specs(video_ids, splits, labels: np.ndarray, shape: tuple[int, int, int, int],
+                 dtype: str, aug_views: int) -> dict[str, dict]:
+    """The arrays of a new cache: shape, chunks, dtype, fill value and initial data."""
+    n = len(video_ids)
+    arrays = {
+        # NaN fill: a row whose chunk is missing reads as NaN, never as plausible zeros
+        "features": dict(shape=(n, *shape), chunks=(1, *shape), dtype=dtype, fill_value=np.nan),
+        "video_id": dict(shape=(n,), chunks=(max(n, 1),), dtype="str",
+                         data=np.asarray(list(video_ids), dtype=object)),
+        "split": dict(shape=(n,), chunks=(max(n, 1),), dtype="str",
+                      data=np.asarray(list(splits), dtype=object)),
+        "label": dict(shape=(n,), chunks=(max(n, 1),), dtype="int32", fill_value=-1,
+                      data=labels),
+        # One chunk per flag: concurrent writers of disjoint rows never share an object.
+        "done": dict(shape=(n,), chunks=(1,), dtype="bool", fill_value=False),
+    }
+    if aug_views:
+        arrays["aug_features"] = dict(shape=(n, aug_views, *shape), chunks=(1, aug_views, *shape),
+                                      dtype=dtype, fill_value=np.nan)
+    return arrays
+
+
+# ------------------------------------------------------------------------------ open-time checks
+def _read_index(store) -> dict[str, np.ndarray]:
+    return {
+        "video_id": np.asarray(store.read_strings("video_id"), dtype=object),
+        "split": np.asarray(store.read_strings("split"), dtype=object),
+        "label": store.read("label", slice(None)).astype(np.int64),
+    }
+
+
+def _check_shapes(store) -> None:
+    """Every array has one entry per row, and the feature arrays the documented ranks."""
+    features = store.array("features")
+    if len(features.shape) != 5:
+        raise UserError(f"{store.path}: features has shape {tuple(features.shape)}; a cache "
+                        "holds (N, C, T, H, W)")
+    n = features.shape[0]
+    for name in ("video_id", "split", "label", "done"):
+        if tuple(store.array(name).shape) != (n,):
+            raise UserError(f"{store.path}: {name} has shape {tuple(store.array(name).shape)}, "
+                            f"not ({n},) like features")
+    if store.has("aug_features"):
+        aug = tuple(store.array("aug_features").shape)
+        if len(aug) != 6 or aug[0] != n or aug[2:] != tuple(features.shape[1:]):
+            raise UserError(f"{store.path}: aug_features has shape {aug}; it must be "
+                            f"(N, V, C, T, H, W) with N, C, T, H, W of features")
+
+
+def _check_derived_attrs(store, attrs: dict) -> None:
+    """Attributes that restate the arrays (dtype, C, T, H, W, V) must agree with them."""
+    features = store.array("features")
+    dtype = np.dtype(features.dtype).name
+    if dtype not in (*DTYPES, "float64"):
+        raise UserError(f"{store.path}: features are {dtype}; a cache holds floating-point maps")
+    _, c, t, h, w = (int(v) for v in features.shape)
+    views = int(store.array("aug_features").shape[1]) if store.has("aug_features") else 0
+    actual = {"dtype": dtype, "channels": c, "frames": t, "height": h, "width": w,
+              "aug_views": views}
+    for key, value in actual.items():
+        if key in attrs and attrs[key] != value:
+            raise UserError(f"{store.path}: attribute {key} says {attrs[key]!r} but the arrays "
+                            f"hold {value!r} (edited attributes?); restore it, or extract again")
+
+
+def _check_index(path: str, index: dict[str, np.ndarray], classes) -> None:
+    """Labels index the class list, splits are known, and no video is listed twice."""
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise UserError(f"{path}: attribute classes must be a list of class names")
+    labels = index["label"]
+    bad = np.flatnonzero((labels < 0) | (labels >= len(classes)))
+    if len(bad):
+        row = int(bad[0])
+        raise UserError(f"{path}: row {row} has label {labels[row]}, but attribute classes "
+                        f"lists {len(classes)} classes (shortened, or an unfinished creation?)")
+    unknown = sorted(set(index["split"].tolist()) - set(SPLITS))
+    if unknown:
+        raise UserError(f"{path}: unknown split names {unknown}; a cache uses {', '.join(SPLITS)}")
+    ids, counts = np.unique(index["video_id"].astype(str), return_counts=True)
+    if len(ids) and counts.max() > 1:
+        twice = int(np.argmax(counts > 1))
+        rows = np.flatnonzero(index["video_id"] == ids[twice])[:2].tolist()
+        raise UserError(f"{path}: video {ids[twice]} is listed twice (rows {rows}), so it could "
+                        "be its own support; extract again with --overwrite (duplicate "
+                        "split-list lines are now kept once)")
 
 
 def human_bytes(n: float) -> str:
@@ -396,10 +670,30 @@ def format_info(info: dict) -> str:
     ratio = info["compression_ratio"]
     lines.append(f"on disk    {human_bytes(info['bytes_on_disk'])}"
                  + (f" (compression {ratio:.2f}x)" if ratio else ""))
+    lines.append(f"integrity  {info['checksums']} checksum per row, verified on every read"
+                 if info["checksums"] else
+                 "integrity  no checksums (a cache made before they existed): info --verify "
+                 "checks that every done row is stored and decodes")
+    if info["missing_done"]:
+        rows = info["missing_done"]
+        lines.append(f"damaged    {len(rows)} done rows have no stored features (rows "
+                     f"{rows[:5]}{' ...' if len(rows) > 5 else ''}): rerunning extract redoes "
+                     "them")
     for key in ("backbone", "weights", "image_size", "sampling", "dataset", "created"):
         if key in attrs:
             value = attrs[key]
             if isinstance(value, dict):  # e.g. weights: {source, description, sha256 ...}
                 value = value.get("description", value)
             lines.append(f"{key:<10} {value}")
+    return "\n".join(lines)
+
+
+def format_verify(checked: int, damaged: list[Damage], checksummed: bool, show: int = 20) -> str:
+    """What ``cli.py info --verify`` prints after the summary."""
+    how = ("stored, checksums match" if checksummed else
+           "stored and decodable; this cache has no checksums to compare")
+    lines = [f"verify     {checked - len(damaged)} of {checked} done rows intact ({how})"]
+    lines += [f"  row {d.row} {d.video_id}: {d.reason}" for d in damaged[:show]]
+    if len(damaged) > show:
+        lines.append(f"  ... {len(damaged) - show} more")
     return "\n".join(lines)

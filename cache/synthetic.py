@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from cache.errors import UserError
 from cache.latest import remember_cache
-from cache.store import FeatureCache
+from cache.paths import writer_lock
+from cache.store import FeatureCache, check_output
 
 
 @dataclass
@@ -80,7 +81,19 @@ class SynthConfig:
         if self.frames < 4 or self.size < 4 or self.channels < 1:
             raise UserError(f"synth needs frames >= 4, size >= 4, channels >= 1 "
                             f"(got T={self.frames}, size={self.size}, C={self.channels})")
+        counts = {"--train-classes": self.train_classes, "--val-classes": self.val_classes,
+                  "--test-classes": self.test_classes, "--length": self.length,
+                  "--aug-views": self.aug_views}
+        for option, value in counts.items():
+            if value < 0:
+                raise UserError(f"{option} must be 0 or more, not {value}")
+        if self.videos_per_class < 1 or self.patterns < 1:
+            raise UserError("--videos-per-class and --patterns must be at least 1")
+        if min(self.background, self.noise) < 0 or self.blob_sigma <= 0:
+            raise UserError("--background and --noise must be >= 0, blob_sigma > 0")
         total = self.train_classes + self.val_classes + self.test_classes
+        if total < 1:
+            raise UserError("synth needs at least one class")
         if total > len(class_sequences(self)):
             raise UserError(f"{total} classes need more distinct pattern orders than "
                             f"{self.patterns} patterns give: raise --patterns (or --length)")
@@ -147,10 +160,23 @@ class _Video:
         return maps
 
 
+def _write_rows(cache: FeatureCache, cfg: SynthConfig, videos: list[_Video], sequences: list,
+                labels: np.ndarray, patterns: np.ndarray, rng: np.random.Generator,
+                progress: bool) -> None:
+    for row in tqdm(range(len(labels)), desc="synth", unit="video", disable=not progress):
+        video, seq = videos[row], sequences[labels[row]]
+        aug = None
+        if cfg.aug_views:
+            aug = np.stack([video.render(cfg, patterns, seq, rng, jitter=True)
+                            for _ in range(cfg.aug_views)])
+        cache.write_row(row, video.render(cfg, patterns, seq, rng), aug=aug)
+
+
 def generate_synthetic(out: str, cfg: SynthConfig, *, backend: str | None = None,
                        overwrite: bool = False, progress: bool = True) -> dict:
     """Write the synthetic cache to ``out``; returns a summary for the CLI."""
     cfg.check()
+    check_output(out, backend)
     rng = np.random.default_rng(cfg.seed)
     patterns = rng.standard_normal((cfg.patterns, cfg.channels), dtype=np.float32)
     orders = class_sequences(cfg)
@@ -176,20 +202,15 @@ def generate_synthetic(out: str, cfg: SynthConfig, *, backend: str | None = None
     }
     attrs = {"dataset": "synthetic", "backbone": "synthetic", "weights": "none",
              "sampling": f"{cfg.frames} frames, synthetic", "synthetic": truth}
-    cache = FeatureCache.create(out, video_ids=video_ids, splits=splits, labels=labels,
-                                classes=classes,
-                                shape=(cfg.channels, cfg.frames, cfg.size, cfg.size),
-                                dtype=cfg.dtype, aug_views=cfg.aug_views, attrs=attrs,
-                                backend=backend, overwrite=overwrite)
-    with cache:
-        for row in tqdm(range(len(labels)), desc="synth", unit="video", disable=not progress):
-            video, seq = videos[row], sequences[labels[row]]
-            aug = None
-            if cfg.aug_views:
-                aug = np.stack([video.render(cfg, patterns, seq, rng, jitter=True)
-                                for _ in range(cfg.aug_views)])
-            cache.write_row(row, video.render(cfg, patterns, seq, rng), aug=aug)
-        summary = {"path": cache.path, "rows": len(labels), "classes": len(classes),
-                   "per_split": counts, "shape": list(cache.shape), "backend": cache.backend}
+    with writer_lock(out, what="synth"):
+        cache = FeatureCache.create(out, video_ids=video_ids, splits=splits, labels=labels,
+                                    classes=classes,
+                                    shape=(cfg.channels, cfg.frames, cfg.size, cfg.size),
+                                    dtype=cfg.dtype, aug_views=cfg.aug_views, attrs=attrs,
+                                    backend=backend, overwrite=overwrite)
+        with cache:
+            _write_rows(cache, cfg, videos, sequences, labels, patterns, rng, progress)
+            summary = {"path": cache.path, "rows": len(labels), "classes": len(classes),
+                       "per_split": counts, "shape": list(cache.shape), "backend": cache.backend}
     remember_cache(out, "synthetic")
     return summary

@@ -4,29 +4,56 @@ Several processes may write disjoint rows at once: every row of ``features`` and
 element of ``done`` is its own chunk (its own object in the store), so no two writers ever
 rewrite the same object. The path may be a local folder or any fsspec URL zarr understands
 (``memory://``, ``file://``, ``s3://`` ...).
+
+Integrity: feature chunks end in a CRC32C checksum (zarr's ``crc32c`` codec, part of the v3
+spec), checked whenever a chunk is decoded, and their fill value is NaN, so a row whose chunk is
+missing reads as NaN rather than as plausible zeros. ``stored_rows`` lists which rows have a chunk.
+
+This module also owns what a path holds (``inspect``) and the only deletion the tool does:
+``remove`` deletes a recognisable cache's own entries and refuses anything else.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore
 
-from cache.errors import UserError
+from cache.errors import DamagedChunk, NotACache, UserError
+from cache.paths import Found, is_url
 
 COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")  # bench/cache_io.py
+# Row chunks: compressed, then a CRC32C of the compressed bytes appended (cost: bench/cache_io.py)
+ROW_COMPRESSORS = (COMPRESSOR, Crc32cCodec())
+# What decoding a damaged chunk raises: the CRC32C codec a ValueError, blosc a RuntimeError.
+DECODE_ERRORS = (ValueError, RuntimeError, OSError)
 
 
 async def _list_keys(store, prefix: str) -> list[str]:
     return [key async for key in store.list_prefix(prefix)]
 
 
+async def _list_dir(store, prefix: str) -> list[str]:
+    return [key async for key in store.list_dir(prefix)]
+
+
 def _storage_options(path: str) -> dict | None:
     # fsspec's local filesystem does not create folders unless asked to
     return {"auto_mkdir": True} if path.startswith("file://") else None
+
+
+def _raw_store(path: str, read_only: bool):
+    if is_url(path):
+        return FsspecStore.from_url(path, storage_options=_storage_options(path),
+                                    read_only=read_only)
+    return LocalStore(path, read_only=read_only)
 
 
 class ZarrBackend:
@@ -35,70 +62,178 @@ class ZarrBackend:
     def __init__(self, group: zarr.Group, path: str):
         self.group = group
         self.path = path
+        self._arrays: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- what is at a path
+    @classmethod
+    def inspect(cls, path: str) -> Found:
+        """Nothing, an empty folder, a cache of this tool (with its attributes), or other."""
+        if not is_url(path):
+            if not os.path.lexists(path):
+                return Found("absent")
+            if not os.path.isdir(path):
+                return Found("other", reason="a file, not a Zarr folder")
+        store = _raw_store(path, read_only=True)
+        entries = sync(_list_dir(store, ""))
+        if not entries:
+            return Found("absent" if is_url(path) else "empty")
+        raw = sync(store.get("zarr.json", prototype=default_buffer_prototype()))
+        if raw is None:
+            return Found("other", reason="a folder without zarr.json", entries=entries)
+        try:
+            meta = json.loads(raw.to_bytes())
+        except ValueError as e:
+            return Found("other", reason=f"its zarr.json is damaged ({e})", entries=entries)
+        if not isinstance(meta, dict) or meta.get("node_type") != "group":
+            return Found("other", reason="a Zarr array or other node, not a group", entries=entries)
+        attrs = meta.get("attributes") or {}
+        if "schema_version" not in attrs:
+            return Found("other", reason="a Zarr group without the schema_version attribute",
+                         entries=entries)
+        return Found("cache", attrs=attrs, entries=entries)
 
     @classmethod
-    def create(cls, path: str, arrays: dict[str, dict], attrs: dict, overwrite: bool):
+    def remove(cls, path: str, found: Found, known: tuple[str, ...]) -> None:
+        """Delete a recognisable cache's own entries (its zarr.json and arrays), nothing else."""
+        strangers = sorted(set(found.entries) - {"zarr.json", *known})
+        if strangers:
+            raise NotACache(f"{path} holds {', '.join(strangers[:3])}, which no cache holds; it is "
+                            "not replaced: move those out, or choose another path")
+        store = _raw_store(path, read_only=False)
+        for name in found.entries:
+            if name != "zarr.json":
+                sync(store.delete_dir(name))
+        sync(store.delete("zarr.json"))  # last: an interrupted removal stays recognisable
+
+    # ----------------------------------------------------------------- create / open
+    @classmethod
+    def create(cls, path: str, arrays: dict[str, dict], attrs: dict) -> ZarrBackend:
+        """A new group at ``path`` (absent or empty), its attributes written with the group
+        itself, so that even a creation killed at once leaves a store recognisable as a cache."""
         try:
-            group = zarr.open_group(path, mode="w" if overwrite else "w-",
+            group = zarr.open_group(path, mode="w-", attributes=attrs,
                                     storage_options=_storage_options(path))
         except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
             raise UserError(
                 f"{path} already exists; open it, or pass overwrite to replace it"
             ) from None
         for name, spec in arrays.items():
-            compressed = spec["dtype"] in ("float16", "float32")
-            group.create_array(
+            floating = spec["dtype"] in ("float16", "float32")
+            array = group.create_array(
                 name,
                 shape=spec["shape"],
                 chunks=spec["chunks"],
                 dtype=str if spec["dtype"] == "str" else spec["dtype"],
-                compressors=COMPRESSOR if compressed else "auto",
+                compressors=ROW_COMPRESSORS if floating else "auto",
                 fill_value=spec.get("fill_value"),
                 # read_done relies on chunks equal to the fill value not being stored
                 config={"write_empty_chunks": False},
                 chunk_key_encoding={"name": "default", "separator": "/"},
             )
-        group.attrs.update(attrs)
+            if spec.get("data") is not None and spec["shape"][0]:
+                array[:] = spec["data"]
         return cls(group, path)
 
     @classmethod
-    def open(cls, path: str, writable: bool):
+    def open(cls, path: str, writable: bool) -> ZarrBackend:
         try:
-            group = zarr.open_group(path, mode="r+" if writable else "r")
-        except (zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError) as e:
-            raise UserError(f"{path} is not a feature cache ({e})") from None
+            group = zarr.open_group(path, mode="r+" if writable else "r",
+                                    storage_options=_storage_options(path))
+        except (zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError,
+                NotADirectoryError) as e:
+            raise NotACache(f"{path} is not a feature cache ({e})") from None
         except FileNotFoundError:
             raise UserError(f"no cache at {path}") from None
+        except (ValueError, TypeError, KeyError) as e:  # json.JSONDecodeError is a ValueError
+            raise UserError(f"{path}: zarr.json is damaged ({e}); restore it, or extract "
+                            "again with --overwrite") from None
         return cls(group, path)
 
+    # ----------------------------------------------------------------- arrays
+    def _damaged_metadata(self, name: str, error: Exception) -> UserError:
+        return UserError(f"{self.path}: {name}/zarr.json is damaged ({error}); restore it, or "
+                         "extract again with --overwrite")
+
     def has(self, name: str) -> bool:
-        return name in self.group
+        try:
+            return name in self.group
+        except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+            raise self._damaged_metadata(name, e) from None
 
     def array(self, name: str):
-        return self.group[name]
+        """The array ``name``; a damaged ``<name>/zarr.json`` is a one-line error."""
+        if name not in self._arrays:
+            try:
+                self._arrays[name] = self.group[name]
+            except (ValueError, TypeError, KeyError) as e:
+                raise self._damaged_metadata(name, e) from None
+        return self._arrays[name]
+
+    def checksummed(self, name: str) -> bool:
+        """Whether the chunks of ``name`` carry a CRC32C checksum."""
+        return any(isinstance(c, Crc32cCodec) for c in self.array(name).compressors)
+
+    def fill_value(self, name: str):
+        return self.array(name).fill_value
+
+    def _one_key_per_row(self, array) -> bool:
+        """Chunks of one row each, keyed ``c/<row>/0/...``: the layout this tool writes."""
+        zeros = (0,) * (array.ndim - 1)
+        return (array.metadata.zarr_format == 3 and array.shards is None
+                and array.chunks[0] == 1
+                and array.metadata.encode_chunk_key((5, *zeros)) == "/".join(
+                    ["c", "5", *map(str, zeros)]))
 
     def read_done(self) -> np.ndarray:
-        """All done flags from one listing of the store instead of one read per flag.
+        """All done flags; from one listing of the store when ``done`` has one chunk per row.
 
-        ``done`` has one chunk per row and zarr does not store chunks equal to the fill value
-        (False), so a row is done exactly when its chunk exists: one listing call, which stays
-        fast at 100k rows and on object storage, where reading every flag would not.
+        Zarr does not store chunks equal to the fill value (False), so such a row is done
+        exactly when its chunk exists: one listing call, which stays fast at 100k rows and on
+        object storage, where reading every flag would not. Other layouts (a cache written by
+        another program, e.g. one chunk for the whole array) are read by value.
         """
-        keys = sync(_list_keys(self.group.store, f"{self.group['done'].path}/c/"))
-        done = np.zeros(self.group["done"].shape, dtype=bool)
-        rows = [int(key.rsplit("/", 1)[1]) for key in keys]
-        done[rows] = True
-        return done
+        done = self.array("done")
+        if not self._one_key_per_row(done):
+            return np.asarray(done[:], dtype=bool)
+        keys = sync(_list_keys(self.group.store, f"{done.path}/c/"))
+        flags = np.zeros(done.shape, dtype=bool)
+        flags[[int(key.rsplit("/", 1)[1]) for key in keys]] = True
+        return flags
+
+    def stored_rows(self, name: str) -> np.ndarray | None:
+        """Which rows of ``name`` have their chunk in the store (one listing), or None where the
+        layout does not allow telling (chunks that split a row, sharding)."""
+        array = self.array(name)
+        if array.shards is not None or tuple(array.chunks[1:]) != tuple(array.shape[1:]):
+            return None
+        prefix = f"{array.path}/"
+        present = {key[len(prefix):] for key in sync(_list_keys(self.group.store, prefix))}
+        per_chunk = array.chunks[0]
+        zeros = (0,) * (array.ndim - 1)
+        stored = np.zeros(array.shape[0], dtype=bool)
+        for chunk in range(array.cdata_shape[0]):
+            if array.metadata.encode_chunk_key((chunk, *zeros)) in present:
+                stored[chunk * per_chunk:(chunk + 1) * per_chunk] = True
+        return stored
 
     def read_strings(self, name: str) -> list[str]:
-        return [str(s) for s in self.group[name][:]]
+        return [str(s) for s in self.array(name)[:]]
 
     def read(self, name: str, index) -> np.ndarray:
-        return np.asarray(self.group[name][index])
+        return np.asarray(self.array(name)[index])
+
+    def read_data(self, name: str, index) -> np.ndarray:
+        """Feature data; a chunk that fails to decode raises ``DamagedChunk``."""
+        try:
+            return np.asarray(self.array(name)[index])
+        except DECODE_ERRORS as e:
+            raise DamagedChunk("checksum mismatch" if "checksum" in str(e) else
+                               f"cannot decode: {e or type(e).__name__}") from None
 
     def write(self, name: str, index, value) -> None:
-        self.group[name][index] = value
+        self.array(name)[index] = value
 
+    # ----------------------------------------------------------------- attributes, size
     @property
     def attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs)
@@ -107,6 +242,7 @@ class ZarrBackend:
         # zarr rewrites the whole attribute document from its in-memory copy: re-read it first so
         # that keys other processes added since this group was opened are kept.
         self.group = zarr.open_group(self.group.store, path=self.group.path, mode="r+")
+        self._arrays.clear()
         self.group.attrs.update(values)
 
     def bytes_stored(self) -> int:

@@ -61,8 +61,8 @@ from extract.backbone import (
 )
 from extract.backbones import BackboneSpec, parse_backbone
 from extract.datasets import (
-    NO_FLIP_DATASETS,
     VideoRecord,
+    dataset_spec,
     find_videos,
     read_split_lines,
     split_list_files,
@@ -237,7 +237,7 @@ def view_tasks(records: list[VideoRecord], config: AdaptConfig, epoch: int,
                interpolation: str) -> list[ViewTask]:
     """Decode tasks in order; a task's ``row`` is its position (results are put back in order)."""
     seed = int(np.random.SeedSequence([config.seed, VIEW_STREAM]).generate_state(1)[0])
-    flip = config.dataset not in NO_FLIP_DATASETS
+    flip = dataset_spec(config.dataset).flip
     return [ViewTask(i, r.video_id, r.path, r.kind, config.frames, 0, seed, config.resize,
                      config.image_size, flip, interpolation, epoch)
             for i, r in enumerate(records)]

@@ -39,6 +39,7 @@ import torchvision
 from torch import nn
 
 from cache import UserError
+from cache.torch_files import load_tensors
 
 CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048,
             "resnet152": 2048}
@@ -273,15 +274,8 @@ def guess_arch(state: dict) -> str | None:
 
 def _load_file(path: str) -> object:
     if not os.path.isfile(path):
-        raise UserError(f"--weights {path}: no such file (use imagenet, none, or a file path)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for foreign or unsafe files
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"--weights {path} could not be loaded as tensors only ({first_line}); if it holds "
-            "other Python objects, re-save just its state dict with torch.save"
-        ) from None
+        raise UserError(f"--weights {path}: no such file (use pretrained, none, or a file path)")
+    return load_tensors(path, f"--weights {path}")
 
 
 def _fit(trunk: ResNetTrunk, state: dict, what: str) -> None:

@@ -11,6 +11,13 @@ Where a line's video is looked for, in order (the first match wins):
 - kinetics: the same, with the class folder spelt with spaces or with underscores
 - ssv2, ssv2-cmn: ``<root>/<stem>.<video ext>`` or ``<root>/<stem>/``; then as above
 
+A line is ``<class folder>/<video stem>`` inside the root: lines with ``..`` or ``.`` parts or a
+leading ``/`` are refused. A line repeated within a list is kept once (with a warning); a line in
+two lists, or two lines that find the same file in two splits, are refused, since a video in two
+splits could be its own support. Folders that cannot be listed (a symbolic-link loop) are warned
+about and their videos count as missing; a looping link in place of a video fails to decode and
+is reported for that video alone.
+
 Class names are the class folders of the lines; for SSv2 they are the split-prefixed labels of the
 lists (``train8``, ``val3``), which are unique across splits because they carry the split's name.
 Labels index the class list: classes of the chosen splits in split order (train, val, test),
@@ -22,22 +29,52 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache import SPLITS, UserError
 
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
-DATASETS = ("ucf101", "hmdb51", "ssv2", "ssv2-cmn", "kinetics", "custom")
-SPLIT_FOLDERS = {
-    "ucf101": "ucf_ARN",
-    "hmdb51": "hmdb_ARN",
-    "ssv2": "ssv2_OTAM",
-    "ssv2-cmn": "ssv2_CMN",
-    "kinetics": "kinetics_CMN",
-}
-# SSv2 classes depend on left/right ("pushing something from left to right"): never flip them.
-NO_FLIP_DATASETS = ("ssv2", "ssv2-cmn")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset extract knows: where its split lists are and how its videos are laid out.
+
+    Args:
+        name: ``--dataset``.
+        split_folder: the vendored lists under ``extract/splits/`` (None: ``--split-dir``).
+        flat: videos may also sit directly under the root by id (SSv2's ``<root>/<id>.webm``).
+        class_spellings: class folders may spell spaces as underscores and back (Kinetics).
+        flip: horizontal flips keep the class (False for SSv2: "left to right" is a class).
+    """
+
+    name: str
+    split_folder: str | None
+    flat: bool = False
+    class_spellings: bool = False
+    flip: bool = True
+
+
+# The one table of datasets: a new dataset is one line here (plus its lists under splits/).
+# Phase two's training recipe per dataset is align/train.py's RECIPES, keyed by the same name.
+DATASETS = {spec.name: spec for spec in (
+    DatasetSpec("ucf101", "ucf_ARN"),
+    DatasetSpec("hmdb51", "hmdb_ARN"),
+    DatasetSpec("ssv2", "ssv2_OTAM", flat=True, flip=False),
+    DatasetSpec("ssv2-cmn", "ssv2_CMN", flat=True, flip=False),
+    DatasetSpec("kinetics", "kinetics_CMN", class_spellings=True),
+    DatasetSpec("custom", None),
+)}
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
                     ".wmv", ".3gp", ".ogv")
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -57,11 +94,13 @@ class VideoRecord:
 
 @dataclass(frozen=True)
 class VideoList:
-    """The chosen splits of a dataset: videos found, lines not found, and the class list."""
+    """The chosen splits of a dataset: videos found, lines not found, the class list, and
+    warnings for the user (duplicate lines kept once, folders that could not be listed)."""
 
     records: list[VideoRecord]
     missing: list[str]
     classes: list[str]
+    warnings: list[str] = field(default_factory=list)
 
 
 def natural_key(text: str) -> list:
@@ -71,9 +110,8 @@ def natural_key(text: str) -> list:
 
 def split_list_files(dataset: str, split_dir: str | os.PathLike | None) -> dict[str, Path]:
     """The split-list file of each split: the vendored lists, or ``--split-dir`` for custom."""
-    if dataset not in DATASETS:
-        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    if dataset == "custom" or split_dir is not None:
+    spec = dataset_spec(dataset)
+    if spec.split_folder is None or split_dir is not None:
         if split_dir is None:
             raise UserError("--dataset custom needs --split-dir DIR holding trainlist.txt, "
                             "vallist.txt and testlist.txt")
@@ -82,7 +120,7 @@ def split_list_files(dataset: str, split_dir: str | os.PathLike | None) -> dict[
         if not any(f.exists() for f in files.values()):
             raise UserError(f"{folder} holds none of trainlist.txt, vallist.txt, testlist.txt")
         return files
-    folder = SPLITS_DIR / SPLIT_FOLDERS[dataset]
+    folder = SPLITS_DIR / spec.split_folder
     return {s: folder / f"{s}list03.txt" for s in SPLITS}
 
 
@@ -97,15 +135,25 @@ def read_split_lines(path: Path) -> list[str]:
             continue
         if "/" not in line:
             raise UserError(f"{path}:{number}: expected '<class>/<stem>', got {line!r}")
+        parts = line.replace("\\", "/").split("/")
+        if line.startswith(("/", "\\")) or any(part in ("..", ".") for part in parts):
+            raise UserError(f"{path}:{number}: {line!r} leaves the dataset folder; split-list "
+                            "lines are '<class>/<stem>' inside --root")
         lines.append(line)
     return lines
 
 
 class _DirIndex:
-    """Lists each folder once, so that finding 80k videos costs one ``scandir`` per folder."""
+    """Lists each folder once, so that finding 80k videos costs one ``scandir`` per folder.
+
+    A folder that cannot be listed (a symbolic-link loop, no permission) holds no videos and is
+    remembered in ``unreadable``; an entry whose type cannot be read (a looping link) is kept as
+    a video, so that its decoding fails and is reported for that video alone.
+    """
 
     def __init__(self):
         self._folders: dict[str, dict[str, tuple[str, str]]] = {}
+        self.unreadable: dict[str, str] = {}
 
     def lookup(self, folder: str, stem: str) -> tuple[str, str] | None:
         """(path, kind) of ``<folder>/<stem>.<video ext>`` or of the frame folder
@@ -114,18 +162,24 @@ class _DirIndex:
             self._folders[folder] = self._scan(folder)
         return self._folders[folder].get(stem)
 
-    @staticmethod
-    def _scan(folder: str) -> dict[str, tuple[str, str]]:
+    def _scan(self, folder: str) -> dict[str, tuple[str, str]]:
         found: dict[str, tuple[str, str, int]] = {}
         try:
             entries = list(os.scandir(folder))
         except (FileNotFoundError, NotADirectoryError):
             return {}
+        except OSError as e:  # e.g. ELOOP, EACCES: this folder's videos count as missing
+            self.unreadable[folder] = e.strerror or str(e)
+            return {}
         for entry in entries:
-            if entry.is_dir():
+            stem, ext = os.path.splitext(entry.name)
+            try:
+                is_dir = entry.is_dir()
+            except OSError:  # a looping link: a video named like it fails to decode, alone
+                is_dir = ext.lower() not in VIDEO_EXTENSIONS
+            if is_dir:
                 found.setdefault(entry.name, (entry.path, "frames", len(VIDEO_EXTENSIONS)))
                 continue
-            stem, ext = os.path.splitext(entry.name)
             ext = ext.lower()
             if ext in VIDEO_EXTENSIONS:
                 rank = VIDEO_EXTENSIONS.index(ext)
@@ -136,14 +190,13 @@ class _DirIndex:
 
 def candidate_folders(dataset: str, root: str, class_name: str) -> list[str]:
     """Folders where a line's video may sit, most likely first."""
+    spec = dataset_spec(dataset)
     by_class = [os.path.join(root, class_name)]
-    if dataset == "kinetics":
+    if spec.class_spellings:
         for variant in (class_name.replace(" ", "_"), class_name.replace("_", " ")):
             if variant != class_name:
                 by_class.append(os.path.join(root, variant))
-    if dataset in NO_FLIP_DATASETS:
-        return [root, *by_class]
-    return by_class
+    return [root, *by_class] if spec.flat else by_class
 
 
 def list_classes(lines_by_split: dict[str, list[str]]) -> list[str]:
@@ -166,6 +219,11 @@ class VideoLocator:
         self.root = str(root)
         self._index = _DirIndex()
 
+    @property
+    def unreadable(self) -> dict[str, str]:
+        """Folders that could not be listed, and why."""
+        return self._index.unreadable
+
     def locate(self, line: str) -> tuple[str, str] | None:
         """(path, kind) of the line's video, or None when it is not on disk."""
         class_name, stem = line.split("/", 1)
@@ -187,7 +245,7 @@ def find_videos(
     """Records of the chosen splits' videos found under ``root``; lines not found are ``missing``.
 
     Args:
-        dataset: one of ``DATASETS``.
+        dataset: a name of ``DATASETS``.
         root: the dataset's folder (videos or frame folders).
         splits: which splits to take, in any order (records keep train, val, test order).
         split_dir: folder with trainlist.txt / vallist.txt / testlist.txt (custom, or to override).
@@ -199,12 +257,14 @@ def find_videos(
     if not os.path.isdir(root):
         raise UserError(f"dataset folder {root} does not exist; pass --root DIR")
     files = split_list_files(dataset, split_dir)
-    lines_by_split = {s: read_split_lines(files[s]) for s in SPLITS if s in splits}
+    all_lines, warnings = _unique_lines({s: read_split_lines(files[s]) for s in SPLITS}, files)
+    lines_by_split = {s: all_lines[s] for s in SPLITS if s in splits}
     classes = list_classes(lines_by_split)
     label_of = {name: i for i, name in enumerate(classes)}
     locator = VideoLocator(dataset, root)
     records: list[VideoRecord] = []
     missing: list[str] = []
+    line_of_path: dict[str, tuple[str, str]] = {}  # found path -> (split, line)
     for split, lines in lines_by_split.items():
         kept = 0
         for line in lines:
@@ -214,7 +274,49 @@ def find_videos(
             if hit is None:
                 missing.append(line)
                 continue
+            if _seen_path(line_of_path, hit[0], split, line, warnings):
+                continue
             class_name = line.split("/", 1)[0]
             records.append(VideoRecord(line, split, label_of[class_name], class_name, *hit))
             kept += 1
-    return VideoList(records=records, missing=missing, classes=classes)
+    warnings += [f"cannot list {folder} ({why}): its videos count as missing"
+                 for folder, why in locator.unreadable.items()]
+    return VideoList(records=records, missing=missing, classes=classes, warnings=warnings)
+
+
+def _unique_lines(lines_by_split: dict[str, list[str]], files: dict[str, Path]
+                  ) -> tuple[dict[str, list[str]], list[str]]:
+    """Each list's lines with repeats dropped (and a warning saying so); a line in two lists is
+    refused: a video in two splits could be its own support, or be tested on after training."""
+    split_of: dict[str, str] = {}
+    unique: dict[str, list[str]] = {}
+    warnings = []
+    for split, lines in lines_by_split.items():
+        unique[split] = list(dict.fromkeys(lines))
+        repeats = len(lines) - len(unique[split])
+        if repeats:
+            twice = next(line for line, n in Counter(lines).items() if n > 1)
+            warnings.append(f"{files[split]}: {repeats} repeated lines kept once (e.g. {twice})")
+        for line in unique[split]:
+            if line in split_of:
+                raise UserError(f"{line} is listed in both the {split_of[line]} and the {split} "
+                                f"lists ({files[split_of[line]]}, {files[split]}); a video "
+                                "belongs to one split only")
+            split_of[line] = split
+    return unique, warnings
+
+
+def _seen_path(line_of_path: dict[str, tuple[str, str]], path: str, split: str, line: str,
+               warnings: list[str]) -> bool:
+    """Whether another line already found the same file (e.g. Kinetics class folders spelt with
+    spaces and with underscores): within a split it is kept once, across splits refused."""
+    key = os.path.normpath(path)
+    if key not in line_of_path:
+        line_of_path[key] = (split, line)
+        return False
+    other_split, other_line = line_of_path[key]
+    if other_split != split:
+        raise UserError(f"{other_line} ({other_split}) and {line} ({split}) are the same video "
+                        f"{path}; a video belongs to one split only")
+    warnings.append(f"{other_line} and {line} are the same video {path}: kept once")
+    return True

@@ -15,9 +15,14 @@ Backbone: any name of the registry (``extract.backbones``); its library's prepro
 std, resize filter, default image size and resize) replaces the ImageNet constants, and
 ``pool_to`` average-pools its maps to pool_to x pool_to. All of it is recorded in the attributes.
 
-Resume: rows already done are skipped; a cache made with other backbone, weights, preprocessing,
-pooling, frames, image size, resize, views, dtype or selection of videos is refused unless
-``overwrite``.
+Resume: rows already done are skipped, except done rows whose stored data is missing (one
+listing) or, with ``verify``, fails its checksum: those are marked not done and extracted again. A
+cache made with other backbone, weights, preprocessing, pooling, frames, image size, resize, views,
+dtype or selection of videos is refused unless ``overwrite``; a store whose creation by extract was
+interrupted is created again. ``--out`` is checked before any work, ``overwrite`` replaces only a
+cache of this tool, and the creating process holds ``<out>.lock`` for the whole run, so a second
+extract on the same path (without torchrun) is refused instead of recreating the cache under the
+first.
 
 Scale-out (``torchrun``, or RANK / WORLD_SIZE set by hand, also across machines on a shared
 filesystem): rank k extracts rows k, k+W, k+2W ... into the same Zarr store. Rank 0 creates the
@@ -31,6 +36,7 @@ checked again after a pause, since every attribute write rewrites the whole attr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -48,10 +54,13 @@ import torch
 from tqdm import tqdm
 
 from cache import SPLITS, FeatureCache, UserError
+from cache.errors import CacheInUse, NotACache
 from cache.latest import default_cache_path, remember_cache
+from cache.paths import writer_lock
+from cache.store import check_output, inspect_path
 from extract.backbone import FeatureExtractor, check_not_adapted_on
 from extract.backbones import Backbone
-from extract.datasets import NO_FLIP_DATASETS, VideoList, VideoLocator, find_videos
+from extract.datasets import VideoList, VideoLocator, dataset_spec, find_videos
 from extract.decode import DecodedVideo, DecodeFailure, DecodePool, DecodeTask
 
 SAMPLING = "tsn-centre"
@@ -88,6 +97,7 @@ class ExtractConfig:
     workers: int | None = None  # decode processes; None: see default_workers
     timeout: float = 60.0
     overwrite: bool = False
+    verify: bool = False  # read and check every done row before resuming
     wait_timeout: float = 900.0  # how long ranks > 0 wait for rank 0's cache
 
     def __post_init__(self):
@@ -145,6 +155,7 @@ class ExtractSummary:
     rows: int
     shard_rows: int
     already_done: int
+    repaired: int = 0  # done rows found missing or damaged, extracted again
     extracted: int = 0
     frames: int = 0
     seconds: float = 0.0
@@ -166,6 +177,9 @@ class ExtractSummary:
             f"{len(self.missing)} missing on disk; cache {self.done_rows}/{self.rows} rows done",
             f"cache {self.cache_path} ({self.cache_bytes / 2**20:.1f} MB)",
         ]
+        if self.repaired:
+            lines.append(f"{who}{self.repaired} done rows were missing or damaged and were "
+                         "extracted again")
         if self.fallbacks:
             lines.append(f"{len(self.fallbacks)} videos decoded by PyAV after decord failed")
         for item in self.failed[:show]:
@@ -205,7 +219,7 @@ def prepare_backbone(config: ExtractConfig, device: torch.device) -> tuple[Extra
 
 
 def build_attrs(config: ExtractConfig, backbone: Backbone, found: VideoList) -> dict:
-    flip = config.dataset not in NO_FLIP_DATASETS
+    flip = dataset_spec(config.dataset).flip
     prep = backbone.preprocessing
     weights_attrs = backbone.weights.to_attrs()
     return {
@@ -282,24 +296,27 @@ def _create(config: ExtractConfig, found: VideoList, attrs: dict, shape) -> Feat
     return cache
 
 
-def _exists(path: str) -> bool:
-    return "://" in path or os.path.exists(path)
-
-
 def _open_existing(config: ExtractConfig) -> FeatureCache | None:
-    """The cache at ``config.out`` opened for writing; None if there is none (or half-created)."""
-    if not _exists(config.out):
+    """The cache at ``config.out`` opened for writing; None if there is none yet, or only one
+    whose creation by extract was interrupted (nothing in it is worth keeping)."""
+    found = inspect_path(config.out, config.backend)
+    if found.state in ("absent", "empty"):
         return None
+    if found.state == "other":
+        raise NotACache(f"{config.out} exists and is not a feature cache ({found.reason}); it is "
+                        "never replaced: choose another --out")
+    if not found.attrs.get("extract_ready"):
+        if "extract_config" in found.attrs:
+            return None  # created by an extract that was killed before it was ready
+        raise UserError(f"{config.out} holds a cache that extract did not make (dataset "
+                        f"{found.attrs.get('dataset')!r}); pass --overwrite to replace it, or "
+                        "choose another --out")
     try:
-        cache = FeatureCache.open(config.out, mode="r+", backend=config.backend)
-    except UserError as e:
-        if "://" in config.out and "no cache" in e.message:
-            return None
+        return FeatureCache.open(config.out, mode="r+", backend=config.backend)
+    except (CacheInUse, NotACache):
+        raise
+    except UserError as e:  # a damaged cache of this tool: --overwrite may replace it
         raise UserError(f"{e.message}; pass --overwrite to replace it") from None
-    if not cache.attrs.get("extract_ready"):
-        cache.close()  # creation was interrupted: nothing in it is worth keeping
-        return None
-    return cache
 
 
 def _run_token() -> str | None:
@@ -533,13 +550,27 @@ class RunPlan:
 
 def run_extract(config: ExtractConfig, device: torch.device, shard: Shard | None = None,
                 echo=print) -> ExtractSummary:
-    """Extract this process's shard of the dataset into ``config.out`` and summarise the run."""
+    """Extract this process's shard of the dataset into ``config.out`` and summarise the run.
+
+    ``--out`` is checked before any work, and the process that creates the cache (the only one,
+    or rank 0) holds its writer lock throughout, so a second extract on the same path is
+    refused instead of recreating the cache under the first one.
+    """
     shard = shard or Shard.from_env()
     if config.backend == "hdf5" and shard.world_size > 1:
         raise UserError(f"the hdf5 backend takes one writer; WORLD_SIZE={shard.world_size} "
                         "processes need --backend zarr")
+    check_output(config.out, config.backend)
+    with writer_lock(config.out) if shard.rank == 0 else contextlib.nullcontext():
+        return _run_extract(config, device, shard, echo)
+
+
+def _run_extract(config: ExtractConfig, device: torch.device, shard: Shard,
+                 echo) -> ExtractSummary:
     found = find_videos(config.dataset, config.root, splits=config.splits,
                         split_dir=config.split_dir, limit=config.limit)
+    for warning in found.warnings if shard.rank == 0 else []:
+        echo(f"warning: {warning}")
     config, backbone = prepare_backbone(config, device)
     check_not_adapted_on(config.weights, backbone.weights, config.dataset, config.root,
                          found.records)
@@ -554,8 +585,10 @@ def run_extract(config: ExtractConfig, device: torch.device, shard: Shard | None
     try:
         rows = shard.rows(len(cache))
         done = cache.done[rows]
+        damaged = damaged_rows(cache, rows[done], full=config.verify, echo=echo)
+        done &= ~np.isin(rows, damaged)
         summary = ExtractSummary(config.out, shard.rank, shard.world_size, len(cache), len(rows),
-                                 int(done.sum()), device=str(device))
+                                 int(done.sum()), repaired=len(damaged), device=str(device))
         if shard.rank == 0:
             summary.missing = list(cache.attrs.get("errors", {}).get("missing", []))
         tasks = _tasks(config, cache, rows[~done], summary)
@@ -567,11 +600,30 @@ def run_extract(config: ExtractConfig, device: torch.device, shard: Shard | None
     return summary
 
 
+def damaged_rows(cache: FeatureCache, rows: np.ndarray, full: bool, echo=print) -> np.ndarray:
+    """Done ``rows`` that are missing or damaged, now marked not done so that they are extracted
+    again. Always: rows with no stored chunk (one listing); ``full`` (``--verify``): every row
+    read and checked against its checksum."""
+    if full and len(rows):
+        with tqdm(total=len(rows), desc="verify", unit="row", dynamic_ncols=True) as bar:
+            found = cache.verify(rows, progress=bar.update)
+        bad = np.asarray([d.row for d in found], dtype=np.int64)
+        example = f"{found[0].video_id}: {found[0].reason}" if found else ""
+    else:
+        bad = cache.missing_rows(rows)
+        example = f"{cache.video_ids[bad[0]]}: no stored features" if len(bad) else ""
+    if len(bad):
+        echo(f"{len(bad)} done rows are missing or damaged (e.g. {example}); extracting them "
+             "again")
+        cache.mark_not_done(bad)
+    return bad
+
+
 def _tasks(config: ExtractConfig, cache: FeatureCache, rows: np.ndarray,
            summary: ExtractSummary) -> list[DecodeTask]:
     """One decode task per row to do; rows whose video is not on this machine are failures."""
     locator = VideoLocator(config.dataset, config.root)
-    flip = config.dataset not in NO_FLIP_DATASETS
+    flip = dataset_spec(config.dataset).flip
     interpolation = cache.attrs.get("interpolation", LEGACY["interpolation"])
     tasks = []
     for row in rows.tolist():

@@ -12,18 +12,18 @@ config, resolved by timm itself (``timm.data.resolve_data_config``). Models with
 (ViTs) are built at the requested image size (``img_size=``); weights loaded through timm then have
 their position embeddings resampled by the model's own checkpoint filter.
 
-Weights, always through timm's loader (safetensors or torch files, tensors only):
-``pretrained`` - timm's normal download and cache (Hugging Face hub or URL); a file -
-``pretrained_cfg_overlay=dict(file=PATH)``; ``none`` - seeded random initialisation. timm loads
-non-strictly when the classifier is dropped (as here), and would leave tensors a file lacks at
-their random init with only a log line; so every load is checked: the model is built again from
-another seed, and a tensor that differs between the two builds was not loaded (one-line error).
+Weights (safetensors or torch files, tensors only): ``pretrained`` - timm's normal download and
+cache (Hugging Face hub or URL), checked by building the model again from another seed (a tensor
+that differs between the two builds was not loaded: one-line error); a file - read here
+(``cache.torch_files``, nothing executed) through the model's own checkpoint filter, every tensor
+required; ``none`` - seeded random initialisation.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 
 import timm
 import timm.data
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from cache import UserError
+from cache.torch_files import load_tensors
 from extract.backbone import Preprocessing, WeightsInfo, file_sha256, state_sha256
 
 
@@ -104,6 +105,38 @@ def _check_loaded(model: nn.Module, name: str, image_size: int, seed: int, what:
                         f"and kept their random init, e.g. {kept[:3]}")
 
 
+def _load_file_into(model: nn.Module, path: str, name: str) -> None:
+    """Load a weights file into ``model`` ourselves (tensors only, nothing executed), through the
+    model family's own ``checkpoint_filter_fn`` where it has one (a ViT's position embeddings
+    resampled to the built image size): timm's own file route changed between releases (1.0.29
+    refuses native PyTorch files for ViTs). Every tensor of the model must come from the file."""
+    if path.endswith(".safetensors"):  # a format of tensors only, by design
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = load_tensors(path, f"--weights {path}")
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise UserError(f"--weights {path}: not a state dict (found {type(state).__name__})")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    try:
+        if filter_fn is not None:
+            state = filter_fn(state, model)
+        missing, _ = model.load_state_dict(state, strict=False)  # classifier keys: no head here
+    except Exception as e:  # shape mismatches and foreign layouts are the user's to fix
+        raise UserError(f"the weights in {path} do not fit timm {name} "
+                        f"({_first_line(e)})") from None
+    if missing:
+        raise UserError(f"the weights in {path} do not fit timm {name}: {len(missing)} tensors "
+                        f"were not in them and would keep their random init, e.g. "
+                        f"{missing[:3]}")
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
@@ -156,15 +189,8 @@ def load_timm(name: str, weights: str, seed: int, image_size: int) -> tuple[nn.M
     else:
         if not os.path.isfile(weights):
             raise UserError(f"--weights {weights}: no such file (use pretrained, none, or a file)")
-        overlay = {"file": os.path.abspath(weights)}
-        try:
-            model = _create(name, image_size, seed, pretrained=True,
-                            pretrained_cfg_overlay=overlay)
-        except Exception as e:  # timm raises several types for foreign or unfitting files
-            raise UserError(f"--weights {weights} could not be loaded into timm {name} "
-                            f"({_first_line(e)})") from None
-        _check_loaded(model, name, image_size, seed, f"the weights in {weights}",
-                      pretrained=True, pretrained_cfg_overlay=overlay)
+        model = _create(name, image_size, seed)
+        _load_file_into(model, weights, name)
         source, fmt, sha = "file", "timm checkpoint", file_sha256(weights)
         description = os.path.abspath(weights)
     features = TimmFeatures(model).eval().requires_grad_(False)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = ("align.checkpoints", "align.episodes", "align.feed", "align.runs", "align.train",
-          "align.evaluate")
+          "align.evaluate", "align.stats", "align.sweep")
 LAYERS = [  # (module prefixes, rank): a module may import its own rank or lower
     (("cache",), 0),
     (("extract",), 1),
@@ -67,5 +67,5 @@ def test_imports_only_go_down():
 def test_the_checker_sees_every_package():
     names = {name for name, _ in project_modules()}
     for expected in ("cache.store", "extract.frames", "align.models.ta2n", "align.runs",
-                     "align.reports.pairs", "demo", "cli"):
+                     "align.sweep", "align.reports.pairs", "demo", "cli"):
         assert expected in names

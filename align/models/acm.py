@@ -314,18 +314,71 @@ def _spread_cases(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
 
 def _closest_shift(pooled_s: torch.Tensor, pooled_q: torch.Tensor,
                    tc: torch.Tensor | None) -> torch.Tensor:
-    """argmin over shifts of the frame cosine distance (N, M, T), without (N, M, T, S, C).
+    """argmin over shifts of the frame cosine distance (..., N, M, T), without (N, M, T, S, C).
 
-    With TC the query feature is pooled_q[m] + tc[n, m]; its dot products and norm expand into
-    einsums over C.
+    pooled_s (..., N, T, S, C), pooled_q (..., M, T, S, C), tc (..., N, M, C, T) or None; the
+    leading dims (episodes) are optional. With TC the query feature is pooled_q[m] + tc[n, m];
+    its dot products and norm expand into einsums over C.
     """
-    dot = torch.einsum("ntsc,mtsc->nmts", pooled_s, pooled_q)  # (N, M, T, S)
-    norm_q2 = pooled_q.pow(2).sum(-1)[None]  # (1, M, T, S)
+    dot = torch.einsum("...ntsc,...mtsc->...nmts", pooled_s, pooled_q)  # (..., N, M, T, S)
+    norm_q2 = pooled_q.pow(2).sum(-1).unsqueeze(-4)  # (..., 1, M, T, S)
     if tc is not None:
-        dot = dot + torch.einsum("ntsc,nmct->nmts", pooled_s, tc)
-        cross = torch.einsum("mtsc,nmct->nmts", pooled_q, tc)  # (N, M, T, S)
-        norm_q2 = norm_q2 + 2 * cross + tc.pow(2).sum(2)[..., None]  # (N, M, T, S)
-    norm_s = pooled_s.pow(2).sum(-1).sqrt()[:, None]  # (N, 1, T, S)
-    norm_q = norm_q2.clamp_min(0).sqrt()  # (N|1, M, T, S)
-    cos = dot / (norm_s.clamp_min(1e-12) * norm_q.clamp_min(1e-12))  # (N, M, T, S)
-    return cos.argmax(-1)  # (N, M, T) closest = largest cosine
+        dot = dot + torch.einsum("...ntsc,...nmct->...nmts", pooled_s, tc)
+        cross = torch.einsum("...mtsc,...nmct->...nmts", pooled_q, tc)  # (..., N, M, T, S)
+        norm_q2 = norm_q2 + 2 * cross + tc.pow(2).sum(-2)[..., None]  # (..., N, M, T, S)
+    norm_s = pooled_s.pow(2).sum(-1).sqrt().unsqueeze(-3)  # (..., N, 1, T, S)
+    norm_q = norm_q2.clamp_min(0).sqrt()  # (..., N|1, M, T, S)
+    cos = dot / (norm_s.clamp_min(1e-12) * norm_q.clamp_min(1e-12))  # (..., N, M, T, S)
+    return cos.argmax(-1)  # (..., N, M, T) closest = largest cosine
+
+
+# ------------------------------------------------------------------------------ factored SC
+def first_conv_halves(sc: SpatialCoordination):
+    """SC's first conv split by input: (prototype half (O, C, 3, 3, 3), query half, bias (O,))."""
+    conv = sc.mvnet[0]
+    return conv.weight[:, :sc.channels], conv.weight[:, sc.channels:], conv.bias
+
+
+def case_tap_kernels(weight: torch.Tensor) -> torch.Tensor:
+    """(3 taps, 9 O, C): a Conv3d kernel (O, C, 3, 3, 3) summed, per temporal tap, over the
+    spatial taps that read inside the map in each of the 3 x 3 cases of the zero padding.
+
+    For maps constant over H, W (TC's terms) the conv is then a temporal one per case:
+    ``constant_taps`` gives its taps, ``tap_mix`` the time mixing, ``spread_constant`` the map.
+    """
+    taps = torch.tensor(REGION_TAPS, device=weight.device, dtype=weight.dtype)  # (3 cases, 3)
+    kernels = torch.einsum("ocdij,ai,bj->doabc", weight, taps, taps)  # (3, O, 3, 3, C)
+    return kernels.flatten(1, 3)  # (3, 9 O, C)
+
+
+def constant_taps(values: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Taps (n, 3, 9 O, T) of the conv of maps constant over H, W equal to values (n, C, T)."""
+    return torch.einsum("dkc,nct->ndkt", kernels.to(values.dtype), values)  # (n, 3, 9 O, T)
+
+
+def spread_constant(out: torch.Tensor, height: int, width: int,
+                    keep: tuple[int, int] | None = None) -> torch.Tensor:
+    """(..., 9 O, T) per-case conv outputs -> (..., O, T, H', W'), the case of each position
+    copied to it (first, interior, last row / column); ``keep`` = (H', W') crops."""
+    cases = out.unflatten(-2, (-1, 3, 3)).movedim(-1, -3)  # (..., O, T, 3, 3)
+    full = _spread_cases(_spread_cases(cases, -2, height), -1, width)  # (..., O, T, H, W)
+    return full if keep is None else full[..., :keep[0], :keep[1]]
+
+
+def add_constant_cases(h: torch.Tensor, cases: torch.Tensor, height: int,
+                       width: int) -> torch.Tensor:
+    """h (..., H', W') += cases (..., 3, 3) spread over the (H, W) map's first / interior /
+    last rows and columns, in place; h may be a top-left crop (H' <= H, W' <= W). Each
+    position is written once and no (..., H, W) copy of the cases is made."""
+    for a, rows in _case_slices(height, h.shape[-2]):
+        for b, cols in _case_slices(width, h.shape[-1]):
+            h[..., rows, cols] += cases[..., a:a + 1, b:b + 1]
+    return h
+
+
+def _case_slices(length: int, kept: int) -> list[tuple[int, slice]]:
+    """(case, positions) of the first, interior and last rows among the first ``kept``."""
+    out = [(0, slice(0, 1)), (1, slice(1, min(kept, length - 1)))]
+    if kept == length:
+        out.append((2, slice(length - 1, length)))
+    return out

@@ -4,12 +4,19 @@ line in ``align.models.registry.HEADS`` and its tests.
 
 Every head is called as ``head(support, query, way, shot)``: support (way*shot, C, T, H, W)
 class-major (class 0's shots, then class 1's ...), query (M, C, T, H, W); it returns logits
-(M, way) = minus the distance of each query to each class.
+(M, way) = minus the distance of each query to each class. ``forward_episodes`` does the same
+for E stacked episodes.
+
+Evaluation with a fixed head: a head that sets ``precomputes`` computes every
+episode-independent tensor once per video (``precompute(maps, shot)`` -> a dict of tensors with
+one row per video, the "state"), and scores episodes from the states of their videos
+(``score_episodes``). The defaults (state = the maps, score = ``forward_episodes``) keep a head
+that overrides neither working unchanged.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -24,7 +31,9 @@ class HeadConfig:
 
     ``ttm``, ``tc``, ``sc``, ``sc_mode`` and ``fast`` are TA2N's switches (other heads record
     them as off). ``frames``, ``height`` and ``width`` record the maps the head was built for;
-    ``shot`` is K (TA2N holds multi-shot prototype weights when K > 1).
+    ``shot`` is K (TA2N holds multi-shot prototype weights when K > 1). ``options`` holds a
+    head's own hyperparameters beyond these fields (JSON values, passed to its ``from_config``;
+    empty: the head's defaults).
     """
 
     kind: str = "ta2n"
@@ -38,6 +47,7 @@ class HeadConfig:
     sc: bool = True
     sc_mode: str = "mask"
     fast: bool = True
+    options: dict = field(default_factory=dict)
 
     def validate(self) -> HeadConfig:
         """Checks what a config can check alone; the registry checks ``kind``."""
@@ -71,7 +81,13 @@ class Head(nn.Module):
     Provides:
         forward(support, query, way, shot) -> logits (M, way).
         forward_episodes(support (E, way*shot, ...), query (E, M, ...), way, shot)
-            -> logits (E, M, way).
+            -> logits (E, M, way); default: a loop over ``forward``.
+        precomputes: whether evaluation should use precompute + score_episodes (default False:
+            evaluation streams the maps into ``forward_episodes``).
+        precompute(maps (n, C, T, H, W), shot) -> state {name: (n, ...)}, eval mode only.
+        score_episodes(support_state {name: (E, way*shot, ...)}, query_state {name: (E, M, ...)},
+            way, shot) -> logits (E, M, way).
+        compile_entry_points(): torch.compile of the batched entry points.
         explain(support, query, way, shot) -> dict of detached intermediates (eval, no grad).
         decay(): the per-epoch schedule step of a head's own (TA2N halves SC's perturbation).
         trainable: whether the head has parameters that learn.
@@ -88,6 +104,7 @@ class Head(nn.Module):
 
     kind: str = ""
     training_free: bool = False  # True: evaluate can score it without train-heads
+    precomputes: bool = False  # True: evaluate scores episodes from per-video states
 
     def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,
                  shot: int = 1):
@@ -118,6 +135,24 @@ class Head(nn.Module):
         """Logits (E, M, way) of E episodes: support (E, way*shot, ...), query (E, M, ...)."""
         return torch.stack([self(s, q, way, shot) for s, q in zip(support, query)])
 
+    def precompute(self, maps: torch.Tensor, shot: int) -> dict[str, torch.Tensor]:
+        """The per-video state of maps (n, C, T, H, W) for ``shot``-shot episodes; by default
+        the maps themselves."""
+        return {"maps": maps}
+
+    def score_episodes(self, support: dict[str, torch.Tensor], query: dict[str, torch.Tensor],
+                       way: int, shot: int) -> torch.Tensor:
+        """Logits (E, M, way) from the states of E episodes' videos: support {name: (E,
+        way*shot, ...)}, query {name: (E, M, ...)}; by default ``forward_episodes`` on maps."""
+        return self.forward_episodes(support["maps"], query["maps"], way, shot)
+
+    def compile_entry_points(self, **options) -> Head:
+        """Replace forward_episodes, precompute and score_episodes of this instance by their
+        ``torch.compile`` versions (same weights; the state dict is unchanged)."""
+        for name in ("forward_episodes", "precompute", "score_episodes"):
+            setattr(self, name, torch.compile(getattr(self, name), **options))
+        return self
+
     def decay(self) -> None:
         """A schedule step of the head's own, once per ``decay_every`` epochs; none by default."""
 
@@ -128,6 +163,14 @@ class Head(nn.Module):
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Heads without parameters have nothing to initialise."""
+
+    def check_episodes(self, support: torch.Tensor, query: torch.Tensor, way: int,
+                       shot: int) -> None:
+        """Raises ValueError unless support / query are E episodes' (E, n, C, T, H, W) maps."""
+        if support.dim() != 6 or query.dim() != 6 or support.shape[0] != query.shape[0]:
+            raise ValueError(f"episode batches must be (E, n, C, T, H, W) with one E; got "
+                             f"support {tuple(support.shape)} and query {tuple(query.shape)}")
+        self.check_episode(support[0], query[0], way, shot)
 
     def check_episode(self, support: torch.Tensor, query: torch.Tensor, way: int,
                       shot: int) -> None:

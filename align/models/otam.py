@@ -23,14 +23,15 @@ LAMBDA = 0.1
 def frame_distances(query: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     """1 - cos of every query frame with every support frame.
 
-    query (M, C, T), support (S, C, T) -> (M, S, T_query, T_support).
+    query (..., M, C, T), support (..., S, C, T) -> (..., M, S, T_query, T_support); the
+    leading dims (episodes) are optional.
     """
     # in float32 even under autocast: the soft-min path sums these, and ranks classes by it
     with torch.autocast(query.device.type, enabled=False):
         dtype = torch.promote_types(query.dtype, torch.float32)
-        q = F.normalize(query.to(dtype), dim=1)  # (M, C, T)
-        s = F.normalize(support.to(dtype), dim=1)  # (S, C, T)
-        return 1 - torch.einsum("mcx,scy->msxy", q, s)  # (M, S, T, T)
+        q = F.normalize(query.to(dtype), dim=-2)  # (..., M, C, T)
+        s = F.normalize(support.to(dtype), dim=-2)  # (..., S, C, T)
+        return 1 - torch.einsum("...mcx,...scy->...msxy", q, s)  # (..., M, S, T, T)
 
 
 def soft_min(values: list[torch.Tensor], lam: float = LAMBDA) -> torch.Tensor:
@@ -61,14 +62,15 @@ def cumulative_alignment(dist: torch.Tensor, lam: float = LAMBDA) -> torch.Tenso
 
 
 def otam_distance(query: torch.Tensor, support: torch.Tensor, lam: float = LAMBDA) -> torch.Tensor:
-    """Both-direction OTAM distance of every query (M, C, T) to every support video (S, C, T).
+    """Both-direction OTAM distance of every query (..., M, C, T) to every support video
+    (..., S, C, T).
 
-    Returns (M, S): alignment with the support axis padded plus alignment with the query axis
+    Returns (..., M, S): alignment with the support axis padded plus alignment with the query axis
     padded.
     """
-    dist = frame_distances(query, support)  # (M, S, T, T)
-    forward = cumulative_alignment(dist, lam)  # (M, S) rows = query frames
-    backward = cumulative_alignment(dist.transpose(-1, -2), lam)  # (M, S) rows = support frames
+    dist = frame_distances(query, support)  # (..., M, S, T, T)
+    forward = cumulative_alignment(dist, lam)  # (..., M, S) rows = query frames
+    backward = cumulative_alignment(dist.transpose(-1, -2), lam)  # rows = support frames
     return forward + backward
 
 
@@ -92,6 +94,10 @@ class OTAMHead(ProtoNetHead):
                  shot: int = 1, lam: float = LAMBDA):
         super().__init__(channels, frames, height, width, shot)
         self.lam = lam
+
+    def score_episodes(self, support: dict, query: dict, way: int, shot: int) -> torch.Tensor:
+        per_video = otam_distance(query["mean"], support["mean"], self.lam)  # (E, M, way*shot)
+        return -per_video.unflatten(-1, (way, shot)).mean(-1)  # (E, M, N)
 
     @torch.no_grad()
     def explain(self, support: torch.Tensor, query: torch.Tensor, way: int, shot: int) -> dict:

@@ -24,10 +24,31 @@ class ProtoNetHead(Head):
 
     kind = "protonet"
     training_free = True
+    precomputes = True  # the state of a video is its per-frame spatial mean
 
     def forward(self, support: torch.Tensor, query: torch.Tensor, way: int,
                 shot: int) -> torch.Tensor:
         return self._run(support, query, way, shot, None)
+
+    def forward_episodes(self, support: torch.Tensor, query: torch.Tensor, way: int,
+                         shot: int) -> torch.Tensor:
+        """Logits (E, M, way) of E stacked episodes in one pass (no parameters: the states
+        are computed on the fly)."""
+        self.check_episodes(support, query, way, shot)
+        return self.score_episodes(self.precompute(support, shot), self.precompute(query, shot),
+                                   way, shot)
+
+    def precompute(self, maps: torch.Tensor, shot: int) -> dict[str, torch.Tensor]:
+        """{"mean": (..., C, T)}: the per-frame spatial means of maps (..., C, T, H, W)."""
+        return {"mean": at_least_fp32(maps).mean((-2, -1))}
+
+    def score_episodes(self, support: dict, query: dict, way: int, shot: int) -> torch.Tensor:
+        s = support["mean"]  # (E, way*shot, C, T)
+        q = query["mean"]  # (E, M, C, T)
+        protos = s.unflatten(1, (way, shot)).mean(2)  # (E, N, C, T)
+        f_s = protos[:, :, None].expand(-1, -1, q.shape[1], -1, -1)  # (E, N, M, C, T)
+        f_q = q[:, None].expand(-1, way, -1, -1, -1)  # (E, N, M, C, T)
+        return -frame_cosine_distance(f_s, f_q).transpose(1, 2)  # (E, M, N)
 
     @torch.no_grad()
     def explain(self, support: torch.Tensor, query: torch.Tensor, way: int, shot: int) -> dict:

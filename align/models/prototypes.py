@@ -35,12 +35,27 @@ class ShotAlignment(KeyQueryValue):
         """Wv' at every position of maps (n, C, T, H, W) -> (n, C, T, H, W), no residual."""
         return self.valuenet(maps.flatten(2)).view_as(maps)  # (n, C, T, H, W)
 
+    def project_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Wv' on pooled features (..., C, T) -> (..., C, T): a projection after pooling."""
+        flat = features.flatten(0, -3) if features.dim() > 3 else features  # (n, C, T)
+        return self.valuenet(flat).view_as(features)  # (..., C, T)
+
     def attention(self, support: torch.Tensor, way: int, shot: int) -> torch.Tensor:
         """A (way, shot, T_x, T_y): softmax over the shot's time x, per reference time y."""
-        channels, frames = support.shape[1:3]
-        pooled = support.mean((-2, -1))  # (way*shot, C, T)
-        keys = self.keynet(pooled).reshape(way, shot, channels, frames)  # (way, K, C, T)
+        return self.attention_from_means(support.mean((-2, -1)), way, shot)  # (way, K, T, T)
+
+    def attention_from_means(self, pooled: torch.Tensor, way: int, shot: int) -> torch.Tensor:
+        """``attention`` from the shots' spatial means (way*shot, C, T)."""
+        channels, frames = pooled.shape[1:]
         refs = self.querynet(pooled.view(way, shot, channels, frames)[:, 0])  # (way, C, T)
+        return self.attention_from_keys(self.keynet(pooled), refs, way, shot)  # (way, K, T, T)
+
+    def attention_from_keys(self, keys: torch.Tensor, refs: torch.Tensor, way: int,
+                            shot: int) -> torch.Tensor:
+        """``attention`` from Wk' of every shot's mean (way*shot, C, T) and Wq' of each class's
+        reference (first) shot (way, C, T): both per video, so they can be precomputed."""
+        channels, frames = keys.shape[1:]
+        keys = keys.reshape(way, shot, channels, frames)  # (way, K, C, T)
         logits = torch.einsum("nkcx,ncy->nkxy", keys, refs) / math.sqrt(channels)  # (way,K,T,T)
         return logits.softmax(2)  # (way, K, T, T)
 

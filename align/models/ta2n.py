@@ -1,12 +1,19 @@
 """TA2N (Li et al., AAAI 2022): TTM warps each video in time, the multi-shot step builds class
 prototypes, then ACM's temporal (TC) and spatial (SC) coordination align every (prototype, query)
 pair before the frame cosine distance. The switches give Table 3's and Table 4's rows.
+
+Three exact forms of the same function (``path``): "direct", the authors' form (cat, conv,
+broadcast, sum); "maps", the form on whole maps with the first conv split by input and einsum
+pooling (``_run``, also what ``explain`` records); "factored" (the default, ``fast=True``), the
+per-video / per-pair factorisation of ``align.models.factored``: batched over episodes in
+training, and in evaluation per-video states (``precompute``) scored per episode.
 """
 
 from __future__ import annotations
 
 import torch
 
+from align.models import factored
 from align.models.acm import SpatialCoordination, TemporalCoordination
 from align.models.base import Head, HeadConfig
 from align.models.layers import frame_cosine_distance
@@ -31,10 +38,11 @@ class TA2NHead(Head):
         tc: use ACM's temporal coordination.
         sc: use ACM's spatial coordination.
         sc_mode: "mask", "grid" or "enumerate" (Table 4).
-        fast: the exact fast path (split first conv, einsum pooling, project-after-mix).
+        fast: the exact fast forms (the "factored" path); False: the authors' direct form.
     """
 
     kind = "ta2n"
+    PATHS = ("direct", "maps", "factored")
 
     def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,
                  shot: int = 1, ttm: bool = True, tc: bool = True, sc: bool = True,
@@ -45,6 +53,7 @@ class TA2NHead(Head):
         self.shots = ShotAlignment(channels, fast) if shot > 1 else None
         self.tc = TemporalCoordination(channels) if tc else None
         self.sc = SpatialCoordination(channels, sc_mode, fast) if sc else None
+        self.path = "factored" if fast else "direct"
 
     @classmethod
     def from_config(cls, cfg: HeadConfig) -> TA2NHead:
@@ -59,12 +68,22 @@ class TA2NHead(Head):
                           sc=self.sc is not None, sc_mode=self.sc_mode, fast=self.fast)
 
     def set_fast(self, fast: bool) -> TA2NHead:
-        """Switch between the fast path and the direct form (same weights, same results)."""
-        self.fast = fast
+        """Switch between the fast forms and the direct form (same weights, same results)."""
+        return self.set_path("factored" if fast else "direct")
+
+    def set_path(self, path: str) -> TA2NHead:
+        """Use one of ``PATHS`` (same weights, same results; benchmarks compare them)."""
+        if path not in self.PATHS:
+            raise ValueError(f"unknown path {path!r}; choose one of {self.PATHS}")
+        self.path, self.fast = path, path != "direct"
         for part in (self.shots, self.sc):
             if part is not None:
-                part.fast = fast
+                part.fast = self.fast
         return self
+
+    @property
+    def precomputes(self) -> bool:
+        return self.path == "factored"
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         for part in (self.ttm, self.shots, self.tc, self.sc):
@@ -78,7 +97,38 @@ class TA2NHead(Head):
     def forward(self, support: torch.Tensor, query: torch.Tensor, way: int,
                 shot: int) -> torch.Tensor:
         """Logits (M, way) for support (way*shot, C, T, H, W) and query (M, C, T, H, W)."""
+        if self.path == "factored":
+            return self.forward_episodes(support[None], query[None], way, shot)[0]
         return self._run(support, query, way, shot, None)
+
+    def forward_episodes(self, support: torch.Tensor, query: torch.Tensor, way: int,
+                         shot: int) -> torch.Tensor:
+        """Logits (E, M, way) of E episodes in one batched pass (factored path; BatchNorm
+        statistics per episode in training, as E separate calls); a loop on the others."""
+        if self.path != "factored":
+            return super().forward_episodes(support, query, way, shot)
+        self.check_episodes(support, query, way, shot)
+        episodes = support.shape[0]
+        support, query = self._prepare(support.flatten(0, 1), query.flatten(0, 1), shot)
+        classes, queries = factored.episode_terms(self, support, query, way, shot, episodes)
+        return factored.pair_logits(self, classes, queries, episodes)  # (E, M, way)
+
+    def precompute(self, maps: torch.Tensor, shot: int) -> dict[str, torch.Tensor]:
+        """Per-video states of maps (n, C, T, H, W) for ``shot``-shot episodes (eval mode:
+        exact only with BatchNorm's running statistics). See ``factored.video_states``."""
+        if self.training:
+            raise ValueError("precompute needs the head in eval mode (BatchNorm running stats)")
+        maps, _ = self._prepare(maps, maps[:1], shot)
+        return factored.video_states(self, maps, shot)
+
+    def score_episodes(self, support: dict, query: dict, way: int, shot: int) -> torch.Tensor:
+        """Logits (E, M, way) from per-video states: support {name: (E, way*shot, ...)}, query
+        {name: (E, M, ...)}; only the shot mixing and the pair work run here."""
+        episodes = support["mean"].shape[0]
+        classes, queries = factored.state_terms(
+            self, {k: v.flatten(0, 1) for k, v in support.items()},
+            {k: v.flatten(0, 1) for k, v in query.items()}, way, shot, episodes)
+        return factored.pair_logits(self, classes, queries, episodes)  # (E, M, way)
 
     @torch.no_grad()
     def explain(self, support: torch.Tensor, query: torch.Tensor, way: int, shot: int) -> dict:
@@ -107,7 +157,8 @@ class TA2NHead(Head):
 
     def _run(self, support: torch.Tensor, query: torch.Tensor, way: int, shot: int,
              record: dict | None) -> torch.Tensor:
-        support, query = self._prepare(support, query, way, shot)
+        self.check_episode(support, query, way, shot)
+        support, query = self._prepare(support, query, shot)
         rec = record if record is not None else {}
         if self.ttm is not None:
             # support and query go through the locnet separately, as in the authors' code
@@ -141,8 +192,8 @@ class TA2NHead(Head):
                 rec[key] = value.detach()
         return logits
 
-    def _prepare(self, support: torch.Tensor, query: torch.Tensor, way: int, shot: int):
-        self.check_episode(support, query, way, shot)
+    def _prepare(self, support: torch.Tensor, query: torch.Tensor, shot: int):
+        """Refuse maps the head cannot take; cast to the weights' dtype."""
         channels, frames, height, width = support.shape[1:]
         if channels != self.channels:
             raise UserError(f"this head was built for C={self.channels} maps, not C={channels}")

@@ -18,6 +18,7 @@ from align.models.layers import frame_cosine_distance
 from align.reports.common import default_out
 from cache import FeatureCache, UserError
 from cache.atomic import write_json
+from cache.paths import check_writable
 
 
 @dataclass
@@ -142,6 +143,7 @@ def run_embedding(cache: FeatureCache, head, out_dir: str, cfg: EmbeddingConfig,
                   device: torch.device, head_name: str, progress: bool = True) -> dict:
     """Embed queries and prototypes of ``cfg.episodes`` episodes before / after ``head``; write
     embedding.json and embedding_tsne.png into ``out_dir``. Returns the JSON payload."""
+    check_writable(out_dir, "folder", "--out")  # before the work, not after it
     from align.episodes import EpisodeSampler, Stream
 
     sampler = EpisodeSampler(cache, cfg.split, way=cfg.way, shot=cfg.shot, queries=cfg.queries,

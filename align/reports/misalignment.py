@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from cache import SPLITS, FeatureCache, UserError
 from cache.atomic import write_json
+from cache.paths import check_writable
 
 PAPER_AEM = {"UCF101": 0.1653, "HMDB51": 0.3697, "SSv2": 0.6260}
 CLASSIFIER_NOTE = (
@@ -240,6 +241,7 @@ def run_misalignment(cache_path: str, out_dir: str, cfg: MisalignmentConfig,
     """Measure start times and AEM of a cache; write misalignment.json, a per-video CSV
     (misalignment_videos.csv: start and p_t of every video) and the start-time histogram
     (misalignment_start_times.png) into ``out_dir``. Returns the JSON payload."""
+    check_writable(out_dir, "folder", "--out")  # before the work, not after it
     with FeatureCache.open(cache_path) as cache:
         rows = _select_rows(cache, cfg.split)
         labels = cache.labels[rows]

@@ -43,6 +43,7 @@ from align.episodes import Episode, EpisodeSampler, Stream, load_episodes  # noq
 from align.runs import load_head_source, read_metrics, resolve_head_source  # noqa: E402
 from cache import FeatureCache, UserError  # noqa: E402
 from cache.atomic import write_json  # noqa: E402
+from cache.paths import check_writable  # noqa: E402
 
 DPI = 100
 FRAME_PX = 104  # displayed side of one frame
@@ -316,6 +317,7 @@ def visualize(cfg: VisualizeConfig, *, device: torch.device, log=print,
                                  episodes_from=cfg.episodes_from, log=log)
     checkpoint, cache_path, shot = source.checkpoint, source.cache, source.shot
     out = Path(cfg.out or Path(checkpoint).parent / "figures")
+    check_writable(out, "folder", "--out")
     out.mkdir(parents=True, exist_ok=True)
     curves = None
     metrics = Path(checkpoint).parent / "metrics.csv"

@@ -135,3 +135,28 @@ def test_replay_refuses_videos_the_cache_lacks(cache, tmp_path):
     with pytest.raises(UserError, match="not an episode file"):
         (tmp_path / "bad.json").write_text("{}")
         load_episodes(tmp_path / "bad.json", cache)
+
+
+def edited_episode_file(cache, tmp_path, edit):
+    sampler = EpisodeSampler(cache, "test", way=2, shot=2, queries=2, seed=0)
+    path = tmp_path / "eps.json"
+    save_episodes(path, sampler.episodes(0, 3), cache, split="test", seed=0)
+    payload = json.loads(path.read_text())
+    edit(payload)
+    path.write_text(json.dumps(payload))
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p.update(shot=1), "the header says 2-way 1-shot"),
+    (lambda p: p["episodes"][1]["query"].pop(), "episode 1 has 2 classes, 4 support and 3 query"),
+    (lambda p: p["episodes"][0]["query"].__setitem__(0, p["episodes"][0]["support"][0]),
+     "uses a video twice"),
+    (lambda p: p["episodes"][2]["support"].reverse(), "under a class it does not belong to"),
+    (lambda p: p["episodes"][0].pop("query"), "not an episode list of this tool"),
+    (lambda p: p.update(episodes=[]), "holds no episodes"),
+])
+def test_replay_refuses_an_inconsistent_episode_file(cache, tmp_path, edit, message):
+    path = edited_episode_file(cache, tmp_path, edit)
+    with pytest.raises(UserError, match=message):
+        load_episodes(path, cache)

@@ -178,3 +178,47 @@ def test_cli_synth_train_evaluate_end_to_end(tmp_path, monkeypatch):
     assert np.array(a["confusion"]["matrix"]).sum() == np.array(b["confusion"]["matrix"]).sum()
     result = runner.invoke(cli, ["evaluate", "--head", "protonet", "--cache", "missing.zarr"])
     assert result.exit_code == 1 and "no cache at missing.zarr" in result.output
+
+
+# ------------------------------------------------------------------------------ precompute
+@pytest.mark.parametrize("shot", [1, 3])
+def test_precomputed_evaluation_predicts_what_the_maps_path_predicts(synth, monkeypatch, shot):
+    """TA2N's per-video states + batched scoring give the predictions of today's per-episode
+    path on the same episodes, whether the states fit (one block) or not (several blocks,
+    shared videos recomputed); the log says which."""
+    from align import evaluate as ev
+    from align.episodes import EpisodeSampler
+    from align.feed import Feeder
+
+    head = build_head("ta2n", channels=8, frames=8, height=4, width=4, shot=shot, seed=3)
+    with torch.no_grad():
+        head.ttm.locnet[-2].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+        head.sc.mvnet[-2].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    maps_path = build_head("ta2n", channels=8, frames=8, height=4, width=4, shot=shot)
+    maps_path.load_state_dict(head.state_dict())
+    maps_path.set_path("maps")
+    with FeatureCache.open(synth) as cache:
+        episodes = EpisodeSampler(cache, "test", way=4, shot=shot, queries=2, seed=0,
+                                  stream=2).episodes(0, 12)
+        feeder = Feeder(cache, "test", device=CPU, preload="ram", progress=False)
+        common = dict(device=CPU, batch_episodes=5, progress=False)
+        expected = ev.run_episodes(maps_path, feeder, episodes, **common)
+        said, timing = [], {}
+        whole = ev.run_episodes(head, feeder, episodes, log=said.append, timing=timing, **common)
+        assert "computed once, kept on cpu in float32" in said[0]
+        assert timing["precompute_s"] > 0 and timing["score_s"] > 0
+        monkeypatch.setattr(ev, "STATE_SHARE", 1e-12)  # nothing fits: one video per block
+        blocks = ev.run_episodes(head, feeder, episodes, log=said.append, **common)
+        assert re.search(r"12 blocks of <= 1 videos", said[1]), said[1]
+    assert expected.shape == (12, 8)
+    np.testing.assert_array_equal(whole, expected)
+    np.testing.assert_array_equal(blocks, expected)
+
+
+def test_report_records_the_precompute_time(synth, tmp_path):
+    head = build_head("protonet", channels=8, frames=8, height=4, width=4)
+    with FeatureCache.open(synth) as cache:
+        out = evaluate(head, cache, EvalConfig(episodes=10, shot=2, batch_episodes=4),
+                       device=CPU, report=str(tmp_path / "r.json"), progress=False)
+    assert out["precompute_s"] >= 0 and out["episodes_per_s"] > 0
+    assert json.loads((tmp_path / "r.json").read_text())["precompute_s"] == out["precompute_s"]

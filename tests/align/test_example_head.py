@@ -29,7 +29,7 @@ def test_readme_example_head_trains_and_reloads(tmp_path, monkeypatch, make_synt
     cache = make_synth(tmp_path / "synth.zarr")
     cfg = TrainConfig(cache=cache, out=str(tmp_path / "run"), head=head_cls.kind, shot=1,
                       queries=2, epochs=2, episodes_per_epoch=4, tasks_per_batch=2, lr=0.1,
-                      lr_step=1, lr_gamma=0.5, val_every=1, val_episodes=3, momentum=0.9)
+                      val_every=1, val_episodes=3)
     summary = train(cfg, **QUIET)
     assert summary["epochs_done"] == 2
     head = load_head(tmp_path / "run" / "last.pt")

@@ -271,7 +271,7 @@ def test_explain_returns_the_documented_intermediates():
 # ------------------------------------------------------------------------------ building
 def test_build_errors_are_user_errors():
     with pytest.raises(UserError, match="unknown head"):
-        build_head("trx", channels=8)
+        build_head("tsn", channels=8)
     with pytest.raises(UserError, match="switches"):
         build_head("ta2n", channels=8, tcc=True)
     with pytest.raises(UserError, match="SC mode"):
@@ -288,7 +288,7 @@ def test_same_seed_same_weights_and_config_round_trip():
         assert ka == kb and torch.equal(va, vb)
     c = build_head("ta2n", channels=8, shot=2, seed=4)
     assert not torch.equal(a.tc.keynet.weight, c.tc.keynet.weight)
-    assert set(HEADS) == {"ta2n", "protonet", "otam"}
+    assert set(HEADS) == {"ta2n", "protonet", "otam", "trn", "tarn", "cmn", "arn", "trx"}
 
 
 # ------------------------------------------------------------------------------ checkpoints

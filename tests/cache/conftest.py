@@ -1,25 +1,10 @@
-"""Small caches for the cache tests: a handful of rows of a tiny (C, T, H, W)."""
+"""Fixtures of these tests; the helpers and constants they share live in cache_testing.py
+(importable by name from any test folder, unlike a conftest)."""
 
-import numpy as np
 import pytest
+from cache_testing import CLASSES, SHAPE, make_rows
 
 from cache import FeatureCache
-
-SHAPE = (6, 4, 3, 3)
-CLASSES = ["jump", "run", "swim"]
-
-
-def row_values(row: int, shape=SHAPE) -> np.ndarray:
-    """Deterministic, row-specific content that survives float16 exactly."""
-    base = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) % 50
-    return (base + row) / 8
-
-
-def make_rows(n: int = 9):
-    video_ids = [f"{CLASSES[i % 3]}/v{i:03d}" for i in range(n)]
-    splits = ["train", "val", "test"] * (n // 3)
-    labels = [i % 3 for i in range(n)]
-    return video_ids, splits, labels
 
 
 @pytest.fixture(params=["zarr", "hdf5"])

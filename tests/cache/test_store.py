@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cache_testing import CLASSES, SHAPE, make_rows, row_values
 from click.testing import CliRunner
-from conftest import CLASSES, SHAPE, make_rows, row_values
 
 import cli
 from cache import FeatureCache, UserError

@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import row_values  # noqa: E402
+from cache_testing import row_values  # noqa: E402
 
 from cache import FeatureCache  # noqa: E402
 

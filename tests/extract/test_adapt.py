@@ -15,7 +15,7 @@ import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
-from conftest import build_dataset, decode_all
+from extract_testing import build_dataset, decode_all
 
 from cache import FeatureCache, UserError
 from cli import cli

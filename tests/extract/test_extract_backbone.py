@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.models._api as tv_api
-from conftest import random_resnet18
+from extract_testing import random_resnet18
 from torchvision.transforms.v2 import functional as tvf
 
 from cache import UserError
@@ -74,7 +74,7 @@ def test_weights_of_another_resnet_are_refused_with_the_right_backbone_named(tmp
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"not a checkpoint at all", "could not be loaded"),
+    (b"not a checkpoint at all", "not a readable torch file"),
     (None, "neither a state dict"),
     ({"model_state_dict": {"head.weight": torch.ones(2)}}, "no backbone keys"),
 ])

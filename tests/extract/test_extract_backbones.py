@@ -17,7 +17,7 @@ import pytest
 import timm
 import timm.models._hub
 import torch
-from conftest import _random_resnet18_state, build_dataset, decode_all
+from extract_testing import _random_resnet18_state, build_dataset, decode_all
 from test_extract_pipeline import assert_close_fp16, run_cli, video_path
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as tvf

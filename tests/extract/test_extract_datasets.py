@@ -1,7 +1,7 @@
 """Split lists -> records: labels, splits, video ids, where files are found, what is missing."""
 
 import pytest
-from conftest import SPLIT_LINES
+from extract_testing import SPLIT_LINES
 
 from cache import UserError
 from extract.datasets import SPLITS_DIR, find_videos
@@ -93,3 +93,15 @@ def test_clear_errors_for_bad_input(tmp_path, dataset):
     (tmp_path / "bad" / "trainlist.txt").write_text("no-slash-here\n")
     with pytest.raises(UserError, match="expected '<class>/<stem>'"):
         find_videos("custom", root, split_dir=tmp_path / "bad")
+
+
+def test_every_registered_dataset_has_its_vendored_lists():
+    from extract.datasets import DATASETS, SPLITS_DIR, split_list_files
+
+    for name, spec in DATASETS.items():
+        if spec.split_folder is None:
+            continue
+        files = split_list_files(name, None)
+        assert set(files) == {"train", "val", "test"}
+        assert all(f.is_file() and f.parent == SPLITS_DIR / spec.split_folder
+                   for f in files.values()), name

@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import decode_all, frame_image
 from extract_fakes import crash_in_decord, hang_in_decord
+from extract_testing import decode_all, frame_image
 from torchvision.transforms.v2 import functional as tvf
 
 from extract.decode import DecodedVideo, DecodeFailure, DecodePool, DecodeTask, decode_task

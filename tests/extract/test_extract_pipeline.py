@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import SMALL, SPLIT_LINES, build_dataset, decode_all, random_resnet18
+from extract_testing import SMALL, SPLIT_LINES, build_dataset, decode_all, random_resnet18
 from torchvision.transforms.v2 import functional as tvf
 
 from cache import FeatureCache

@@ -1,0 +1,67 @@
+"""The one table of bench/gpu_all.sh, from the JSON each part wrote into OUT (and its exit status).
+
+    python bench/gpu_table.py OUT
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def read(out: Path, name: str) -> dict | None:
+    path = out / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def status(out: Path, name: str) -> str:
+    rc = (out / f"{name}.rc").read_text().strip() if (out / f"{name}.rc").exists() else "?"
+    return {"0": "ok", "124": "timed out"}.get(rc, f"failed (exit {rc}, see {name}.log)")
+
+
+def rows(out: Path) -> list[tuple[str, str, str]]:
+    table = []
+    ex = read(out, "extract")
+    if ex:
+        table += [
+            ("extraction, bare backbone", f"{ex['bare_frames_per_s']:.0f} frames/s",
+             f"{ex['backbone']} {ex['image_size']} px, batch {ex['batch']}"),
+            ("extraction, whole pipeline", f"{ex['pipeline_frames_per_s']:.0f} frames/s",
+             f"{ex['videos']} videos, {ex['workers']} decode workers"),
+            ("pipeline / bare", f"{ex['ratio']:.3f}", "goal >= 0.9"),
+        ]
+    else:
+        table.append(("extraction", status(out, "extract"), ""))
+    speed = read(out, "speed")
+    if speed:
+        for r in speed:
+            k = r["shot"]
+            table += [
+                (f"training, 5-way {k}-shot", f"{r['train_episodes_per_s']:.1f} episodes/s",
+                 f"{r['train_episode_gflop']:.0f} GFLOP/episode, "
+                 f"{r['achieved_train_tflops']:.1f} TFLOP/s achieved"),
+                (f"evaluation, 5-way {k}-shot", f"{r['eval_episodes_per_s']:.0f} episodes/s",
+                 f"5000 episodes: {5000 / r['eval_episodes_per_s']:.1f} s"),
+                (f"paper-length UCF101 run, {k}-shot (projected from the measured rates)",
+                 f"{60 * r['paper_run_here_h']:.1f} min",
+                 "200 x 200 training episodes, val every 5 epochs, 5000 test episodes"),
+            ]
+    else:
+        table.append(("training / evaluation", status(out, "speed"), ""))
+    return table
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    machine = read(out, "machine") or {}
+    where = machine.get("gpu") or "CPU (dry run)"
+    lines = [f"Measured on {where}, torch {machine.get('torch')}, "
+             f"Python {machine.get('python')}, {machine.get('cpus')} CPU cores", "",
+             "| what | measured | setting |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows(out)]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Sweeps end to end on tiny synthetic caches: identical episodes, the statistics, resume,
+refusal of changed runs, parallel = serial, and a killed sweep continued."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import align.sweep
+import cli
+from align.evaluate import EvalConfig, evaluate
+from align.models import build_head
+from align.reports.sweep import sweep_command
+from align.stats import paired_test
+from align.sweep import RUN_FILE, TIMING_FIELDS, SweepConfig, format_sweep, load_spec, run_sweep
+from cache import FeatureCache, UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+HEADS_FILE = """
+title = "free"
+reference = "protonet"
+
+[[run]]
+name = "protonet"
+head = "protonet"
+
+[[run]]
+name = "otam"
+head = "otam"
+"""
+# a tiny training budget for table3 (every trained row), as `--set` gives it
+BUDGET = {"epochs": 3, "episodes_per_epoch": 6, "val_episodes": 2, "queries": 2,
+          "tasks_per_batch": 3}
+
+
+def quiet(message):
+    """Sweep progress lines are not part of these tests' checks."""
+
+
+def read_csv(path, timings=False):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return rows if timings else [{k: v for k, v in r.items() if k not in TIMING_FIELDS}
+                                 for r in rows]
+
+
+@pytest.fixture
+def free_sweep(tmp_path, monkeypatch, make_synth):
+    """A training-free sweep (protonet, otam; 2 seeds) of a tiny cache, and how to rerun it."""
+    monkeypatch.chdir(tmp_path)
+    cache = make_synth(tmp_path / "tiny.zarr")
+    spec_file = tmp_path / "free.toml"
+    spec_file.write_text(HEADS_FILE)
+
+    def run(**overrides):
+        cfg = SweepConfig(cache=cache, out=str(tmp_path / "sweep"),
+                          **{"seeds": (0, 1), "episodes": 12, **overrides})
+        lines = []
+        summary = sweep_command(str(spec_file), cfg, log=lines.append)
+        return summary, lines
+
+    return run, cache, spec_file
+
+
+def test_every_run_of_a_seed_is_scored_on_the_same_saved_episodes(free_sweep):
+    run, cache, _ = free_sweep
+    summary, lines = run()
+    out = Path(summary["out"])
+    assert {Path(p).name for p in summary["files"].values()} == {
+        "sweep.csv", "sweep.md", "sweep.json", "sweep.png"}
+    reports = {(r["run"], r["seed"]): json.loads((out / r["run_dir"] / "eval.json").read_text())
+               for r in summary["runs"]}
+    for seed in (0, 1):
+        files = {reports[(name, seed)]["episodes_from"] for name in ("protonet", "otam")}
+        assert len(files) == 1, files
+        assert reports[("protonet", seed)]["seed"] == seed
+    # the saved episodes are the draw `evaluate --seed S` makes: the same accuracy
+    with FeatureCache.open(cache) as opened:
+        direct = evaluate(build_head("protonet", channels=8, frames=8, height=4, width=4),
+                          opened, EvalConfig(episodes=12, seed=1), device=torch.device("cpu"),
+                          progress=False)
+    assert direct["episode_accuracy"] == reports[("protonet", 1)]["episode_accuracy"]
+    # the row statistics come from those reports: mean over seeds, paired test over episodes
+    otam = next(r for r in summary["rows"] if r["run"] == "otam")
+    accs = [reports[("otam", s)]["accuracy"] for s in (0, 1)]
+    assert otam["mean"] == pytest.approx(np.mean(accs))
+    assert otam["std"] == pytest.approx(np.std(accs, ddof=1))
+    pooled = {n: np.concatenate([reports[(n, s)]["episode_accuracy"] for s in (0, 1)])
+              for n in ("protonet", "otam")}
+    assert otam["vs"] == "protonet"
+    assert otam["paired"]["episodes"] == pytest.approx(
+        paired_test(pooled["protonet"], pooled["otam"]))
+    by_seed = [[reports[(n, s)]["accuracy"] for s in (0, 1)] for n in ("protonet", "otam")]
+    assert otam["paired"]["seeds"] == pytest.approx(paired_test(*by_seed))
+    table = (out / "sweep.md").read_text()
+    assert "| otam |" in table and "(reference)" in table and "ttest_rel" in table
+    assert any("4 to run" in line for line in lines)
+
+
+def test_a_rerun_skips_finished_runs(free_sweep):
+    run, _, _ = free_sweep
+    first, _ = run()
+    out = Path(first["out"])
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/eval.json")}
+    table = read_csv(out / "sweep.csv", timings=True)
+    second, lines = run()
+    assert any("4 done, 0 to resume, 0 to run" in line for line in lines), lines
+    assert len(stamps) == 4
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/eval.json")} == stamps
+    assert read_csv(out / "sweep.csv", timings=True) == table  # the recorded timings too
+    assert second["rows"] == first["rows"]
+
+
+def test_changed_runs_are_refused_with_the_difference_named(free_sweep):
+    run, _, spec_file = free_sweep
+    run()
+    with pytest.raises(UserError, match=r"test\.episodes 12 on disk vs 13 now"):
+        run(episodes=13)
+    spec_file.write_text(HEADS_FILE.replace('head = "otam"', 'head = "protonet"'))
+    with pytest.raises(UserError, match=r"options\.head 'otam' on disk vs 'protonet' now"):
+        run()
+
+
+def test_a_folder_the_sweep_did_not_write_is_refused(free_sweep, tmp_path):
+    run, _, _ = free_sweep
+    foreign = tmp_path / "sweep" / "runs" / "otam-1shot-seed0"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="did not write"):
+        run()
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_ctrl_c_stops_the_sweep_and_a_rerun_finishes_it(free_sweep, tmp_path, monkeypatch):
+    """Ctrl-C inside a run's training: train saves last.pt, the sweep stops without a table;
+    the rerun skips the finished runs and resumes that one."""
+    run, _, spec_file = free_sweep
+    spec_file.write_text(HEADS_FILE + '[[run]]\nname = "ta2n"\nhead = "ta2n"\nepochs = 2\n'
+                         'episodes-per-epoch = 4\nval-episodes = 2\nqueries = 2\n')
+    real_train = align.sweep.train
+
+    def interrupted_train(cfg, **kwargs):
+        def ctrl_c(epoch, episode):
+            if (epoch, episode) == (1, 2):
+                os.kill(os.getpid(), signal.SIGINT)  # the real signal path, handled by train
+        return real_train(cfg, on_episode=ctrl_c, **kwargs)
+
+    monkeypatch.setattr(align.sweep, "train", interrupted_train)
+    stopped, _ = run(seeds=(0,))
+    assert stopped["interrupted"] and "rerun the same command" in format_sweep(stopped)
+    assert not (tmp_path / "sweep" / "sweep.csv").exists()
+    assert (tmp_path / "sweep" / "runs" / "ta2n-1shot-seed0" / "last.pt").exists()
+    monkeypatch.setattr(align.sweep, "train", real_train)
+    finished, lines = run(seeds=(0,))
+    assert any("2 done, 1 to resume, 0 to run" in line for line in lines), lines
+    ta2n = next(r for r in finished["runs"] if r["run"] == "ta2n")
+    assert ta2n["epochs_done"] == 2 and (tmp_path / "sweep" / "sweep.csv").exists()
+
+
+def test_sweep_command_line(tmp_path, monkeypatch, make_synth):
+    monkeypatch.chdir(tmp_path)
+    cache = make_synth(tmp_path / "tiny.zarr")
+    runner = CliRunner()
+    args = ["sweep", "heads", "--heads", "protonet,otam", "--cache", cache, "--seeds", "3",
+            "--episodes", "10", "--devices", "cpu"]
+    result = runner.invoke(cli.cli, args)
+    assert result.exit_code == 0, result.output
+    assert "| otam |" in result.output and "runs/sweep-heads-tiny/sweep.csv" in result.output
+    assert Path("runs/sweep-heads-tiny/sweep.png").exists()
+    result = runner.invoke(cli.cli, args[:-4] + ["--seeds", "a"])
+    assert result.exit_code == 1 and "--seeds takes comma-separated integers" in result.output
+    result = runner.invoke(cli.cli, ["sweep", "table3", "--set", "epoch=3", "--cache", cache])
+    assert result.exit_code == 1 and "unknown option 'epoch'" in result.output
+
+
+# ------------------------------------------------------------------------------ end to end
+def table3_config(cache, out, **overrides):
+    return SweepConfig(cache=cache, out=str(out), seeds=(0, 1), episodes=20, overrides=BUDGET,
+                       devices=("cpu",), **overrides)
+
+
+@pytest.fixture(scope="module")
+def table3_serial(tmp_path_factory):
+    """table3 with 2 seeds, serially in this process: the reference the other runs must equal."""
+    from cache.synthetic import SynthConfig, generate_synthetic
+    from tests.align.conftest import TINY_SYNTH
+
+    root = tmp_path_factory.mktemp("table3")
+    cache = str(root / "tiny.zarr")
+    generate_synthetic(cache, SynthConfig(**TINY_SYNTH), progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        summary = run_sweep(load_spec("table3"), table3_config(cache, root / "serial"), log=quiet)
+    return root, cache, summary
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_serial_csv(table3_serial, monkeypatch):
+    root, cache, serial = table3_serial
+    monkeypatch.chdir(root)
+    parallel = run_sweep(load_spec("table3"), table3_config(cache, root / "two", jobs=2),
+                         log=quiet)
+    serial_csv = read_csv(serial["files"]["csv"])
+    assert len(serial_csv) == 12 and {r["seed"] for r in serial_csv} == {"0", "1"}
+    assert read_csv(parallel["files"]["csv"]) == serial_csv
+    assert parallel["rows"] == serial["rows"]
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_continues_to_the_same_table(table3_serial, monkeypatch):
+    """A real SIGKILL of a sweep (one process per device) while an SC run trains, then a rerun:
+    it resumes that run from its last.pt and ends with the uninterrupted sweep's CSV."""
+    root, cache, serial = table3_serial
+    monkeypatch.chdir(root)
+    out = root / "killed"
+    sets = [f"--set={k}={v}" for k, v in BUDGET.items()]
+    command = [sys.executable, str(ROOT / "cli.py"), "sweep", "table3", "--cache", cache,
+               "--seeds", "0,1", "--episodes", "20", "--devices", "cpu,cpu", "--out", str(out),
+               *sets]
+    with open(root / "killed.log", "w") as log:
+        proc = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        partial = wait_for_a_partly_trained_sc_run(out, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its worker processes
+        proc.wait()
+    assert partial and not (out / "sweep.csv").exists()
+    lines = []
+    resumed = run_sweep(load_spec("table3"), table3_config(cache, out), log=lines.append)
+    header = next(line for line in lines if line.startswith("sweep"))
+    assert "0 to resume" not in header, header
+    assert read_csv(resumed["files"]["csv"]) == read_csv(serial["files"]["csv"])
+
+
+def wait_for_a_partly_trained_sc_run(out: Path, proc, timeout: float = 600.0) -> Path:
+    """An SC run directory with last.pt (an epoch done) and no result yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run_dir in out.glob("runs/*-sc-1shot-seed*"):
+            record = run_dir / RUN_FILE
+            if (run_dir / "last.pt").exists() and record.exists() \
+                    and "result" not in json.loads(record.read_text()):
+                return run_dir
+        assert proc.poll() is None, (out.parent / "killed.log").read_text()
+        time.sleep(0.02)
+    raise AssertionError("no SC run reached its first epoch in time")
