@@ -7,15 +7,27 @@
 
 from __future__ import annotations
 
-import click
-import torch
-from tqdm import tqdm
+import contextlib
+import io
+import os
+import sys
 
-from align.models import head_names
-from cache import FeatureCache, UserError, format_info
-from demo import DemoConfig
-from extract.backbones import PREFIXES, REGISTERED
-from extract.datasets import DATASETS
+# `python cli.py demo` runs every phase in this process on a small shared CPU: OpenMP threads
+# that spin while idle take the core the working thread needs (on this project's 2-core machine
+# 12 TA2N episodes took 70-136 s wall spinning, 25-31 s passive). libgomp reads the policy once,
+# when torch loads, so it is set before the imports below; a value the user set is kept.
+if sys.argv[1:2] == ["demo"]:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import click  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from align.models import head_names  # noqa: E402
+from cache import FeatureCache, UserError, format_info  # noqa: E402
+from demo import DemoConfig  # noqa: E402
+from extract.backbones import PREFIXES, REGISTERED  # noqa: E402
+from extract.datasets import DATASETS  # noqa: E402
 
 DEVICE_CHOICES = click.Choice(["auto", "cpu", "cuda"])
 DEMO = DemoConfig()  # the demo's defaults, shown in its --help
@@ -606,7 +618,32 @@ def demo(**options):
     summary."""
     from demo import DemoConfig, format_demo, run_demo
 
-    click.echo(format_demo(run_demo(DemoConfig(**options), echo=click.echo)))
+    summary = run_demo(DemoConfig(**options), echo=click.echo, runner=run_in_process)
+    click.echo(format_demo(summary))
+
+
+def run_in_process(args: list[str], workdir: str, quiet: bool) -> tuple[int, str]:
+    """Run ``python cli.py ARGS`` inside this process, in ``workdir``: (exit status, its output
+    when ``quiet``, else ""). The demo's runner: a process per phase would import torch again
+    every time."""
+    output = io.StringIO()
+    hide = (contextlib.redirect_stdout(output), contextlib.redirect_stderr(output)) \
+        if quiet else ()
+    with contextlib.chdir(workdir), contextlib.ExitStack() as stack:
+        for context in hide:
+            stack.enter_context(context)
+        try:
+            cli.main(args=args, prog_name="cli.py", standalone_mode=False)
+            status = 0
+        except click.ClickException as e:
+            e.show()
+            status = e.exit_code
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            status = 1
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else 1
+    return status, output.getvalue()
 
 
 if __name__ == "__main__":

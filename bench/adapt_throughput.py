@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extract.adapt import RECIPES, TSNClassifier  # noqa: E402
 from extract.backbones import parse_backbone  # noqa: E402
-from extract.datasets import SPLIT_FOLDERS, SPLITS_DIR  # noqa: E402
+from extract.datasets import SPLITS_DIR, dataset_spec  # noqa: E402
 
 DATASETS = ("ucf101", "hmdb51", "ssv2", "kinetics")
 
@@ -59,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def train_frames(dataset: str, frames: int = 8, held_out: float = 0.1) -> int:
     """Frames one adaptation with the dataset's default recipe reads."""
-    lines = (SPLITS_DIR / SPLIT_FOLDERS[dataset] / "trainlist03.txt").read_text().split()
+    folder = SPLITS_DIR / dataset_spec(dataset).split_folder
+    lines = (folder / "trainlist03.txt").read_text().split()
     return round(len(lines) * (1 - held_out)) * frames * RECIPES[dataset]["epochs"]
 
 
