@@ -1,6 +1,7 @@
 """`make demo` (`python cli.py demo`): the whole pipeline, end to end, on the built-in toy dataset.
 
-It runs the very commands a user types, each as its own process, and times them:
+It runs the very commands a user types and times them (each as its own process by default;
+`python cli.py demo` runs them inside its own process, see ``run_demo``):
 
     python cli.py toy-data        --out data/demo                       the videos and split lists
     python cli.py adapt-backbone  --dataset custom ... --out runs/demo/backbone.pt   (base classes)
