@@ -7,16 +7,30 @@
 
 from __future__ import annotations
 
-import click
-import torch
-from tqdm import tqdm
+import contextlib
+import io
+import os
+import sys
 
-from align.models import head_names
-from cache import FeatureCache, UserError, format_info
-from extract.backbones import PREFIXES, REGISTERED
-from extract.datasets import DATASETS
+# `python cli.py demo` runs every phase in this process on a small shared CPU: OpenMP threads
+# that spin while idle take the core the working thread needs (on this project's 2-core machine
+# 12 TA2N episodes took 70-136 s wall spinning, 25-31 s passive). libgomp reads the policy once,
+# when torch loads, so it is set before the imports below; a value the user set is kept.
+if sys.argv[1:2] == ["demo"]:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import click  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from align.models import head_names  # noqa: E402
+from cache import FeatureCache, UserError, format_info  # noqa: E402
+from demo import DemoConfig  # noqa: E402
+from extract.backbones import PREFIXES, REGISTERED  # noqa: E402
+from extract.datasets import DATASETS  # noqa: E402
 
 DEVICE_CHOICES = click.Choice(["auto", "cpu", "cuda"])
+DEMO = DemoConfig()  # the demo's defaults, shown in its --help
 
 
 def pick_device(name: str) -> torch.device:
@@ -149,6 +163,74 @@ def extract(dataset, root, split_dir, splits, limit, out, backend, backbone, wei
         torch_device = torch.device("cuda", shard.local_rank % torch.cuda.device_count())
     summary = run_extract(config, torch_device, shard, echo=lambda m: click.echo(m, err=True))
     click.echo("\n".join(summary.lines()))
+
+
+# ------------------------------------------------------------------------------------ adapt
+@cli.command("adapt-backbone")
+@click.option("--dataset", required=True,
+              type=click.Choice(["ucf101", "hmdb51", "ssv2", "ssv2-cmn", "kinetics", "custom"]),
+              help="Which split lists to use (custom: --split-dir). Only the train list is "
+                   "trained on.")
+@click.option("--root", type=click.Path(), help="Dataset folder.  [default: data/<dataset>]")
+@click.option("--split-dir", type=click.Path(exists=True, file_okay=False),
+              help="Folder with trainlist.txt, vallist.txt, testlist.txt (custom datasets).")
+@click.option("--limit", type=click.IntRange(min=1),
+              help="Only the first N train videos found (for trying things).")
+@click.option("--out", help="Weights file.  [default: weights/<dataset>-<backbone>-base.pt]")
+@click.option("--backbone", default="resnet50", show_default=True, callback=_check_backbone,
+              help=f"Backbone to train: {', '.join(REGISTERED)}, or timm:<name>.")
+@click.option("--weights", default="pretrained", show_default=True,
+              help="Initial weights: pretrained (ImageNet for the ResNets; 'imagenet' means the "
+                   "same), none (random), or a weights file.")
+@click.option("--frames", "-T", type=click.IntRange(min=1), default=8, show_default=True,
+              help="TSN segments per video (a random frame of each per epoch).")
+@click.option("--image-size", type=click.IntRange(min=1),
+              help="Crop side.  [default: the backbone's input size]")
+@click.option("--resize", type=click.IntRange(min=1),
+              help="Frames are resized to RESIZE x RESIZE before the random crop.  [default: "
+                   "image size / the backbone's crop fraction]")
+@click.option("--epochs", type=click.IntRange(min=1), help="[default: the dataset's recipe]")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Videos per optimizer step, over all processes.  [default: recipe]")
+@click.option("--micro-batch", type=click.IntRange(min=1),
+              help="Videos per forward pass and process; the rest is gradient accumulation.  "
+                   "[default: batch size / processes]")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), help="[default: recipe]")
+@click.option("--lr", type=float, help="Peak learning rate.  [default: recipe]")
+@click.option("--momentum", type=float, help="SGD momentum.  [default: recipe]")
+@click.option("--weight-decay", type=float, help="[default: recipe]")
+@click.option("--warmup", type=float, help="Epochs of linear warm-up before the cosine decay.  "
+                                           "[default: recipe]")
+@click.option("--held-out", type=click.FloatRange(0, 1, max_open=True), default=0.1,
+              show_default=True,
+              help="Fraction of each class's train videos kept out of training and scored.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0),
+              help="Decode processes (0: decode in the main process).  [default: as extract]")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              show_default=True, help="Seconds one video may take to decode.")
+@click.option("--resume", is_flag=True, help="Continue the run of --out from its last epoch.")
+@click.option("--overwrite", is_flag=True, help="Start again over an earlier run of --out.")
+@click.option("--device", type=DEVICE_CHOICES, default="auto", show_default=True)
+def adapt_backbone(device, **options):
+    """Train the backbone as a TSN classifier on the train split's (base) classes, once per
+    dataset, for `extract --weights FILE`.
+
+    Under torchrun each process trains on its share of every batch (DDP, on GPU LOCAL_RANK).
+    """
+    from extract.adapt import AdaptConfig, next_command, run_adapt
+    from extract.pipeline import Shard
+
+    config = AdaptConfig(**options)
+    shard = Shard.from_env()
+    torch_device = pick_device(device)
+    if torch_device.type == "cuda" and torch_device.index is None:
+        torch_device = torch.device("cuda", shard.local_rank % torch.cuda.device_count())
+    summary = run_adapt(config, torch_device, shard, echo=lambda m: click.echo(m, err=True))
+    if shard.rank == 0:
+        click.echo("\n".join(summary.lines()))
+        if not summary.stopped:
+            click.echo(f"next     {next_command(config)}")
 
 
 # ------------------------------------------------------------------------------------ train-heads
@@ -466,19 +548,22 @@ def synth(out, backend, overwrite, **options):
 @cli.command("toy-data")
 @click.option("--out", default="data/demo", show_default=True,
               help="Folder for videos/, splits/ and toydata.json.")
-@click.option("--train-classes", default=8, show_default=True)
-@click.option("--val-classes", default=5, show_default=True)
-@click.option("--test-classes", default=5, show_default=True)
-@click.option("--videos-per-class", default=5, show_default=True)
-@click.option("--frames", default=32, show_default=True, help="Frames per video.")
-@click.option("--size", default=128, show_default=True, help="Frame side in pixels.")
-@click.option("--min-duration", default=0.4, show_default=True,
-              help="Shortest motion window, as a fraction of the video.")
+@click.option("--train-classes", default=16, show_default=True)
+@click.option("--val-classes", default=6, show_default=True)
+@click.option("--test-classes", default=10, show_default=True)
+@click.option("--videos-per-class", default=8, show_default=True)
+@click.option("--frames", default=24, show_default=True, help="Frames per video.")
+@click.option("--size", default=112, show_default=True, help="Frame side in pixels.")
+@click.option("--min-duration", default=0.45, show_default=True,
+              help="Shortest action window, as a fraction of the video (the actor rests "
+                   "before and after it).")
+@click.option("--max-duration", default=0.85, show_default=True,
+              help="Longest action window, as a fraction of the video.")
 @click.option("--evolution", default=2.0, show_default=True, type=click.FloatRange(min=1),
               help="Progress exponents are log-uniform in [1/E, E].")
 @click.option("--seed", default=0, show_default=True)
 def toy_data(out, **options):
-    """Write the built-in demo dataset: videos of a shape drawing a two-stroke path."""
+    """Write the built-in demo dataset: an actor taking a class-specific sequence of poses."""
     from extract.toydata import ToyConfig, format_toy_dataset, make_toy_dataset
 
     click.echo(format_toy_dataset(make_toy_dataset(out, ToyConfig(**options))))
@@ -518,22 +603,50 @@ def visualize(device, **options):
 # ------------------------------------------------------------------------------------ demo
 @cli.command()
 @click.option("--weights", default="auto", show_default=True,
-              help="auto: ImageNet if torchvision's cache has it (no download), else random; "
-                   "or imagenet, none, a weights file.")
-@click.option("--backbone", default="resnet50", show_default=True,
+              help="Where the backbone's adaptation starts: auto (ImageNet if torchvision's "
+                   "cache has it, no download; else random), imagenet, none, a weights file.")
+@click.option("--backbone", default="resnet18", show_default=True,
               type=click.Choice(["resnet18", "resnet34", "resnet50"]))
-@click.option("--epochs", default=4, show_default=True, help="TA2N training epochs.")
-@click.option("--episodes-per-epoch", default=12, show_default=True)
-@click.option("--eval-episodes", default=100, show_default=True,
+@click.option("--adapt-epochs", default=DEMO.adapt_epochs, show_default=True,
+              help="Epochs of the backbone's adaptation on the train classes.")
+@click.option("--epochs", default=DEMO.epochs, show_default=True, help="TA2N training epochs.")
+@click.option("--episodes-per-epoch", default=DEMO.episodes_per_epoch, show_default=True)
+@click.option("--eval-episodes", default=DEMO.eval_episodes, show_default=True,
               help="Test episodes both heads are scored on.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
 def demo(**options):
     """The whole pipeline on the built-in toy dataset (what `make demo` runs): toy-data ->
-    extract -> train-heads -> evaluate (ta2n, protonet) -> visualize, with a summary."""
+    adapt-backbone -> extract -> train-heads -> evaluate (ta2n, protonet) -> visualize, with a
+    summary."""
     from demo import DemoConfig, format_demo, run_demo
 
-    click.echo(format_demo(run_demo(DemoConfig(**options), echo=click.echo)))
+    summary = run_demo(DemoConfig(**options), echo=click.echo, runner=run_in_process)
+    click.echo(format_demo(summary))
+
+
+def run_in_process(args: list[str], workdir: str, quiet: bool) -> tuple[int, str]:
+    """Run ``python cli.py ARGS`` inside this process, in ``workdir``: (exit status, its output
+    when ``quiet``, else ""). The demo's runner: a process per phase would import torch again
+    every time."""
+    output = io.StringIO()
+    hide = (contextlib.redirect_stdout(output), contextlib.redirect_stderr(output)) \
+        if quiet else ()
+    with contextlib.chdir(workdir), contextlib.ExitStack() as stack:
+        for context in hide:
+            stack.enter_context(context)
+        try:
+            cli.main(args=args, prog_name="cli.py", standalone_mode=False)
+            status = 0
+        except click.ClickException as e:
+            e.show()
+            status = e.exit_code
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            status = 1
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else 1
+    return status, output.getvalue()
 
 
 if __name__ == "__main__":

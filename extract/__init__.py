@@ -5,8 +5,10 @@
     decode.py     decord (PyAV fallback, frame folders) in killable worker processes -> crops
     backbone.py   ResNet trunk, weights (imagenet | file | none), normalisation, forward
     pipeline.py   parallel decode -> batched forward -> cache rows; resume; rank sharding
+    adapt.py      adapt-backbone: train the backbone on the train split's classes, once, first
 
-``cli.py extract`` calls ``pipeline.run_extract``; ``pipeline.read_errors(cache)`` returns a
+``cli.py extract`` calls ``pipeline.run_extract``; ``cli.py adapt-backbone`` calls
+``adapt.run_adapt``; ``pipeline.read_errors(cache)`` returns a
 cache's merged error report (missing videos, videos that failed to decode).
 """
 

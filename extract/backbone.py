@@ -12,7 +12,11 @@ avgpool, no fc) in eval mode with gradients off and loads ``weights``:
 - ``"none"``: random initialisation (seeded), with a warning that the features mean nothing.
 
 ``WeightsInfo`` records what was loaded and two hashes (of the file, and of the loaded tensors),
-stored in the cache attributes so that a resume with other weights is refused. ``Preprocessing``
+stored in the cache attributes so that a resume with other weights is refused. A weights file
+written by ``adapt-backbone`` has a sidecar ``<file>.json`` (its provenance: base classes, videos,
+epochs, recipe, the file's sha256); ``read_provenance`` reads it when that sha256 matches, the
+summary lands in the record (``provenance``), and ``check_not_adapted_on`` refuses to extract
+val / test videos or classes that the backbone was trained on. ``Preprocessing``
 is a backbone's input convention (mean, std, resize filter, native input size, crop fraction), read
 from its library's config (``torchvision_preprocessing`` for these ResNets). ``FeatureExtractor``
 runs any backbone module on a device: uint8 crops in, normalised with the backbone's mean / std,
@@ -27,7 +31,7 @@ import json
 import os
 import re
 import urllib.error
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -56,11 +60,21 @@ class WeightsInfo:
     sha256: str | None  # of the file the weights came from
     state_sha256: str  # of the loaded tensors: identical features <=> identical hash
     warning: str | None = None
+    provenance: dict | None = None  # adapt-backbone's record of a file's training (its sidecar)
 
     def to_attrs(self) -> dict:
         record = asdict(self)
         record.pop("warning")
         return record
+
+    def with_provenance(self, weights: str) -> WeightsInfo:
+        """This record plus the provenance of the weights file ``weights``, if it has one."""
+        if self.source != "file":
+            return self
+        meta, problem = read_provenance(weights, self.sha256)
+        if problem:
+            return replace(self, warning=problem)
+        return replace(self, provenance=provenance_attrs(meta)) if meta else self
 
 
 @dataclass(frozen=True)
@@ -134,6 +148,80 @@ def state_sha256(module: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------ provenance
+ADAPT_FORMAT = "ta2n-cache adapt-backbone"
+# Datasets that share videos under different split lists: a video trained on in one is the same
+# video in the other.
+VIDEO_FAMILY = {"ssv2-cmn": "ssv2"}
+
+
+def sidecar_path(weights: str | os.PathLike) -> str:
+    """Where adapt-backbone writes a weights file's provenance: the file's path + ``.json``."""
+    return f"{weights}.json"
+
+
+def read_provenance(weights: str, sha256: str | None) -> tuple[dict | None, str | None]:
+    """(the sidecar of weights file ``weights``, a problem to warn about): (None, None) when there
+    is no adapt-backbone sidecar; a sidecar written for other bytes is reported, not trusted."""
+    path = sidecar_path(weights)
+    if not os.path.isfile(path):
+        return None, None
+    try:
+        meta = json.loads(open(path).read())
+    except (OSError, json.JSONDecodeError) as e:
+        return None, f"{path} is not readable JSON ({type(e).__name__}); provenance not recorded"
+    if not isinstance(meta, dict) or meta.get("format") != ADAPT_FORMAT:
+        return None, None  # somebody else's JSON next to the file: not ours to judge
+    if meta.get("weights_sha256") != sha256:
+        return None, (f"{path} describes other weights (its sha256 differs from {weights}'s); "
+                      "provenance not recorded")
+    return meta, None
+
+
+def provenance_attrs(meta: dict) -> dict:
+    """What the cache attributes keep of a sidecar: everything but the long video list, which
+    is summarised by its count and hash (the sidecar keeps the list)."""
+    record = {k: v for k, v in meta.items() if k not in ("videos", "held_out_videos")}
+    record["videos"] = len(meta.get("videos", []))
+    record["held_out_videos"] = len(meta.get("held_out_videos", []))
+    return record
+
+
+def same_videos(meta: dict, dataset: str, root: str) -> bool:
+    """Whether an adaptation's dataset holds the very videos of ``dataset`` under ``root``:
+    the same named dataset (or one sharing its videos, such as SSv2's two split lists); for
+    ``custom`` the same folder."""
+    if VIDEO_FAMILY.get(meta["dataset"], meta["dataset"]) != VIDEO_FAMILY.get(dataset, dataset):
+        return False
+    return dataset != "custom" or os.path.abspath(meta.get("root", "")) == os.path.abspath(root)
+
+
+def check_not_adapted_on(weights: str, info: WeightsInfo, dataset: str, root: str,
+                         records) -> None:
+    """Refuse to extract val / test videos or classes the backbone was adapted on: their
+    features would not be few-shot any more."""
+    if info.provenance is None:
+        return
+    meta, _ = read_provenance(weights, info.sha256)
+    if meta is None or not same_videos(meta, dataset, root):
+        return
+    novel = [r for r in records if r.split != "train"]
+    same = meta["dataset"] == dataset
+    base = set(meta["base_classes"]) if same else set()
+
+    def key(video_id: str) -> str:  # across SSv2's split lists only the file stem is shared
+        return video_id if same else video_id.rsplit("/", 1)[-1]
+
+    seen = {key(v) for v in meta["videos"] + meta.get("held_out_videos", [])}
+    leaks = sorted({f"class {r.class_name}" for r in novel if r.class_name in base}
+                   | {f"video {r.video_id}" for r in novel if key(r.video_id) in seen})
+    if leaks:
+        more = f" and {len(leaks) - 3} more" if len(leaks) > 3 else ""
+        raise UserError(f"--weights {weights} was adapted on train data of {meta['dataset']} "
+                        f"that this extraction has in val/test ({', '.join(leaks[:3])}{more}): "
+                        "their features would not be few-shot; adapt on this split's train list")
 
 
 # ------------------------------------------------------------------------------ weight files

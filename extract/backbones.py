@@ -95,16 +95,19 @@ class BackboneSpec:
         return clip_preprocessing(self.arch, self.tag)
 
     def load(self, weights: str, seed: int, image_size: int) -> tuple[nn.Module, WeightsInfo]:
-        """The frozen module (eval, no gradients, on the CPU) and a record of its weights."""
+        """The frozen module (eval, no gradients, on the CPU) and a record of its weights (with
+        adapt-backbone's provenance when a weights file has it)."""
         if self.library == "torchvision":
-            return load_backbone(self.arch, weights, seed=seed)
-        if self.library == "timm":
+            module, info = load_backbone(self.arch, weights, seed=seed)
+        elif self.library == "timm":
             from extract.timm_backbone import load_timm
 
-            return load_timm(self.arch, weights, seed, image_size)
-        from extract.clip_backbone import load_clip
+            module, info = load_timm(self.arch, weights, seed, image_size)
+        else:
+            from extract.clip_backbone import load_clip
 
-        return load_clip(self.arch, self.tag, weights, seed, image_size)
+            module, info = load_clip(self.arch, self.tag, weights, seed, image_size)
+        return module, info.with_provenance(weights)
 
     def to_attrs(self) -> dict:
         return {"name": self.name, "library": self.library, "arch": self.arch, "tag": self.tag,

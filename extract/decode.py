@@ -1,9 +1,10 @@
 """Decoding: video file or frame folder -> uint8 crops of every view, in killable worker processes.
 
-``decode_task`` opens one video, plans its views (``sampling.plan_views``), decodes only the frames
-those views need, resizes them to ``resize`` x ``resize`` (antialiased, on uint8 like the paper's
-pipeline, with the backbone's filter: bilinear for the torchvision ResNets) and cuts each view's
-crop (flipped if planned): a (V, T, 3, S, S) uint8 array.
+``decode_task`` opens one video, plans its views (``task.plan``: ``sampling.plan_views``; a task
+subclass may plan others, as adapt-backbone's one training view per epoch), decodes only the
+frames those views need, resizes them to ``resize`` x ``resize`` (antialiased, on uint8 like the
+paper's pipeline, with the backbone's filter: bilinear for the torchvision ResNets) and cuts each
+view's crop (flipped if planned): a (V, T, 3, S, S) uint8 array.
 Doing the whole preprocessing here keeps the backbone's process free for the forward pass and sends
 the smallest arrays through the pipes.
 
@@ -51,6 +52,12 @@ class DecodeTask:
     image_size: int = 224
     flip: bool = True
     interpolation: str = "bilinear"  # the backbone's resize filter (torchvision's mode names)
+
+    def plan(self, n: int) -> list[ViewPlan]:
+        """The views to cut from an n-frame video: the cached view, then the augmented ones."""
+        return plan_views(n, frames=self.frames, video_id=self.video_id,
+                          aug_views=self.aug_views, seed=self.seed, resize=self.resize,
+                          image_size=self.image_size, flip=self.flip)
 
 
 @dataclass
@@ -167,9 +174,7 @@ def decode_task(task: DecodeTask, method: str) -> DecodedVideo:
     plans: list[ViewPlan] = []
 
     def pick(n: int) -> list[int]:
-        plans[:] = plan_views(n, frames=task.frames, video_id=task.video_id,
-                              aug_views=task.aug_views, seed=task.seed, resize=task.resize,
-                              image_size=task.image_size, flip=task.flip)
+        plans[:] = task.plan(n)
         return sorted({i for plan in plans for i in plan.indices})
 
     n, frames = READERS[method](task.path, pick)

@@ -58,7 +58,7 @@ from cache.errors import CacheInUse, NotACache
 from cache.latest import default_cache_path, remember_cache
 from cache.paths import writer_lock
 from cache.store import check_output, inspect_path
-from extract.backbone import FeatureExtractor
+from extract.backbone import FeatureExtractor, check_not_adapted_on
 from extract.backbones import Backbone
 from extract.datasets import VideoList, VideoLocator, dataset_spec, find_videos
 from extract.decode import DecodedVideo, DecodeFailure, DecodePool, DecodeTask
@@ -599,6 +599,8 @@ def _run_extract(config: ExtractConfig, device: torch.device, shard: Shard,
     for warning in found.warnings if shard.rank == 0 else []:
         echo(f"warning: {warning}")
     config, backbone = prepare_backbone(config, device)
+    check_not_adapted_on(config.weights, backbone.weights, config.dataset, config.root,
+                         found.records)
     if backbone.weights.warning:
         echo(f"warning: {backbone.weights.warning}")
     channels, height, width = backbone.shape

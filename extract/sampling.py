@@ -87,9 +87,16 @@ def plan_views(
     centre = centre_offset(resize, image_size)
     plans = [ViewPlan(tuple(centre_indices(n, frames).tolist()), centre, centre, False)]
     for view in range(aug_views):
-        rng = view_rng(seed, video_id, view)
-        indices = random_indices(n, frames, rng)
-        top, left = (int(v) for v in rng.integers(0, resize - image_size + 1, size=2))
-        flipped = bool(rng.random() < 0.5) if flip else False
-        plans.append(ViewPlan(tuple(indices.tolist()), top, left, flipped))
+        plans.append(random_view(n, frames, view_rng(seed, video_id, view), resize=resize,
+                                 image_size=image_size, flip=flip))
     return plans
+
+
+def random_view(n: int, frames: int, rng: np.random.Generator, *, resize: int, image_size: int,
+                flip: bool) -> ViewPlan:
+    """One training view (TSN's, and the paper's augmentation): a random frame per segment, a
+    random ``image_size`` crop of the ``resize`` square, and a coin-flip mirror if ``flip``."""
+    indices = random_indices(n, frames, rng)
+    top, left = (int(v) for v in rng.integers(0, resize - image_size + 1, size=2))
+    flipped = bool(rng.random() < 0.5) if flip else False
+    return ViewPlan(tuple(indices.tolist()), top, left, flipped)

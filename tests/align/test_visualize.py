@@ -255,13 +255,14 @@ def test_report_links_resolve(tmp_path):
         tmp_path / "report.md", title="demo", intro=["intro"],
         results=[{"head": "ta2n", "accuracy": 61.234, "ci95": 2.5, "episodes": 100,
                   "report": str(tmp_path / "eval-ta2n.json")}],
-        phases=[{"name": "extract", "seconds": 12.0, "command": "python cli.py extract"}],
+        phases=[{"name": "extract", "seconds": 12.0, "cpu_seconds": 150.0,
+                 "command": "python cli.py extract"}],
         figures={"curves": None, "pairs": [{
             "episode": 0, "query": "a/a_v00", "support": "a/a_v01", "query_class": "a",
             "support_class": "a", "same_class": True, "predicted": "a", "correct": True,
             "distance": 1.5, "path": str(figure)}]})
     text = report.read_text()
     assert "| ta2n | 61.23 | +- 2.50 | 100 |" in text
-    assert "| extract | 12 s | `python cli.py extract` |" in text
+    assert "| extract | 12 s | 2.5 min | `python cli.py extract` |" in text
     links = [part.split(")")[0] for part in text.split("](")[1:]]
     assert links and all((tmp_path / link).exists() for link in links)

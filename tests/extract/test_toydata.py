@@ -1,9 +1,11 @@
-"""The built-in demo dataset: layout `extract --dataset custom` reads, determinism, real motion."""
+"""The built-in demo dataset: layout `extract --dataset custom` reads, determinism, the class's
+poses in order inside a random window, at a random place."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import av
@@ -14,16 +16,20 @@ from click.testing import CliRunner
 from cli import cli
 from extract.datasets import find_videos
 from extract.toydata import (
-    DIRECTIONS,
+    LENGTH,
+    POSES,
+    REST_COLOUR,
+    REST_RADIUS,
     ToyConfig,
+    all_classes,
     class_name,
-    direction_vector,
     make_toy_dataset,
     render_video,
+    split_classes,
 )
 
 SMALL = dict(train_classes=3, val_classes=2, test_classes=2, videos_per_class=2, frames=12,
-             size=48)
+             size=64)
 
 
 def decode(path) -> np.ndarray:
@@ -57,7 +63,7 @@ def test_custom_layout_that_extract_finds(toy):
 
 def test_videos_are_real_files_of_the_asked_size(toy):
     frames = decode(sorted(Path(toy.root).rglob("*.mp4"))[0])
-    assert frames.shape == (12, 48, 48, 3) and frames.dtype == np.uint8
+    assert frames.shape == (12, 64, 64, 3) and frames.dtype == np.uint8
     assert frames.std() > 5  # not a blank video
 
 
@@ -89,53 +95,71 @@ def test_rerun_reuses_and_changed_config_rewrites(tmp_path):
     assert decode(video).shape[0] == 10
 
 
-def test_classes_are_stroke_orders_and_each_split_holds_a_reversed_pair(toy):
-    for names in toy.classes.values():
-        assert all(n.count("-then-") == 1 for n in names)
-    # whole (AB, BA) groups go to a split first: its first two classes differ only by order
-    for split in ("train", "val", "test"):
-        a, b = toy.classes[split][:2]
-        first, second = a.split("-then-")
-        assert b == f"{second}-then-{first}"
+def test_classes_are_pose_sequences_of_shared_poses(toy):
+    names = [n for split in ("train", "val", "test") for n in toy.classes[split]]
+    assert len(set(names)) == len(names)  # disjoint splits
+    for name in names:
+        poses = name.split("-")
+        assert len(poses) == LENGTH == len(set(poses)) and set(poses) <= {p for p, _ in POSES}
+    # the default dataset: every pose appears in the classes of every split
+    default = split_classes(ToyConfig())
+    for split, classes in default.items():
+        assert {p for name in classes for p in name.split("-")} == {p for p, _ in POSES}, split
 
 
-def test_motion_follows_the_class_inside_a_random_window(toy):
+AREAS = {"disc": math.pi, "ring": math.pi * (1 - 0.44 ** 2), "square": 2.56, "diamond": 2.0,
+         "cross": 2 * 2 * 0.64 - 0.64 ** 2, "saltire": 2 * 2 * 0.64 - 0.64 ** 2,
+         "triangle": 3 * math.sqrt(3) / 4, "bar": 2 * 0.8, "frame": 1.76 ** 2 - 0.96 ** 2,
+         "rest": math.pi * REST_RADIUS ** 2}  # in units of the actor's radius squared
+# the outlines' lengths in radii: antialiasing blends a band of about a pixel along them, which
+# the exact-colour count below misses
+OUTLINES = {"disc": 2 * math.pi, "ring": 2 * math.pi * 1.44, "square": 6.4,
+            "diamond": 4 * math.sqrt(2), "cross": 8.0, "saltire": 8.0, "triangle": 3 * math.sqrt(3),
+            "bar": 5.6, "frame": 8 * (0.88 + 0.48), "rest": 2 * math.pi * REST_RADIUS}
+
+
+def test_poses_follow_the_class_inside_a_random_window(toy):
     truth = json.loads((Path(toy.out) / "toydata.json").read_text())
     cfg = ToyConfig(**truth["config"])
-    windows, starts = set(), set()
+    windows, centres, exponents = set(), set(), set()
     for video_id, plan in truth["videos"].items():
         windows.add(tuple(plan["window"]))
-        starts.add(tuple(plan["path"][0]))
-        first, second = video_id.split("/")[0].split("-then-")
+        centres.add(tuple(plan["centre"]))
+        exponents.add(plan["exponent"])
         frames = render_video(plan, cfg).astype(float)
-        actor = np.asarray(plan["actor"], float)
-        centres = []
+        colours = np.asarray([*plan["colours"], REST_COLOUR], float)  # the poses, then rest
+        radius = plan["radius"]
+        shown = []
         for f in range(cfg.frames):
-            close = np.abs(frames[f] - actor).max(axis=-1) < 2  # pixels of the actor's colour
-            ys, xs = np.nonzero(close)
-            centres.append(np.array([xs.mean(), ys.mean()]))
+            near = [(np.abs(frames[f] - c).max(axis=-1) < 2).sum() for c in colours]
+            k = int(np.argmax(near))
+            shown.append(k)
+            # the pose's shape, by its area in pixels, at the video's place
+            pose = plan["poses"][k] if k < 3 else "rest"
+            area = AREAS[pose] * radius ** 2
+            assert abs(near[k] - area) < 0.05 * area + 0.8 * OUTLINES[pose] * radius + 2, \
+                (video_id, f)
+            cy, cx = np.argwhere(np.abs(frames[f] - colours[k]).max(axis=-1) < 2).mean(0)
+            assert abs(cx + 0.5 - plan["centre"][0]) < 2 and abs(cy + 0.5 - plan["centre"][1]) < 2
         begin, end = plan["window"]
-        for f in range(begin):  # still before the window
-            assert np.allclose(centres[f], centres[0], atol=0.5)
-        for f in range(end, cfg.frames):  # and after it
-            assert np.allclose(centres[f], centres[-1], atol=0.5)
-        # the whole move is the two strokes of the class, in pixels
-        length = cfg.stroke * cfg.size
-        expected = (direction_vector(DIRECTIONS.index(first))
-                    + direction_vector(DIRECTIONS.index(second))) * length
-        assert np.allclose(centres[-1] - centres[0], expected, atol=1.5)
-    assert len(windows) > 3 and len(starts) == len(truth["videos"])  # misaligned videos
+        assert all(k == 3 for k in shown[:begin] + shown[end:])  # resting outside the window
+        assert list(dict.fromkeys(shown[begin:end])) == [0, 1, 2], video_id  # the class's order
+        assert video_id.split("/")[0] == "-".join(plan["poses"])
+        assert 0 < end - begin < cfg.frames
+    # misaligned in time window, speed and position
+    assert len(windows) > 3 and len(exponents) == len(centres) == len(truth["videos"])
 
 
 def test_class_names():
-    assert class_name((0, 2)) == "right-then-up"
+    assert class_name((0, 2, 4)) == "disc-square-triangle"
+    assert len(all_classes()) == 9 * 8 * 7 == 504
 
 
 def test_bad_config_is_a_one_line_error(tmp_path):
     result = CliRunner().invoke(cli, ["toy-data", "--out", str(tmp_path), "--train-classes",
-                                      "40"])
+                                      "600"])
     assert result.exit_code == 1
-    assert "32 classes at most" in result.output
+    assert "504 classes at most" in result.output
 
 
 def test_cli_writes_and_prints_the_extract_command(tmp_path):
