@@ -367,13 +367,32 @@ def spread_constant(out: torch.Tensor, height: int, width: int,
 
 def add_constant_cases(h: torch.Tensor, cases: torch.Tensor, height: int,
                        width: int) -> torch.Tensor:
-    """h (..., H', W') += cases (..., 3, 3) spread over the (H, W) map's first / interior /
-    last rows and columns, in place; h may be a top-left crop (H' <= H, W' <= W). Each
-    position is written once and no (..., H, W) copy of the cases is made."""
+    """h (..., H', W') + cases (..., 3, 3) spread over the (H, W) map's first / interior /
+    last rows and columns; h may be a top-left crop (H' <= H, W' <= W).
+
+    Without autograd in play the cases are added in place, each position once, and no
+    (..., H, W) copy of them is made. Under autograd nine in-place slice adds would each cost
+    a full copy of h in the backward pass (CopySlices), so the cases are gathered to
+    (..., H', W') once and added out of place.
+    """
+    if torch.is_grad_enabled() and (h.requires_grad or cases.requires_grad):
+        rows = _case_index(height, h.shape[-2], h.device)  # (H',)
+        cols = _case_index(width, h.shape[-1], h.device)  # (W',)
+        spread = cases.index_select(-2, rows).index_select(-1, cols)  # (..., H', W')
+        return h + spread
     for a, rows in _case_slices(height, h.shape[-2]):
         for b, cols in _case_slices(width, h.shape[-1]):
             h[..., rows, cols] += cases[..., a:a + 1, b:b + 1]
     return h
+
+
+def _case_index(length: int, kept: int, device) -> torch.Tensor:
+    """The case (0 first, 1 interior, 2 last) of each of the first ``kept`` positions."""
+    index = torch.ones(kept, dtype=torch.long, device=device)  # (kept,)
+    index[0] = 0
+    if kept == length:
+        index[-1] = 2
+    return index
 
 
 def _case_slices(length: int, kept: int) -> list[tuple[int, slice]]:

@@ -50,6 +50,7 @@ from align.models.layers import (
     conv3d_kept,
     frame_cosine_distance,
     mix_time,
+    mix_time_major,
     pooled_extent,
     run_layers,
     shifted_taps,
@@ -186,19 +187,27 @@ def video_states(head, maps: torch.Tensor, shot: int) -> dict[str, torch.Tensor]
 def episode_terms(head, support: torch.Tensor, query: torch.Tensor, way: int, shot: int,
                   episodes: int) -> tuple[ClassTerms, QueryTerms]:
     """Terms of E episodes from raw maps: support (E*way*shot, C, T, H, W) and query (E*M, C,
-    T, H, W), episode-major; any mode, BatchNorm statistics per episode in training."""
+    T, H, W), episode-major; any mode, BatchNorm statistics per episode in training.
+
+    The raw maps carry no gradient: every map-sized product with a weight reads them directly
+    (taps, folded kernels, projections of spatial means before the time mix), so the backward
+    pass never forms a gradient of a whole query map, only of the (T, T) mixing matrices."""
     w_s, w_q = episode_warps(head, support, query, episodes)  # (n, T, T) each, or None
     mix = time_mixing(head, support, w_s, way * episodes, shot)  # (E*way, K, T, T)
-    shots = support.unflatten(0, (way * episodes, shot))  # (E*way, K, C, T, H, W)
-    mixed = torch.einsum("bkts,bkcshw->bcthw", mix.to(support.dtype), shots)  # (B, C, T, H, W)
+    mixed = mix_time_major(mix, support).transpose(1, 2)  # (B, C, T, H, W)
     project = head.shots.project_features if shot > 1 else None
     protos = head.shots.project(mixed) if shot > 1 else mixed  # (B, C, T, H, W)
-    queries = mix_time(w_q, query) if w_q is not None else query  # (E*M, C, T, H, W)
-    mean_q = queries.mean((-2, -1))  # (E*M, C, T)
+    mean_q = query.mean((-2, -1))  # (E*M, C, T) of the raw maps
     if project is not None:
-        mean_q = project(mean_q)  # (E*M, C, T)
-        if head.sc is not None and head.sc.mode == "enumerate":
-            queries, project = head.shots.project(queries), None  # every shift is compared
+        mean_q = project(mean_q)  # (E*M, C, T): Wv' commutes with the time mix
+    if w_q is not None:
+        mean_q = mix_time(w_q, mean_q)  # (E*M, C, T)
+    maps_q = None
+    if head.sc is not None:
+        maps_q = mix_time_major(None if w_q is None else w_q[:, None], query)  # (E*M,T,C,H,W)
+        if project is not None and head.sc.mode == "enumerate":  # every shift is compared
+            maps_q = head.shots.project(maps_q.transpose(1, 2)).transpose(1, 2)
+            project = None
     support_conv = None
     if shot == 1 and w_s is not None and predicts_offsets(head):
         # the prototypes are warped supports: taps on the raw maps, no gradient through C
@@ -207,8 +216,7 @@ def episode_terms(head, support: torch.Tensor, query: torch.Tensor, way: int, sh
         support_conv = support_conv + bias[:, None, None, None]
     classes = _class_terms(head, protos, support_conv)
     value = None if head.tc is None else head.tc.valuenet(mean_q)  # (E*M, C, T)
-    terms = QueryTerms(maps=queries.transpose(1, 2) if head.sc is not None else None,
-                       project=project,
+    terms = QueryTerms(maps=maps_q, project=project,
                        mean=mean_q, query=None if head.tc is None else head.tc.querynet(mean_q),
                        value=value, conv=None, value_taps=None)
     if predicts_offsets(head):
@@ -228,17 +236,23 @@ def episode_terms(head, support: torch.Tensor, query: torch.Tensor, way: int, sh
 def time_mixing(head, support: torch.Tensor, w_s: torch.Tensor | None, classes: int,
                 shot: int) -> torch.Tensor:
     """(classes, K, T, T) matrices mixing each class's raw shots into its prototype: the shot
-    attention (transposed, / K) times the shot's warp; the warp alone at K = 1."""
+    attention (transposed, / K) times the shot's warp; the warp alone at K = 1.
+
+    Wk' and Wq' run on the raw shots' spatial means and the warp after them (1x1 projections
+    commute with a time mix): no input gradient through the C x C projections."""
     frames = support.shape[2]
     if shot == 1:
         if w_s is not None:
             return w_s[:, None]  # (classes, 1, T, T)
         eye = torch.eye(frames, device=support.device, dtype=support.dtype)
         return eye.expand(classes, 1, frames, frames)
-    pooled = support.mean((-2, -1))  # (n, C, T)
+    pooled = support.mean((-2, -1))  # (n, C, T) raw
+    keys = head.shots.keynet(pooled)  # (n, C, T)
+    refs = head.shots.querynet(pooled.unflatten(0, (classes, shot))[:, 0])  # (classes, C, T)
     if w_s is not None:
-        pooled = torch.einsum("nts,ncs->nct", w_s.to(pooled.dtype), pooled)  # warped means
-    attn = head.shots.attention_from_means(pooled, classes, shot)  # (classes, K, T_x, T_y)
+        keys = mix_time(w_s, keys)  # (n, C, T) Wk' of the warped means
+        refs = mix_time(w_s.unflatten(0, (classes, shot))[:, 0], refs)  # (classes, C, T)
+    attn = head.shots.attention_from_keys(keys, refs, classes, shot)  # (classes, K, T_x, T_y)
     mix = attn.transpose(-1, -2) / shot  # (classes, K, T_y, T_x)
     if w_s is not None:
         mix = mix @ w_s.unflatten(0, (classes, shot)).to(mix.dtype)  # (classes, K, T, T)

@@ -72,6 +72,25 @@ def mix_time(mix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*out.shape[:3], *x.shape[3:])
 
 
+def mix_time_major(mix: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """Mix the K shots of each group in time and lay the result out time-major.
+
+    mix (B, K, T_out, T_in) (or None: the identity, K = 1), x (B*K, C, T_in, H, W) ->
+    (B, T_out, C, H, W) contiguous: out[b, t] = sum_k sum_s mix[b, k, t, s] x[b*K + k, :, s].
+    One (T_out, K*T_in) x (K*T_in, C*H*W) matmul per group; the one copy is of x, which
+    carries no gradient in training (raw cached maps), so the backward pass only forms the
+    (B, K, T, T) gradient of ``mix``. SC's pooling reads the time-major maps as views.
+    """
+    n, channels, frames = x.shape[:3]
+    flat = x.transpose(1, 2).reshape(n, frames, -1)  # (B*K, T_in, C*H*W)
+    if mix is None:
+        return flat.view(n, frames, channels, *x.shape[3:])
+    groups, shot, out_frames = mix.shape[:3]
+    lhs = mix.to(x.dtype).transpose(1, 2).reshape(groups, out_frames, shot * frames)
+    out = lhs @ flat.view(groups, shot * frames, -1)  # (B, T_out, C*H*W)
+    return out.view(groups, out_frames, channels, *x.shape[3:])
+
+
 def tap_convs(x: torch.Tensor, weight: torch.Tensor, keep: tuple[int, int] | None = None
               ) -> torch.Tensor:
     """The per-frame 2-D convolutions of a Conv3d kernel's three temporal taps.
