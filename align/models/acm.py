@@ -345,10 +345,20 @@ def case_tap_kernels(weight: torch.Tensor) -> torch.Tensor:
 
     For maps constant over H, W (TC's terms) the conv is then a temporal one per case:
     ``constant_taps`` gives its taps, ``tap_mix`` the time mixing, ``spread_constant`` the map.
+    The sums are adds on the kernel laid out (3, O, 3, 3, C) (``REGION_TAPS``: first row
+    without tap 0, interior all three, last row without tap 2), not tiny matmuls.
     """
-    taps = torch.tensor(REGION_TAPS, device=weight.device, dtype=weight.dtype)  # (3 cases, 3)
-    kernels = torch.einsum("ocdij,ai,bj->doabc", weight, taps, taps)  # (3, O, 3, 3, C)
-    return kernels.flatten(1, 3)  # (3, 9 O, C)
+    w = weight.permute(2, 0, 3, 4, 1).contiguous()  # (3 d, O, 3 i, 3 j, C)
+    rows = _region_sums(w, 2)  # (3, O, 3 a, 3 j, C)
+    cases = _region_sums(rows, 3)  # (3, O, 3 a, 3 b, C)
+    return cases.flatten(1, 3)  # (3, 9 O, C)
+
+
+def _region_sums(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Along ``dim`` (3 taps) -> (3 cases): [taps 1+2, 0+1+2, 0+1], as REGION_TAPS reads."""
+    t0, t1, t2 = w.unbind(dim)
+    middle = t1 + t2
+    return torch.stack([middle, middle + t0, t0 + t1], dim)
 
 
 def constant_taps(values: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
@@ -376,23 +386,12 @@ def add_constant_cases(h: torch.Tensor, cases: torch.Tensor, height: int,
     (..., H', W') once and added out of place.
     """
     if torch.is_grad_enabled() and (h.requires_grad or cases.requires_grad):
-        rows = _case_index(height, h.shape[-2], h.device)  # (H',)
-        cols = _case_index(width, h.shape[-1], h.device)  # (W',)
-        spread = cases.index_select(-2, rows).index_select(-1, cols)  # (..., H', W')
-        return h + spread
+        spread = _spread_cases(_spread_cases(cases, -1, width), -2, height)  # (..., H, W)
+        return h + spread[..., :h.shape[-2], :h.shape[-1]]
     for a, rows in _case_slices(height, h.shape[-2]):
         for b, cols in _case_slices(width, h.shape[-1]):
             h[..., rows, cols] += cases[..., a:a + 1, b:b + 1]
     return h
-
-
-def _case_index(length: int, kept: int, device) -> torch.Tensor:
-    """The case (0 first, 1 interior, 2 last) of each of the first ``kept`` positions."""
-    index = torch.ones(kept, dtype=torch.long, device=device)  # (kept,)
-    index[0] = 0
-    if kept == length:
-        index[-1] = 2
-    return index
 
 
 def _case_slices(length: int, kept: int) -> list[tuple[int, slice]]:
