@@ -170,20 +170,20 @@ def batch_norm(bn: nn.BatchNorm3d, x: torch.Tensor, groups: int = 1,
         return bn(x)
     if bn.momentum is None or not bn.track_running_stats:
         raise ValueError("grouped batch norm needs a momentum and running statistics")
+    # one native (fused) BatchNorm over G*C channels: each batch's channels are its own
     xg = at_least_fp32(x).unflatten(0, (groups, -1))  # (G, n, C, ...)
-    dims = (1, *range(3, xg.dim()))
-    mean = xg.mean(dims, keepdim=True)  # (G, 1, C, 1 ...)
-    var = xg.var(dims, unbiased=False, keepdim=True)  # (G, 1, C, 1 ...)
-    shape = (1, 1, -1) + (1,) * (xg.dim() - 3)
-    y = (xg - mean) * torch.rsqrt(var + bn.eps) * bn.weight.view(shape) + bn.bias.view(shape)
-    count = xg[0].numel() // xg.shape[2]  # values per channel in one batch
-    update = RunningUpdate(bn, mean.detach().flatten(1),
-                           var.detach().flatten(1) * (count / max(count - 1, 1)))
+    channels = xg.shape[2]
+    stacked = xg.transpose(0, 1).flatten(1, 2)  # (n, G*C, ...)
+    stats = xg.new_zeros(2, groups * channels)  # this call's batch mean and unbiased var
+    y = F.batch_norm(stacked, stats[0], stats[1], bn.weight.repeat(groups),
+                     bn.bias.repeat(groups), training=True, momentum=1.0, eps=bn.eps)
+    y = y.unflatten(1, (groups, channels)).transpose(0, 1)  # (G, n, C, ...)
+    update = RunningUpdate(bn, stats[0].view(groups, channels), stats[1].view(groups, channels))
     if deferred is None:
         apply_running_updates([[update]], groups)
     else:
         deferred.append(update)
-    return y.flatten(0, 1).to(x.dtype)
+    return y.flatten(0, 1).to(x.dtype)  # (G*n, C, ...)
 
 
 @dataclass
