@@ -99,12 +99,20 @@ def axis_weights(offset: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def offset_mask(offsets: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Normalised masks (..., H, W) of offsets (..., 2) = (ox along W, oy along H); sum 1."""
+    """Normalised masks (..., H, W) of offsets (..., 2) = (ox along W, oy along H); sum 1.
+
+    The mask is the outer product of two axis weightings, so each is normalised on its own;
+    on a square map both axes are one call (fewer small ops: each costs a thread wake-up)."""
     offsets = at_least_fp32(offsets)
-    w_x = axis_weights(offsets[..., 0], width)  # (..., W)
-    w_y = axis_weights(offsets[..., 1], height)  # (..., H)
-    mask = w_y.unsqueeze(-1) * w_x.unsqueeze(-2)  # (..., H, W)
-    return mask / mask.sum((-2, -1), keepdim=True)
+    if height == width:
+        both = axis_weights(offsets, width)  # (..., 2, W)
+        both = both / both.sum(-1, keepdim=True)  # (..., 2, W)
+        w_x, w_y = both.unbind(-2)  # (..., W) each
+    else:
+        w_x = axis_weights(offsets[..., 0], width)  # (..., W)
+        w_y = axis_weights(offsets[..., 1], height)  # (..., H)
+        w_x, w_y = (w / w.sum(-1, keepdim=True) for w in (w_x, w_y))
+    return w_y.unsqueeze(-1) * w_x.unsqueeze(-2)  # (..., H, W)
 
 
 def grid_axis_weights(offset: torch.Tensor, length: int) -> torch.Tensor:
@@ -249,12 +257,15 @@ class SpatialCoordination(nn.Module):
         """Masks of +o (prototype) and -o (query), (N, M, T, H, W); perturbed in training."""
         make = offset_mask if self.mode == "mask" else grid_mask
         offsets = at_least_fp32(offsets)
+        both = torch.stack([offsets, -offsets])  # (2, N, M, T, 2): +o and -o in one call
         if not self.training:
-            return make(offsets, height, width), make(-offsets, height, width)
+            mask_s, mask_q = make(both, height, width).unbind(0)  # (N, M, T, H, W) each
+            return mask_s, mask_q
         steps = torch.tensor(PERTURBATIONS, device=offsets.device, dtype=offsets.dtype)  # (9, 2)
-        perturbed = offsets.unsqueeze(-2) + self.delta.to(offsets.dtype) * steps  # (N,M,T,9,2)
-        mask_s = make(perturbed, height, width).mean(-3)  # (N, M, T, H, W)
-        mask_q = make(-perturbed, height, width).mean(-3)  # (N, M, T, H, W)
+        delta = self.delta.to(offsets.dtype) * steps  # (9, 2)
+        signed = torch.stack([delta, -delta]).view(2, *[1] * (offsets.dim() - 1), 9, 2)
+        perturbed = both.unsqueeze(-2) + signed  # (2, ..., 9, 2)
+        mask_s, mask_q = make(perturbed, height, width).mean(-3).unbind(0)  # (N, M, T, H, W)
         return mask_s, mask_q
 
     # -------------------------------------------------------------------------- enumerate
@@ -345,20 +356,13 @@ def case_tap_kernels(weight: torch.Tensor) -> torch.Tensor:
 
     For maps constant over H, W (TC's terms) the conv is then a temporal one per case:
     ``constant_taps`` gives its taps, ``tap_mix`` the time mixing, ``spread_constant`` the map.
-    The sums are adds on the kernel laid out (3, O, 3, 3, C) (``REGION_TAPS``: first row
-    without tap 0, interior all three, last row without tap 2), not tiny matmuls.
+    One matmul of the 9 x 9 case-by-tap matrix (REGION_TAPS (x) REGION_TAPS) with the kernel
+    laid out (3, O, 9, C): a single op forward and backward, where einsum made tiny matmuls.
     """
-    w = weight.permute(2, 0, 3, 4, 1).contiguous()  # (3 d, O, 3 i, 3 j, C)
-    rows = _region_sums(w, 2)  # (3, O, 3 a, 3 j, C)
-    cases = _region_sums(rows, 3)  # (3, O, 3 a, 3 b, C)
-    return cases.flatten(1, 3)  # (3, 9 O, C)
-
-
-def _region_sums(w: torch.Tensor, dim: int) -> torch.Tensor:
-    """Along ``dim`` (3 taps) -> (3 cases): [taps 1+2, 0+1+2, 0+1], as REGION_TAPS reads."""
-    t0, t1, t2 = w.unbind(dim)
-    middle = t1 + t2
-    return torch.stack([middle, middle + t0, t0 + t1], dim)
+    taps = torch.tensor(REGION_TAPS, device=weight.device, dtype=weight.dtype)  # (3 cases, 3)
+    cases = torch.kron(taps, taps)  # (9 cases (a, b), 9 taps (i, j))
+    w = weight.permute(2, 0, 3, 4, 1).reshape(3, weight.shape[0], 9, -1)  # (3 d, O, 9, C)
+    return (cases @ w).flatten(1, 2)  # (3, 9 O, C)
 
 
 def constant_taps(values: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:

@@ -214,7 +214,10 @@ def episode_terms(head, support: torch.Tensor, query: torch.Tensor, way: int, sh
         w_support, _, bias = first_conv_halves(head.sc)
         support_conv = tap_mix(w_s, tap_convs(support, w_support))  # (B, O, T, H, W)
         support_conv = support_conv + bias[:, None, None, None]
-    classes = _class_terms(head, protos, support_conv)
+    kernels = None  # (3, 9 O, 2 C): both halves' case kernels in one call
+    if head.tc is not None and predicts_offsets(head):
+        kernels = case_tap_kernels(head.sc.mvnet[0].weight)
+    classes = _class_terms(head, protos, support_conv, kernels)
     value = None if head.tc is None else head.tc.valuenet(mean_q)  # (E*M, C, T)
     terms = QueryTerms(maps=maps_q, project=project,
                        mean=mean_q, query=None if head.tc is None else head.tc.querynet(mean_q),
@@ -229,7 +232,8 @@ def episode_terms(head, support: torch.Tensor, query: torch.Tensor, way: int, sh
         else:
             terms.conv = tap_mix(w_q, tap_convs(query, weight))  # (E*M, O, T, H, W)
         if value is not None:
-            terms.value_taps = constant_taps(value, case_tap_kernels(w_query))  # (E*M,3,9O,T)
+            kernels_q = kernels[..., head.sc.channels:]  # (3, 9 O, C) the query half's
+            terms.value_taps = constant_taps(value, kernels_q)  # (E*M, 3, 9 O, T)
     return classes, terms
 
 
@@ -259,9 +263,11 @@ def time_mixing(head, support: torch.Tensor, w_s: torch.Tensor | None, classes: 
     return mix
 
 
-def _class_terms(head, protos: torch.Tensor, conv: torch.Tensor | None = None) -> ClassTerms:
+def _class_terms(head, protos: torch.Tensor, conv: torch.Tensor | None,
+                 kernels: torch.Tensor | None) -> ClassTerms:
     """ClassTerms of prototype maps (B, C, T, H, W); SC's prototype-half conv (bias included)
-    is ``conv`` when given, else computed on the maps."""
+    is ``conv`` when given, else computed on the maps; ``kernels`` (3, 9 O, 2 C) are the case
+    kernels of SC's whole first conv (``case_tap_kernels``), needed with TC."""
     mean = protos.mean((-2, -1))  # (B, C, T)
     key = residual = None
     if head.tc is not None:
@@ -271,7 +277,8 @@ def _class_terms(head, protos: torch.Tensor, conv: torch.Tensor | None = None) -
         if conv is None:
             conv = F.conv3d(protos, w_support, bias, padding=1)  # (B, O, T, H, W)
         if residual is not None:
-            taps = constant_taps(residual, case_tap_kernels(w_support))  # (B, 3, 9 O, T)
+            kernels_s = kernels[..., :head.sc.channels]  # (3, 9 O, C) the prototype half's
+            taps = constant_taps(residual, kernels_s)  # (B, 3, 9 O, T)
             cases = tap_mix(None, taps).unflatten(1, (-1, 3, 3)).movedim(-1, 2)  # (B,O,T,3,3)
             conv = add_constant_cases(conv, cases, *protos.shape[-2:])
     return ClassTerms(maps=protos.transpose(1, 2) if head.sc is not None else None, mean=mean,
