@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,7 @@ from align.models.acm import (
 from align.models.layers import (
     apply_running_updates,
     batch_norm_affine,
+    channel_linear,
     conv3d_kept,
     frame_cosine_distance,
     mix_time,
@@ -158,14 +160,14 @@ def video_states(head, maps: torch.Tensor, shot: int) -> dict[str, torch.Tensor]
     projected = warped
     if shot > 1:
         pooled = warped.mean((-2, -1))  # (n, C, T)
-        state["shot_key"] = head.shots.keynet(pooled)  # (n, C, T)
-        state["shot_query"] = head.shots.querynet(pooled)  # (n, C, T)
+        state["shot_key"] = channel_linear(head.shots.keynet, pooled)  # (n, C, T)
+        state["shot_query"] = channel_linear(head.shots.querynet, pooled)  # (n, C, T)
         projected = head.shots.project(warped)  # (n, C, T, H, W)
     state["mean"] = projected.mean((-2, -1))  # (n, C, T)
     if head.tc is not None:
         for name, net in (("key", head.tc.keynet), ("query", head.tc.querynet),
                           ("value", head.tc.valuenet)):
-            state[f"tc_{name}"] = net(state["mean"])  # (n, C, T)
+            state[f"tc_{name}"] = channel_linear(net, state["mean"])  # (n, C, T)
     if head.sc is not None:
         state["maps"] = projected.transpose(1, 2).contiguous()  # (n, T, C, H, W)
     if predicts_offsets(head):
@@ -195,7 +197,7 @@ def episode_terms(head, support: torch.Tensor, query: torch.Tensor, way: int, sh
     w_s, w_q = episode_warps(head, support, query, episodes)  # (n, T, T) each, or None
     mix = time_mixing(head, support, w_s, way * episodes, shot)  # (E*way, K, T, T)
     mixed = mix_time_major(mix, support).transpose(1, 2)  # (B, C, T, H, W)
-    project = head.shots.project_features if shot > 1 else None
+    project = partial(channel_linear, head.shots.valuenet) if shot > 1 else None
     protos = head.shots.project(mixed) if shot > 1 else mixed  # (B, C, T, H, W)
     mean_q = query.mean((-2, -1))  # (E*M, C, T) of the raw maps
     if project is not None:
@@ -218,10 +220,12 @@ def episode_terms(head, support: torch.Tensor, query: torch.Tensor, way: int, sh
     if head.tc is not None and predicts_offsets(head):
         kernels = case_tap_kernels(head.sc.mvnet[0].weight)
     classes = _class_terms(head, protos, support_conv, kernels)
-    value = None if head.tc is None else head.tc.valuenet(mean_q)  # (E*M, C, T)
-    terms = QueryTerms(maps=maps_q, project=project,
-                       mean=mean_q, query=None if head.tc is None else head.tc.querynet(mean_q),
-                       value=value, conv=None, value_taps=None)
+    value = ask = None
+    if head.tc is not None:
+        ask = channel_linear(head.tc.querynet, mean_q)  # (E*M, C, T)
+        value = channel_linear(head.tc.valuenet, mean_q)  # (E*M, C, T)
+    terms = QueryTerms(maps=maps_q, project=project, mean=mean_q, query=ask, value=value,
+                       conv=None, value_taps=None)
     if predicts_offsets(head):
         _, w_query, _ = first_conv_halves(head.sc)
         weight = w_query
@@ -251,8 +255,9 @@ def time_mixing(head, support: torch.Tensor, w_s: torch.Tensor | None, classes: 
         eye = torch.eye(frames, device=support.device, dtype=support.dtype)
         return eye.expand(classes, 1, frames, frames)
     pooled = support.mean((-2, -1))  # (n, C, T) raw
-    keys = head.shots.keynet(pooled)  # (n, C, T)
-    refs = head.shots.querynet(pooled.unflatten(0, (classes, shot))[:, 0])  # (classes, C, T)
+    keys = channel_linear(head.shots.keynet, pooled)  # (n, C, T)
+    firsts = pooled.unflatten(0, (classes, shot))[:, 0]  # (classes, C, T) reference shots
+    refs = channel_linear(head.shots.querynet, firsts)  # (classes, C, T)
     if w_s is not None:
         keys = mix_time(w_s, keys)  # (n, C, T) Wk' of the warped means
         refs = mix_time(w_s.unflatten(0, (classes, shot))[:, 0], refs)  # (classes, C, T)
@@ -271,7 +276,8 @@ def _class_terms(head, protos: torch.Tensor, conv: torch.Tensor | None,
     mean = protos.mean((-2, -1))  # (B, C, T)
     key = residual = None
     if head.tc is not None:
-        key, residual = head.tc.keynet(mean), head.tc.valuenet(mean)  # (B, C, T) x 2
+        key = channel_linear(head.tc.keynet, mean)  # (B, C, T)
+        residual = channel_linear(head.tc.valuenet, mean)  # (B, C, T)
     if predicts_offsets(head):
         w_support, _, bias = first_conv_halves(head.sc)
         if conv is None:
