@@ -191,9 +191,10 @@ def episode_terms(head, support: torch.Tensor, query: torch.Tensor, way: int, sh
     """Terms of E episodes from raw maps: support (E*way*shot, C, T, H, W) and query (E*M, C,
     T, H, W), episode-major; any mode, BatchNorm statistics per episode in training.
 
-    The raw maps carry no gradient: every map-sized product with a weight reads them directly
-    (taps, folded kernels, projections of spatial means before the time mix), so the backward
-    pass never forms a gradient of a whole query map, only of the (T, T) mixing matrices."""
+    The raw maps carry no gradient: every product with a weight reads them directly (taps,
+    folded kernels, projections of spatial means before the time mix), so no map-sized
+    gradient goes back through a convolution or a C x C projection; the one map-sized
+    gradient left is SC's pooling's, on the warped query maps, for the (T, T) warps."""
     w_s, w_q = episode_warps(head, support, query, episodes)  # (n, T, T) each, or None
     mix = time_mixing(head, support, w_s, way * episodes, shot)  # (E*way, K, T, T)
     mixed = mix_time_major(mix, support).transpose(1, 2)  # (B, C, T, H, W)
