@@ -347,7 +347,8 @@ def _closest_shift(pooled_s: torch.Tensor, pooled_q: torch.Tensor,
 def first_conv_halves(sc: SpatialCoordination):
     """SC's first conv split by input: (prototype half (O, C, 3, 3, 3), query half, bias (O,))."""
     conv = sc.mvnet[0]
-    return conv.weight[:, :sc.channels], conv.weight[:, sc.channels:], conv.bias
+    w_support, w_query = conv.weight.split(sc.channels, dim=1)  # one node: no zero-filled grads
+    return w_support, w_query, conv.bias
 
 
 def case_tap_kernels(weight: torch.Tensor) -> torch.Tensor:

@@ -211,34 +211,35 @@ def episode_terms(head, support: torch.Tensor, query: torch.Tensor, way: int, sh
         if project is not None and head.sc.mode == "enumerate":  # every shift is compared
             maps_q = head.shots.project(maps_q.transpose(1, 2)).transpose(1, 2)
             project = None
+    # SC's first conv split once (each split of a parameter costs a full-size gradient)
+    halves = first_conv_halves(head.sc) if predicts_offsets(head) else None
     support_conv = None
-    if shot == 1 and w_s is not None and predicts_offsets(head):
+    if shot == 1 and w_s is not None and halves is not None:
         # the prototypes are warped supports: taps on the raw maps, no gradient through C
-        w_support, _, bias = first_conv_halves(head.sc)
+        w_support, _, bias = halves
         support_conv = tap_mix(w_s, tap_convs(support, w_support))  # (B, O, T, H, W)
         support_conv = support_conv + bias[:, None, None, None]
-    kernels = None  # (3, 9 O, 2 C): both halves' case kernels in one call
-    if head.tc is not None and predicts_offsets(head):
-        kernels = case_tap_kernels(head.sc.mvnet[0].weight)
-    classes = _class_terms(head, protos, support_conv, kernels)
+    kernels = None  # (3, 9 O, C) per half: both halves' case kernels in one call
+    if head.tc is not None and halves is not None:
+        kernels = case_tap_kernels(head.sc.mvnet[0].weight).split(head.sc.channels, -1)
+    classes = _class_terms(head, protos, support_conv, halves, kernels)
     value = ask = None
     if head.tc is not None:
         ask = channel_linear(head.tc.querynet, mean_q)  # (E*M, C, T)
         value = channel_linear(head.tc.valuenet, mean_q)  # (E*M, C, T)
     terms = QueryTerms(maps=maps_q, project=project, mean=mean_q, query=ask, value=value,
                        conv=None, value_taps=None)
-    if predicts_offsets(head):
-        _, w_query, _ = first_conv_halves(head.sc)
+    if halves is not None:
+        w_query = halves[1]
         weight = w_query
         if shot > 1:  # Wv' then the conv: one kernel W_q Wv'
-            weight = torch.einsum("ocdij,ce->oedij", w_query, head.shots.valuenet.weight[..., 0])
+            weight = torch.einsum("ocdij,ce->oedij", w_query, head.shots.valuenet.weight.flatten(1))
         if w_q is None:
             terms.conv = F.conv3d(query, weight, padding=1)  # (E*M, O, T, H, W)
         else:
             terms.conv = tap_mix(w_q, tap_convs(query, weight))  # (E*M, O, T, H, W)
         if value is not None:
-            kernels_q = kernels[..., head.sc.channels:]  # (3, 9 O, C) the query half's
-            terms.value_taps = constant_taps(value, kernels_q)  # (E*M, 3, 9 O, T)
+            terms.value_taps = constant_taps(value, kernels[1])  # (E*M, 3, 9 O, T)
     return classes, terms
 
 
@@ -269,23 +270,22 @@ def time_mixing(head, support: torch.Tensor, w_s: torch.Tensor | None, classes: 
     return mix
 
 
-def _class_terms(head, protos: torch.Tensor, conv: torch.Tensor | None,
-                 kernels: torch.Tensor | None) -> ClassTerms:
+def _class_terms(head, protos: torch.Tensor, conv: torch.Tensor | None, halves: tuple | None,
+                 kernels: tuple | None) -> ClassTerms:
     """ClassTerms of prototype maps (B, C, T, H, W); SC's prototype-half conv (bias included)
-    is ``conv`` when given, else computed on the maps; ``kernels`` (3, 9 O, 2 C) are the case
-    kernels of SC's whole first conv (``case_tap_kernels``), needed with TC."""
+    is ``conv`` when given, else computed on the maps. ``halves``: ``first_conv_halves`` (None
+    without SC's predictor); ``kernels``: the halves' case kernels (3, 9 O, C) (with TC)."""
     mean = protos.mean((-2, -1))  # (B, C, T)
     key = residual = None
     if head.tc is not None:
         key = channel_linear(head.tc.keynet, mean)  # (B, C, T)
         residual = channel_linear(head.tc.valuenet, mean)  # (B, C, T)
-    if predicts_offsets(head):
-        w_support, _, bias = first_conv_halves(head.sc)
+    if halves is not None:
+        w_support, _, bias = halves
         if conv is None:
             conv = F.conv3d(protos, w_support, bias, padding=1)  # (B, O, T, H, W)
         if residual is not None:
-            kernels_s = kernels[..., :head.sc.channels]  # (3, 9 O, C) the prototype half's
-            taps = constant_taps(residual, kernels_s)  # (B, 3, 9 O, T)
+            taps = constant_taps(residual, kernels[0])  # (B, 3, 9 O, T)
             cases = tap_mix(None, taps).unflatten(1, (-1, 3, 3)).movedim(-1, 2)  # (B,O,T,3,3)
             conv = add_constant_cases(conv, cases, *protos.shape[-2:])
     return ClassTerms(maps=protos.transpose(1, 2) if head.sc is not None else None, mean=mean,

@@ -76,7 +76,7 @@ def channel_linear(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     """A 1x1 Conv1d (C -> C') applied to features (..., C, T) as one GEMM over all (..., T)
     columns -> (..., C', T) (a transposed view). Conv1d on short T (the frames) runs one
     skinny (C', C) x (C, T) product per row on the CPU, several times slower per FLOP."""
-    out = F.linear(x.transpose(-1, -2), conv.weight[..., 0], conv.bias)  # (..., T, C')
+    out = F.linear(x.transpose(-1, -2), conv.weight.flatten(1), conv.bias)  # (..., T, C')
     return out.transpose(-1, -2)  # (..., C', T)
 
 
