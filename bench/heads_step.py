@@ -14,7 +14,10 @@ before issue 12: first conv split by input, einsum pooling, Wv' after the shot m
 episode). Each form runs in its own subprocess, so that peak memory is its own: on CPU the peak
 resident set size (ru_maxrss) and its rise over the RSS before the first step; on CUDA
 ``torch.cuda.max_memory_allocated``. The subprocesses alternate for ``--rounds`` rounds (a
-shared machine's load changes), and the median over all timed steps is reported.
+shared machine's load changes), and the median over all timed steps is reported, in wall-clock
+seconds and in the process's CPU seconds (``time.process_time``: on a machine shared with
+other jobs the wall clock also counts the time the threads waited for a core; the CPU time
+does not, so its ratio is the steadier one).
 
 FLOPs are counted by ``torch.utils.flop_counter`` on meta tensors (shapes only, no compute), for
 1- and 5-shot: a training step, an evaluation episode (1 query per class) of today's path, and
@@ -118,15 +121,16 @@ def run_child(args: argparse.Namespace) -> dict:
     for _ in range(args.warmup):
         first = step() if first is None else first
         sync()
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         logits = step()
         sync()
         times.append((time.perf_counter() - start) / episodes)
+        cpu_times.append((time.process_time() - cpu_start) / episodes)
         first = logits if first is None else first
     result = {"form": args.child, "device": str(device), "episodes_per_pass": episodes,
-              "times": times, "logits": first.cpu().tolist()}
+              "times": times, "cpu_times": cpu_times, "logits": first.cpu().tolist()}
     if device.type == "cuda":
         result["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         result["device_name"] = torch.cuda.get_device_name(device)
@@ -237,14 +241,18 @@ def report_steps(args, forms: list[str], passthrough: list[str]) -> dict:
         diff = (torch.tensor(results[form][0]["logits"]) -
                 torch.tensor(first["logits"])).abs().max().item()
         ratio = summary[base]["median_s"] / s["median_s"]
-        print(f"  {form:12s} {s['median_s']:8.3f} s/episode  x{ratio:.2f} vs {base}   {memory}"
+        cpu_ratio = summary[base]["median_cpu_s"] / s["median_cpu_s"]
+        print(f"  {form:12s} {s['median_s']:8.3f} s/episode  x{ratio:.2f} vs {base}   "
+              f"(CPU time {s['median_cpu_s']:.3f} s, x{cpu_ratio:.2f})   {memory}"
               f"   max |logit diff| {diff:.1e}")
     return summary
 
 
 def summarise(runs: list[dict]) -> dict:
     times = [t for r in runs for t in r["times"]]
+    cpu_times = [t for r in runs for t in r["cpu_times"]]
     out = {"median_s": statistics.median(times), "times": times,
+           "median_cpu_s": statistics.median(cpu_times), "cpu_times": cpu_times,
            "peak_mib": max(r["peak_mib"] for r in runs),
            "episodes_per_pass": runs[0]["episodes_per_pass"]}
     if "step_peak_mib" in runs[0]:

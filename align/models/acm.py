@@ -99,12 +99,20 @@ def axis_weights(offset: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def offset_mask(offsets: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Normalised masks (..., H, W) of offsets (..., 2) = (ox along W, oy along H); sum 1."""
+    """Normalised masks (..., H, W) of offsets (..., 2) = (ox along W, oy along H); sum 1.
+
+    The mask is the outer product of two axis weightings, so each is normalised on its own;
+    on a square map both axes are one call (fewer small ops: each costs a thread wake-up)."""
     offsets = at_least_fp32(offsets)
-    w_x = axis_weights(offsets[..., 0], width)  # (..., W)
-    w_y = axis_weights(offsets[..., 1], height)  # (..., H)
-    mask = w_y.unsqueeze(-1) * w_x.unsqueeze(-2)  # (..., H, W)
-    return mask / mask.sum((-2, -1), keepdim=True)
+    if height == width:
+        both = axis_weights(offsets, width)  # (..., 2, W)
+        both = both / both.sum(-1, keepdim=True)  # (..., 2, W)
+        w_x, w_y = both.unbind(-2)  # (..., W) each
+    else:
+        w_x = axis_weights(offsets[..., 0], width)  # (..., W)
+        w_y = axis_weights(offsets[..., 1], height)  # (..., H)
+        w_x, w_y = (w / w.sum(-1, keepdim=True) for w in (w_x, w_y))
+    return w_y.unsqueeze(-1) * w_x.unsqueeze(-2)  # (..., H, W)
 
 
 def grid_axis_weights(offset: torch.Tensor, length: int) -> torch.Tensor:
@@ -249,12 +257,15 @@ class SpatialCoordination(nn.Module):
         """Masks of +o (prototype) and -o (query), (N, M, T, H, W); perturbed in training."""
         make = offset_mask if self.mode == "mask" else grid_mask
         offsets = at_least_fp32(offsets)
+        both = torch.stack([offsets, -offsets])  # (2, N, M, T, 2): +o and -o in one call
         if not self.training:
-            return make(offsets, height, width), make(-offsets, height, width)
+            mask_s, mask_q = make(both, height, width).unbind(0)  # (N, M, T, H, W) each
+            return mask_s, mask_q
         steps = torch.tensor(PERTURBATIONS, device=offsets.device, dtype=offsets.dtype)  # (9, 2)
-        perturbed = offsets.unsqueeze(-2) + self.delta.to(offsets.dtype) * steps  # (N,M,T,9,2)
-        mask_s = make(perturbed, height, width).mean(-3)  # (N, M, T, H, W)
-        mask_q = make(-perturbed, height, width).mean(-3)  # (N, M, T, H, W)
+        delta = self.delta.to(offsets.dtype) * steps  # (9, 2)
+        signed = torch.stack([delta, -delta]).view(2, *[1] * (offsets.dim() - 1), 9, 2)
+        perturbed = both.unsqueeze(-2) + signed  # (2, ..., 9, 2)
+        mask_s, mask_q = make(perturbed, height, width).mean(-3).unbind(0)  # (N, M, T, H, W)
         return mask_s, mask_q
 
     # -------------------------------------------------------------------------- enumerate
@@ -336,7 +347,8 @@ def _closest_shift(pooled_s: torch.Tensor, pooled_q: torch.Tensor,
 def first_conv_halves(sc: SpatialCoordination):
     """SC's first conv split by input: (prototype half (O, C, 3, 3, 3), query half, bias (O,))."""
     conv = sc.mvnet[0]
-    return conv.weight[:, :sc.channels], conv.weight[:, sc.channels:], conv.bias
+    w_support, w_query = conv.weight.split(sc.channels, dim=1)  # one node: no zero-filled grads
+    return w_support, w_query, conv.bias
 
 
 def case_tap_kernels(weight: torch.Tensor) -> torch.Tensor:
@@ -345,10 +357,13 @@ def case_tap_kernels(weight: torch.Tensor) -> torch.Tensor:
 
     For maps constant over H, W (TC's terms) the conv is then a temporal one per case:
     ``constant_taps`` gives its taps, ``tap_mix`` the time mixing, ``spread_constant`` the map.
+    One matmul of the 9 x 9 case-by-tap matrix (REGION_TAPS (x) REGION_TAPS) with the kernel
+    laid out (3, O, 9, C): a single op forward and backward, where einsum made tiny matmuls.
     """
     taps = torch.tensor(REGION_TAPS, device=weight.device, dtype=weight.dtype)  # (3 cases, 3)
-    kernels = torch.einsum("ocdij,ai,bj->doabc", weight, taps, taps)  # (3, O, 3, 3, C)
-    return kernels.flatten(1, 3)  # (3, 9 O, C)
+    cases = torch.kron(taps, taps)  # (9 cases (a, b), 9 taps (i, j))
+    w = weight.permute(2, 0, 3, 4, 1).reshape(3, weight.shape[0], 9, -1)  # (3 d, O, 9, C)
+    return (cases @ w).flatten(1, 2)  # (3, 9 O, C)
 
 
 def constant_taps(values: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
@@ -367,9 +382,17 @@ def spread_constant(out: torch.Tensor, height: int, width: int,
 
 def add_constant_cases(h: torch.Tensor, cases: torch.Tensor, height: int,
                        width: int) -> torch.Tensor:
-    """h (..., H', W') += cases (..., 3, 3) spread over the (H, W) map's first / interior /
-    last rows and columns, in place; h may be a top-left crop (H' <= H, W' <= W). Each
-    position is written once and no (..., H, W) copy of the cases is made."""
+    """h (..., H', W') + cases (..., 3, 3) spread over the (H, W) map's first / interior /
+    last rows and columns; h may be a top-left crop (H' <= H, W' <= W).
+
+    Without autograd in play the cases are added in place, each position once, and no
+    (..., H, W) copy of them is made. Under autograd nine in-place slice adds would each cost
+    a full copy of h in the backward pass (CopySlices), so the cases are gathered to
+    (..., H', W') once and added out of place.
+    """
+    if torch.is_grad_enabled() and (h.requires_grad or cases.requires_grad):
+        spread = _spread_cases(_spread_cases(cases, -1, width), -2, height)  # (..., H, W)
+        return h + spread[..., :h.shape[-2], :h.shape[-1]]
     for a, rows in _case_slices(height, h.shape[-2]):
         for b, cols in _case_slices(width, h.shape[-1]):
             h[..., rows, cols] += cases[..., a:a + 1, b:b + 1]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +48,11 @@ from align.models.acm import (
 from align.models.layers import (
     apply_running_updates,
     batch_norm_affine,
+    channel_linear,
     conv3d_kept,
     frame_cosine_distance,
     mix_time,
+    mix_time_major,
     pooled_extent,
     run_layers,
     shifted_taps,
@@ -157,14 +160,14 @@ def video_states(head, maps: torch.Tensor, shot: int) -> dict[str, torch.Tensor]
     projected = warped
     if shot > 1:
         pooled = warped.mean((-2, -1))  # (n, C, T)
-        state["shot_key"] = head.shots.keynet(pooled)  # (n, C, T)
-        state["shot_query"] = head.shots.querynet(pooled)  # (n, C, T)
+        state["shot_key"] = channel_linear(head.shots.keynet, pooled)  # (n, C, T)
+        state["shot_query"] = channel_linear(head.shots.querynet, pooled)  # (n, C, T)
         projected = head.shots.project(warped)  # (n, C, T, H, W)
     state["mean"] = projected.mean((-2, -1))  # (n, C, T)
     if head.tc is not None:
         for name, net in (("key", head.tc.keynet), ("query", head.tc.querynet),
                           ("value", head.tc.valuenet)):
-            state[f"tc_{name}"] = net(state["mean"])  # (n, C, T)
+            state[f"tc_{name}"] = channel_linear(net, state["mean"])  # (n, C, T)
     if head.sc is not None:
         state["maps"] = projected.transpose(1, 2).contiguous()  # (n, T, C, H, W)
     if predicts_offsets(head):
@@ -186,78 +189,103 @@ def video_states(head, maps: torch.Tensor, shot: int) -> dict[str, torch.Tensor]
 def episode_terms(head, support: torch.Tensor, query: torch.Tensor, way: int, shot: int,
                   episodes: int) -> tuple[ClassTerms, QueryTerms]:
     """Terms of E episodes from raw maps: support (E*way*shot, C, T, H, W) and query (E*M, C,
-    T, H, W), episode-major; any mode, BatchNorm statistics per episode in training."""
+    T, H, W), episode-major; any mode, BatchNorm statistics per episode in training.
+
+    The raw maps carry no gradient: every product with a weight reads them directly (taps,
+    folded kernels, projections of spatial means before the time mix), so no map-sized
+    gradient goes back through a convolution or a C x C projection; the one map-sized
+    gradient left is SC's pooling's, on the warped query maps, for the (T, T) warps."""
     w_s, w_q = episode_warps(head, support, query, episodes)  # (n, T, T) each, or None
     mix = time_mixing(head, support, w_s, way * episodes, shot)  # (E*way, K, T, T)
-    shots = support.unflatten(0, (way * episodes, shot))  # (E*way, K, C, T, H, W)
-    mixed = torch.einsum("bkts,bkcshw->bcthw", mix.to(support.dtype), shots)  # (B, C, T, H, W)
-    project = head.shots.project_features if shot > 1 else None
+    mixed = mix_time_major(mix, support).transpose(1, 2)  # (B, C, T, H, W)
+    project = partial(channel_linear, head.shots.valuenet) if shot > 1 else None
     protos = head.shots.project(mixed) if shot > 1 else mixed  # (B, C, T, H, W)
-    queries = mix_time(w_q, query) if w_q is not None else query  # (E*M, C, T, H, W)
-    mean_q = queries.mean((-2, -1))  # (E*M, C, T)
+    mean_q = query.mean((-2, -1))  # (E*M, C, T) of the raw maps
     if project is not None:
-        mean_q = project(mean_q)  # (E*M, C, T)
-        if head.sc is not None and head.sc.mode == "enumerate":
-            queries, project = head.shots.project(queries), None  # every shift is compared
+        mean_q = project(mean_q)  # (E*M, C, T): Wv' commutes with the time mix
+    if w_q is not None:
+        mean_q = mix_time(w_q, mean_q)  # (E*M, C, T)
+    maps_q = None
+    if head.sc is not None:
+        maps_q = mix_time_major(None if w_q is None else w_q[:, None], query)  # (E*M,T,C,H,W)
+        if project is not None and head.sc.mode == "enumerate":  # every shift is compared
+            maps_q = head.shots.project(maps_q.transpose(1, 2)).transpose(1, 2)
+            project = None
+    # SC's first conv split once (each split of a parameter costs a full-size gradient)
+    halves = first_conv_halves(head.sc) if predicts_offsets(head) else None
     support_conv = None
-    if shot == 1 and w_s is not None and predicts_offsets(head):
+    if shot == 1 and w_s is not None and halves is not None:
         # the prototypes are warped supports: taps on the raw maps, no gradient through C
-        w_support, _, bias = first_conv_halves(head.sc)
+        w_support, _, bias = halves
         support_conv = tap_mix(w_s, tap_convs(support, w_support))  # (B, O, T, H, W)
         support_conv = support_conv + bias[:, None, None, None]
-    classes = _class_terms(head, protos, support_conv)
-    value = None if head.tc is None else head.tc.valuenet(mean_q)  # (E*M, C, T)
-    terms = QueryTerms(maps=queries.transpose(1, 2) if head.sc is not None else None,
-                       project=project,
-                       mean=mean_q, query=None if head.tc is None else head.tc.querynet(mean_q),
-                       value=value, conv=None, value_taps=None)
-    if predicts_offsets(head):
-        _, w_query, _ = first_conv_halves(head.sc)
+    kernels = None  # (3, 9 O, C) per half: both halves' case kernels in one call
+    if head.tc is not None and halves is not None:
+        kernels = case_tap_kernels(head.sc.mvnet[0].weight).split(head.sc.channels, -1)
+    classes = _class_terms(head, protos, support_conv, halves, kernels)
+    value = ask = None
+    if head.tc is not None:
+        ask = channel_linear(head.tc.querynet, mean_q)  # (E*M, C, T)
+        value = channel_linear(head.tc.valuenet, mean_q)  # (E*M, C, T)
+    terms = QueryTerms(maps=maps_q, project=project, mean=mean_q, query=ask, value=value,
+                       conv=None, value_taps=None)
+    if halves is not None:
+        w_query = halves[1]
         weight = w_query
         if shot > 1:  # Wv' then the conv: one kernel W_q Wv'
-            weight = torch.einsum("ocdij,ce->oedij", w_query, head.shots.valuenet.weight[..., 0])
+            weight = torch.einsum("ocdij,ce->oedij", w_query, head.shots.valuenet.weight.flatten(1))
         if w_q is None:
             terms.conv = F.conv3d(query, weight, padding=1)  # (E*M, O, T, H, W)
         else:
             terms.conv = tap_mix(w_q, tap_convs(query, weight))  # (E*M, O, T, H, W)
         if value is not None:
-            terms.value_taps = constant_taps(value, case_tap_kernels(w_query))  # (E*M,3,9O,T)
+            terms.value_taps = constant_taps(value, kernels[1])  # (E*M, 3, 9 O, T)
     return classes, terms
 
 
 def time_mixing(head, support: torch.Tensor, w_s: torch.Tensor | None, classes: int,
                 shot: int) -> torch.Tensor:
     """(classes, K, T, T) matrices mixing each class's raw shots into its prototype: the shot
-    attention (transposed, / K) times the shot's warp; the warp alone at K = 1."""
+    attention (transposed, / K) times the shot's warp; the warp alone at K = 1.
+
+    Wk' and Wq' run on the raw shots' spatial means and the warp after them (1x1 projections
+    commute with a time mix): no input gradient through the C x C projections."""
     frames = support.shape[2]
     if shot == 1:
         if w_s is not None:
             return w_s[:, None]  # (classes, 1, T, T)
         eye = torch.eye(frames, device=support.device, dtype=support.dtype)
         return eye.expand(classes, 1, frames, frames)
-    pooled = support.mean((-2, -1))  # (n, C, T)
+    pooled = support.mean((-2, -1))  # (n, C, T) raw
+    keys = channel_linear(head.shots.keynet, pooled)  # (n, C, T)
+    firsts = pooled.unflatten(0, (classes, shot))[:, 0]  # (classes, C, T) reference shots
+    refs = channel_linear(head.shots.querynet, firsts)  # (classes, C, T)
     if w_s is not None:
-        pooled = torch.einsum("nts,ncs->nct", w_s.to(pooled.dtype), pooled)  # warped means
-    attn = head.shots.attention_from_means(pooled, classes, shot)  # (classes, K, T_x, T_y)
+        keys = mix_time(w_s, keys)  # (n, C, T) Wk' of the warped means
+        refs = mix_time(w_s.unflatten(0, (classes, shot))[:, 0], refs)  # (classes, C, T)
+    attn = head.shots.attention_from_keys(keys, refs, classes, shot)  # (classes, K, T_x, T_y)
     mix = attn.transpose(-1, -2) / shot  # (classes, K, T_y, T_x)
     if w_s is not None:
         mix = mix @ w_s.unflatten(0, (classes, shot)).to(mix.dtype)  # (classes, K, T, T)
     return mix
 
 
-def _class_terms(head, protos: torch.Tensor, conv: torch.Tensor | None = None) -> ClassTerms:
+def _class_terms(head, protos: torch.Tensor, conv: torch.Tensor | None, halves: tuple | None,
+                 kernels: tuple | None) -> ClassTerms:
     """ClassTerms of prototype maps (B, C, T, H, W); SC's prototype-half conv (bias included)
-    is ``conv`` when given, else computed on the maps."""
+    is ``conv`` when given, else computed on the maps. ``halves``: ``first_conv_halves`` (None
+    without SC's predictor); ``kernels``: the halves' case kernels (3, 9 O, C) (with TC)."""
     mean = protos.mean((-2, -1))  # (B, C, T)
     key = residual = None
     if head.tc is not None:
-        key, residual = head.tc.keynet(mean), head.tc.valuenet(mean)  # (B, C, T) x 2
-    if predicts_offsets(head):
-        w_support, _, bias = first_conv_halves(head.sc)
+        key = channel_linear(head.tc.keynet, mean)  # (B, C, T)
+        residual = channel_linear(head.tc.valuenet, mean)  # (B, C, T)
+    if halves is not None:
+        w_support, _, bias = halves
         if conv is None:
             conv = F.conv3d(protos, w_support, bias, padding=1)  # (B, O, T, H, W)
         if residual is not None:
-            taps = constant_taps(residual, case_tap_kernels(w_support))  # (B, 3, 9 O, T)
+            taps = constant_taps(residual, kernels[0])  # (B, 3, 9 O, T)
             cases = tap_mix(None, taps).unflatten(1, (-1, 3, 3)).movedim(-1, 2)  # (B,O,T,3,3)
             conv = add_constant_cases(conv, cases, *protos.shape[-2:])
     return ClassTerms(maps=protos.transpose(1, 2) if head.sc is not None else None, mean=mean,

@@ -72,6 +72,33 @@ def mix_time(mix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*out.shape[:3], *x.shape[3:])
 
 
+def channel_linear(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 Conv1d (C -> C') applied to features (..., C, T) as one GEMM over all (..., T)
+    columns -> (..., C', T) (a transposed view). Conv1d on short T (the frames) runs one
+    skinny (C', C) x (C, T) product per row on the CPU, several times slower per FLOP."""
+    out = F.linear(x.transpose(-1, -2), conv.weight.flatten(1), conv.bias)  # (..., T, C')
+    return out.transpose(-1, -2)  # (..., C', T)
+
+
+def mix_time_major(mix: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """Mix the K shots of each group in time and lay the result out time-major.
+
+    mix (B, K, T_out, T_in) (or None: the identity, K = 1), x (B*K, C, T_in, H, W) ->
+    (B, T_out, C, H, W) contiguous: out[b, t] = sum_k sum_s mix[b, k, t, s] x[b*K + k, :, s].
+    One (T_out, K*T_in) x (K*T_in, C*H*W) matmul per group; the one copy is of x, which
+    carries no gradient in training (raw cached maps), so the backward pass only forms the
+    (B, K, T, T) gradient of ``mix``. SC's pooling reads the time-major maps as views.
+    """
+    n, channels, frames = x.shape[:3]
+    flat = x.transpose(1, 2).reshape(n, frames, -1)  # (B*K, T_in, C*H*W)
+    if mix is None:
+        return flat.view(n, frames, channels, *x.shape[3:])
+    groups, shot, out_frames = mix.shape[:3]
+    lhs = mix.to(x.dtype).transpose(1, 2).reshape(groups, out_frames, shot * frames)
+    out = lhs @ flat.view(groups, shot * frames, -1)  # (B, T_out, C*H*W)
+    return out.view(groups, out_frames, channels, *x.shape[3:])
+
+
 def tap_convs(x: torch.Tensor, weight: torch.Tensor, keep: tuple[int, int] | None = None
               ) -> torch.Tensor:
     """The per-frame 2-D convolutions of a Conv3d kernel's three temporal taps.
@@ -151,20 +178,20 @@ def batch_norm(bn: nn.BatchNorm3d, x: torch.Tensor, groups: int = 1,
         return bn(x)
     if bn.momentum is None or not bn.track_running_stats:
         raise ValueError("grouped batch norm needs a momentum and running statistics")
+    # one native (fused) BatchNorm over G*C channels: each batch's channels are its own
     xg = at_least_fp32(x).unflatten(0, (groups, -1))  # (G, n, C, ...)
-    dims = (1, *range(3, xg.dim()))
-    mean = xg.mean(dims, keepdim=True)  # (G, 1, C, 1 ...)
-    var = xg.var(dims, unbiased=False, keepdim=True)  # (G, 1, C, 1 ...)
-    shape = (1, 1, -1) + (1,) * (xg.dim() - 3)
-    y = (xg - mean) * torch.rsqrt(var + bn.eps) * bn.weight.view(shape) + bn.bias.view(shape)
-    count = xg[0].numel() // xg.shape[2]  # values per channel in one batch
-    update = RunningUpdate(bn, mean.detach().flatten(1),
-                           var.detach().flatten(1) * (count / max(count - 1, 1)))
+    channels = xg.shape[2]
+    stacked = xg.transpose(0, 1).flatten(1, 2)  # (n, G*C, ...)
+    stats = xg.new_zeros(2, groups * channels)  # this call's batch mean and unbiased var
+    y = F.batch_norm(stacked, stats[0], stats[1], bn.weight.repeat(groups),
+                     bn.bias.repeat(groups), training=True, momentum=1.0, eps=bn.eps)
+    y = y.unflatten(1, (groups, channels)).transpose(0, 1)  # (G, n, C, ...)
+    update = RunningUpdate(bn, stats[0].view(groups, channels), stats[1].view(groups, channels))
     if deferred is None:
         apply_running_updates([[update]], groups)
     else:
         deferred.append(update)
-    return y.flatten(0, 1).to(x.dtype)
+    return y.flatten(0, 1).to(x.dtype)  # (G*n, C, ...)
 
 
 @dataclass
