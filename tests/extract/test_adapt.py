@@ -60,6 +60,7 @@ def load(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 def test_trains_on_the_train_split_only_and_records_it(data, tmp_path):
     summary = adapt(config(data, tmp_path / "w.pt"))
     meta = json.loads(Path(sidecar_path(tmp_path / "w.pt")).read_text())
@@ -92,6 +93,7 @@ def test_held_out_slice_is_seeded(data, tmp_path):
     assert len({frozenset(v) for v in held.values()}) > 1
 
 
+@pytest.mark.slow
 def test_resume_after_a_stop_equals_an_uninterrupted_run(data, tmp_path):
     straight = config(data, tmp_path / "a.pt", epochs=3, optimizer="adamw", lr=0.01)
     adapt(straight)
@@ -114,6 +116,7 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(data, tmp_path):
     assert file_sha256(tmp_path / "a.pt") == file_sha256(tmp_path / "b.pt")
 
 
+@pytest.mark.slow
 def test_exported_weights_reproduce_the_classifiers_features(data, tmp_path):
     adapt(config(data, tmp_path / "w.pt"))
     trained = load(tmp_path / "w.run" / "last.pt")["model"]
@@ -140,6 +143,7 @@ def test_exported_weights_reproduce_the_classifiers_features(data, tmp_path):
         assert torch.allclose(full.eval()(x), net(x), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_extract_records_the_provenance_and_refuses_leaked_classes(data, tmp_path):
     weights = tmp_path / "w.pt"
     adapt(config(data, weights))
@@ -172,6 +176,7 @@ def test_extract_records_the_provenance_and_refuses_leaked_classes(data, tmp_pat
         loaded.weights.warning
 
 
+@pytest.mark.slow
 def test_bad_videos_are_reported_and_skipped(tmp_path):
     videos = {**VIDEOS, "sit/v3": ("corrupt", 0)}
     build_dataset(tmp_path / "root", tmp_path / "splits", videos, SPLITS)
@@ -215,6 +220,7 @@ def test_training_views_are_the_papers_augmentation(data):
                                 image_size=32)
 
 
+@pytest.mark.slow
 def test_cli_prints_the_weights_and_the_next_command(data, tmp_path):
     root, split_dir = data
     args = ["adapt-backbone", "--dataset", "custom", "--root", str(root), "--split-dir",

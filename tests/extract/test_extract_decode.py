@@ -107,6 +107,7 @@ def test_crashing_worker_is_replaced_and_pyav_decodes_the_video(dataset):
     assert results[2].method == "frames" and results[2].fallback_reason is None
 
 
+@pytest.mark.slow
 def test_pool_and_inline_decoding_agree_on_every_video(dataset):
     root, _ = dataset
     ids = ["jump/v0", "jump/v1", "run/v0", "run/v1", "swim/v0", "swim/v1", "walk/v0"]
