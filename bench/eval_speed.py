@@ -47,6 +47,7 @@ from align.feed import Feeder  # noqa: E402
 from align.models import build_head  # noqa: E402
 from cache import FeatureCache  # noqa: E402
 from cache.synthetic import SynthConfig, generate_synthetic  # noqa: E402
+from cli import pick_device  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,12 +69,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--child", choices=["today", "precomputed"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def rss_mib() -> float:

@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from align.models import build_head  # noqa: E402
+from cli import pick_device  # noqa: E402
 
 FORMS = ("direct", "maps", "factored", "factored-mb")
 
@@ -68,14 +69,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="also write the figures here")
     parser.add_argument("--child", choices=FORMS, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(name)
 
 
 def rss_mib() -> float:

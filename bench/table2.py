@@ -50,6 +50,7 @@ from align.evaluate import EvalConfig, evaluate_command  # noqa: E402
 from align.models import head_class  # noqa: E402
 from align.train import TrainConfig, train  # noqa: E402
 from cache.synthetic import SynthConfig, generate_synthetic  # noqa: E402
+from cli import pick_device  # noqa: E402
 
 # Table 2's rows in the paper's order, with the names the paper gives them
 LABELS = {"cmn": "CMN-J", "tarn": "TARN", "arn": "ARN", "protonet": "ProtoNet", "trn": "TRN++",
@@ -78,14 +79,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch CPU threads (1: on a shared machine more spin and slow down)")
     p.add_argument("--out", default="runs/table2")
     return p.parse_args(argv)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(name)
 
 
 def quiet(message: str) -> None:

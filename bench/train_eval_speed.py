@@ -45,12 +45,7 @@ from align.models import build_head  # noqa: E402
 from align.train import TrainConfig, train  # noqa: E402
 from cache import FeatureCache  # noqa: E402
 from cache.synthetic import SynthConfig, generate_synthetic  # noqa: E402
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from cli import pick_device  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
