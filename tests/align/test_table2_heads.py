@@ -28,15 +28,6 @@ SMALL = {"trn": dict(dim=12, bottleneck=10, frame_dim=6), "tarn": dict(hidden=6)
          "cmn": dict(dim=10, saliency=3), "arn": dict(dim=16, hidden=4), "trx": dict(dim=12)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two OpenMP threads on a shared 2-core machine are slower than one for these sizes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def assert_same_values_and_gradients(head, fast, direct):
     """``fast`` and ``direct`` (tensors computed from ``head``'s parameters) agree, and so do
     the gradients of a non-trivial function of them."""

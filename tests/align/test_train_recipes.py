@@ -25,14 +25,6 @@ from align.train import (
 from cache import UserError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def resolved(dataset="synthetic", **values) -> TrainConfig:
     return TrainConfig(cache="x", **values).resolve(dataset)[0]
 
