@@ -120,6 +120,8 @@ class ExtractConfig:
             raise UserError("--aug-views must be 0 or more")
         if self.limit is not None and self.limit < 1:
             raise UserError("--limit must be at least 1")
+        if self.writers is not None and self.writers < 1:
+            raise UserError("--writers must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from extract_testing import SMALL, SPLIT_LINES, build_dataset, decode_all, random_resnet18
 from torchvision.transforms.v2 import functional as tvf
 
-from cache import FeatureCache
+from cache import FeatureCache, UserError
 from cli import cli
 from extract.pipeline import ExtractConfig, RunPlan, read_errors
 from extract.sampling import ViewPlan, plan_views
@@ -314,6 +314,8 @@ def test_writer_threads_default_by_device_and_backend():
     assert RunPlan.make(hdf5, torch.device("cuda")).writers == 1  # one HDF5 writer, always
     assert RunPlan.make(ExtractConfig(dataset="custom", root="x", writers=2),
                         torch.device("cpu")).writers == 2
+    with pytest.raises(UserError, match="--writers must be at least 1"):
+        ExtractConfig(dataset="custom", root="x", writers=0)
 
 
 @pytest.mark.slow
