@@ -7,9 +7,10 @@
 Every run trains the default head (TA2N: TTM + TC + SC), 5-way 1-shot with 5 training queries per
 class, through align.train.train with one recipe (CANDIDATES) for --episodes episodes, validating
 every 100 episodes on the run's fixed validation episodes, with early stopping off so every curve
-is complete. Its curve, wall time and best.pt land in W/<cache>/<candidate>-s<seed>/, and a run
-already there is skipped: the study can be stopped and started again, and split across processes
-by cache, candidate or seed.
+is complete. Its curve, wall time and best.pt land in W/<cache>/<candidate>-<episodes>ep-s<seed>/;
+a finished run is skipped and a killed one resumed (bit for bit), so the study can be stopped and
+started again, and split across processes by cache, candidate or seed. A run of a step or
+constant schedule continues the same run with a smaller budget, if there is one.
 
 Selection uses validation episodes only. `--report` prints, per cache and candidate, the mean +- std
 over seeds of the validation accuracy after 100 ... 3000 episodes, the episodes to get within 90%
@@ -34,6 +35,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -143,13 +146,16 @@ def run_one(work: Path, cache_name: str, candidate: str, seed: int, args) -> dic
     result_file = out / "curve.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
-    if out.exists():  # a run killed half-way: this study made the folder, start it again
-        for file in ("last.pt", "best.pt", "metrics.csv", "config.json"):
-            (out / file).unlink(missing_ok=True)
-    cfg = run_config(cache_path(work, cache_name), out, candidate, seed, args.episodes,
-                     args.val_episodes, args.sc)
+    shorter = shorter_run(work / name, candidate, seed, args.episodes)
+    if not (out / "last.pt").exists() and shorter is not None:
+        extend_run(shorter, out, args.episodes)
     tick = time.perf_counter()
-    summary = train(cfg, device=CPU, progress=False, log=lambda m: None)
+    if (out / "last.pt").exists():  # killed half-way (or extended): continue it bit for bit
+        summary = train(device=CPU, resume=str(out), progress=False, log=lambda m: None)
+    else:
+        cfg = run_config(cache_path(work, cache_name), out, candidate, seed, args.episodes,
+                         args.val_episodes, args.sc)
+        summary = train(cfg, device=CPU, progress=False, log=lambda m: None)
     wall = time.perf_counter() - tick
     history = summary["history"]
     result = {"study": name, "cache": cache_name, "candidate": candidate, "seed": seed,
@@ -166,6 +172,36 @@ def run_one(work: Path, cache_name: str, candidate: str, seed: int, args) -> dic
           + f"  ({wall:.0f} s, {result['train_s'] / result['episodes'][-1]:.3f} s/episode)",
           flush=True)
     return result
+
+
+def shorter_run(study: Path, candidate: str, seed: int, episodes: int) -> Path | None:
+    """The longest unfinished-or-finished run of ``candidate`` and ``seed`` with a smaller budget
+    whose schedule does not depend on the budget (step or constant: the same trajectory as the
+    first episodes of a longer run), so a longer study can continue it instead of starting over."""
+    runs = []
+    for folder in study.glob(f"{candidate}-*ep-s{seed}"):
+        match = re.fullmatch(rf"{re.escape(candidate)}-(\d+)ep-s{seed}", folder.name)
+        if match is None:  # another candidate whose name starts with this one's
+            continue
+        budget, config = int(match[1]), folder / "config.json"
+        if budget < episodes and (folder / "last.pt").exists() and config.exists():
+            if json.loads(config.read_text())["train"]["schedule"] in ("step", "constant"):
+                runs.append((budget, folder))
+    return max(runs)[1] if runs else None
+
+
+def extend_run(shorter: Path, out: Path, episodes: int) -> None:
+    """Copy ``shorter`` to ``out`` with its budget raised to ``episodes``, ready to resume: with a
+    budget-independent schedule, resuming it equals training ``episodes`` from the start
+    (resume is bit for bit: tests/align/test_train.py)."""
+    shutil.copytree(shorter, out)
+    (out / "curve.json").unlink(missing_ok=True)
+    saved = json.loads((out / "config.json").read_text())
+    for key in ("requested", "train"):
+        saved[key]["epochs"] = episodes // EPISODES_PER_EPOCH
+        saved[key]["out"] = str(out)
+    (out / "config.json").write_text(json.dumps(saved, indent=1))
+    print(f"    {out.name}: continues {shorter.name}", flush=True)
 
 
 # ------------------------------------------------------------------------------ report
