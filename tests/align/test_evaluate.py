@@ -227,3 +227,24 @@ def test_report_records_the_precompute_time(synth, tmp_path):
                        device=CPU, report=str(tmp_path / "r.json"), progress=False)
     assert out["precompute_s"] >= 0 and out["episodes_per_s"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["precompute_s"] == out["precompute_s"]
+
+
+def test_gathered_states_reuse_their_buffers_and_equal_direct_indexing():
+    """Scoring gathers each chunk's states into buffers kept across chunks (fresh ones are
+    slow to fault in): chunks of any size, smaller or larger than the last, get exactly the
+    rows they name, and a larger chunk grows the buffer."""
+    from align.evaluate import _gather
+
+    gen = torch.Generator().manual_seed(0)
+    states = {"maps": torch.randn(9, 2, 3, 4, generator=gen),
+              "mean": torch.randn(9, 3, 2, generator=gen)}
+    rows = np.array([2, 3, 5, 7, 8, 10, 11, 13, 14])  # the cache rows the states hold
+    position = np.full(15, -1)
+    position[rows] = np.arange(len(rows))
+    buffers: dict = {}
+    for episodes in ([[2, 5], [14, 2], [8, 8]], [[13, 3]], [[7, 10], [11, 2], [3, 5], [8, 14]]):
+        got = _gather(states, position, [np.array(e) for e in episodes], buffers, "s")
+        index = torch.from_numpy(position[np.array(episodes)])
+        for name, state in states.items():
+            assert torch.equal(got[name], state[index]), name
+    assert buffers[("s", "maps")].shape == (8, 2, 3, 4)

@@ -1,11 +1,14 @@
 """The issue-12 speed-ups of the factored TA2N step, each against its direct form in float64,
 values and gradients: time-major shot mixing, case kernels as one matmul, the out-of-place
 case terms under autograd, 1x1 projections as one GEMM, masks of +o and -o in one call,
-Wk' / Wq' / Wv' before the time mix, and the native grouped BatchNorm's gradients."""
+Wk' / Wq' / Wv' before the time mix, the native grouped BatchNorm's gradients, and the
+strided max pooling of evaluation."""
 
 import copy
 
+import pytest
 import torch
+from torch import nn
 
 from align.models.acm import (
     PERTURBATIONS,
@@ -17,7 +20,13 @@ from align.models.acm import (
     grid_mask,
     offset_mask,
 )
-from align.models.layers import batch_norm, channel_linear, mix_time, mix_time_major
+from align.models.layers import (
+    batch_norm,
+    block_max_pool,
+    channel_linear,
+    mix_time,
+    mix_time_major,
+)
 
 F64 = torch.float64
 
@@ -135,3 +144,15 @@ def test_grouped_batch_norm_gradients_equal_separate_calls():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
     for a, b in zip(bn.state_dict().values(), separate.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", [(1, 2, 2), 2, (1, 3, 2), (2, 1, 1)])
+@pytest.mark.parametrize("shape", [(3, 4, 8, 6, 6), (2, 3, 5, 7, 5)])
+def test_block_max_pool_equals_max_pool3d_without_gradients(kernel, shape):
+    """Evaluation's pooling (SC's and TTM's MaxPool3d) as strided maxima: the same values,
+    sizes that leave a remainder included; with gradients it is MaxPool3d itself."""
+    pool, x = nn.MaxPool3d(kernel), rand(*shape)
+    with torch.no_grad():
+        assert torch.equal(block_max_pool(pool, x), pool(x))
+    x.requires_grad_(True)
+    assert_same(block_max_pool(pool, x), pool(x), [x])
