@@ -237,7 +237,7 @@ def rgb_to_yuv420p(image: np.ndarray) -> np.ndarray:
 
     Why not let FFmpeg convert: libswscale's RGB -> YUV result depends on the input buffer's
     memory alignment (SIMD paths round differently from the scalar edges; measured: the same
-    frame at 10 different byte offsets gave 10 different outputs), and numpy's frame buffers
+    frame at 64 byte offsets gave 10 different outputs), and numpy's frame buffers
     are 0 or 16 bytes past a 64-byte boundary depending on what was allocated before - so the
     same video was not always the same bytes."""
     r, g, b = (image[..., i].astype(np.int32) for i in range(3))
