@@ -168,8 +168,8 @@ def block_max_pool(pool: nn.MaxPool3d, x: torch.Tensor) -> torch.Tensor:
     the CPU (which also computes the argmax indices). Without gradients only: with ties the two
     backward passes would route the gradient differently. Other poolings run as they are."""
     extent = pooled_extent(pool, tuple(x.shape[-3:]))
-    if extent is None or _triple(pool.dilation) != (1, 1, 1) or pool.return_indices or (
-            torch.is_grad_enabled() and x.requires_grad):
+    if extent is None or min(extent) == 0 or _triple(pool.dilation) != (1, 1, 1) or \
+            pool.return_indices or (torch.is_grad_enabled() and x.requires_grad):
         return pool(x)
     kt, kh, kw = _triple(pool.kernel_size)
     x = x[..., :extent[0], :extent[1], :extent[2]]

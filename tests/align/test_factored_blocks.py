@@ -156,3 +156,8 @@ def test_block_max_pool_equals_max_pool3d_without_gradients(kernel, shape):
         assert torch.equal(block_max_pool(pool, x), pool(x))
     x.requires_grad_(True)
     assert_same(block_max_pool(pool, x), pool(x), [x])
+
+
+def test_block_max_pool_refuses_a_map_smaller_than_its_window_as_max_pool3d_does():
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        block_max_pool(nn.MaxPool3d(2), rand(1, 2, 4, 1, 4))
