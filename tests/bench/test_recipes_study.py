@@ -2,18 +2,14 @@
 one may continue (same candidate and seed, a budget-independent schedule, a last.pt to resume
 from), and that the continued copy asks for the longer budget."""
 
-import importlib.util
 import json
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from bench_testing import load_bench_script
 
 
 def load_recipes():
-    spec = importlib.util.spec_from_file_location("bench_recipes", BENCH / "recipes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("recipes.py")
 
 
 def make_run(study: Path, name: str, schedule: str, epochs: int, last: bool = True) -> Path:
