@@ -184,9 +184,14 @@ def shorter_run(study: Path, candidate: str, seed: int, episodes: int) -> Path |
         if match is None:  # another candidate whose name starts with this one's
             continue
         budget, config = int(match[1]), folder / "config.json"
-        if budget < episodes and (folder / "last.pt").exists() and config.exists():
-            if json.loads(config.read_text())["train"]["schedule"] in ("step", "constant"):
-                runs.append((budget, folder))
+        if budget >= episodes or not (folder / "last.pt").exists() or not config.exists():
+            continue
+        try:
+            schedule = json.loads(config.read_text())["train"]["schedule"]
+        except (ValueError, KeyError, TypeError):  # unreadable: not a run to continue
+            continue
+        if schedule in ("step", "constant"):
+            runs.append((budget, folder))
     return max(runs)[1] if runs else None
 
 

@@ -36,6 +36,8 @@ def test_a_longer_run_continues_the_longest_shorter_one_of_a_budget_free_schedul
     make_run(tmp_path, "fast-2000ep-s0", "cosine", 20)  # its lr depends on the budget
     make_run(tmp_path, "adam-1000ep-s0", "constant", 10, last=False)  # nothing to resume
     assert recipes.shorter_run(tmp_path, "fast", 0, 3000) is None
+    (make_run(tmp_path, "const-1000ep-s0", "constant", 10) / "config.json").write_text('{"tr')
+    assert recipes.shorter_run(tmp_path, "const", 0, 3000) is None  # truncated config: skipped
     assert recipes.shorter_run(tmp_path, "adam", 0, 3000) is None
 
 
