@@ -600,6 +600,54 @@ def visualize(device, **options):
     click.echo(format_visualize(summary))
 
 
+# ------------------------------------------------------------------------------------ classify
+def _check_optional_backbone(ctx, param, value):
+    return value if value is None else _check_backbone(ctx, param, value)
+
+
+@cli.command()
+@click.option("--support", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder with one sub-folder per class (its name is the label) holding >= 1 "
+                   "clip each (video files or frame folders).")
+@click.option("--query", "query", required=True, multiple=True, type=click.Path(exists=True),
+              help="A clip file or a folder (searched recursively); repeat for more. Clips "
+                   "under <folder>/<support class>/ have a known label: accuracy is printed.")
+@click.option("--checkpoint", default=None,
+              help="A head from train-heads [default: the latest run's best.pt].")
+@click.option("--head", default=None, type=click.Choice(head_names(training_free=True)),
+              help="A training-free head instead of a checkpoint (with --cache or --backbone).")
+@click.option("--cache", default=None,
+              help="The cache whose backbone, weights, preprocessing and T are used  [default: "
+                   "the one the checkpoint was trained on].")
+@click.option("--backbone", default=None, callback=_check_optional_backbone,
+              help="With --head and no --cache: the backbone to run on the clips.")
+@click.option("--weights", default="pretrained", show_default=True,
+              help="With --backbone: pretrained, none, or a weights file (as extract).")
+@click.option("--frames", "-T", type=click.IntRange(min=1), default=8, show_default=True,
+              help="With --backbone: frames per clip.")
+@click.option("--image-size", type=click.IntRange(min=1),
+              help="With --backbone: crop side  [default: the backbone's input size].")
+@click.option("--out", default="predictions.csv", show_default=True, help="Predictions CSV.")
+@click.option("--json", "json_path", default=None, metavar="FILE",
+              help="Also write the predictions, accuracy and support set as JSON.")
+@click.option("--features", default=None, metavar="DIR",
+              help="Keep the clips' maps in this folder: a rerun with more queries or another "
+                   "checkpoint of the same cache recomputes nothing.")
+@click.option("--figures", default=None, metavar="DIR",
+              help="Draw each query's alignment figure with its predicted class's support clip.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Decode processes (0: decode in this process).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out / --json file.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
+def classify(device, json_path, **options):
+    """Label your own clips from a few example clips per class (a trained checkpoint or a
+    training-free head); see docs/own-videos.md."""
+    from classify.command import ClassifyConfig, classify_command
+
+    classify_command(ClassifyConfig(json=json_path, **options), device=pick_device(device),
+                     log=click.echo)
+
+
 # ------------------------------------------------------------------------------------ demo
 @cli.command()
 @click.option("--weights", default="auto", show_default=True,

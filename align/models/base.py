@@ -88,6 +88,8 @@ class Head(nn.Module):
         score_episodes(support_state {name: (E, way*shot, ...)}, query_state {name: (E, M, ...)},
             way, shot) -> logits (E, M, way).
         compile_entry_points(): torch.compile of the batched entry points.
+        shot_rule: how a class is built from K support videos ("any" by default; classify's
+            rule for classes of different K, see classify/scoring.py).
         explain(support, query, way, shot) -> dict of detached intermediates (eval, no grad).
         decay(): the per-epoch schedule step of a head's own (TA2N halves SC's perturbation).
         trainable: whether the head has parameters that learn.
@@ -155,6 +157,13 @@ class Head(nn.Module):
 
     def decay(self) -> None:
         """A schedule step of the head's own, once per ``decay_every`` epochs; none by default."""
+
+    @property
+    def shot_rule(self) -> str:
+        """How the head builds a class from K support videos: "any" (one prototype from any K,
+        the default), "many" (K >= 2 through weights that take any K >= 2; K = 1 would take
+        another path) or "one" (K = 1 only: no multi-shot weights)."""
+        return "any"
 
     @property
     def trainable(self) -> bool:

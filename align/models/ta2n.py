@@ -82,6 +82,12 @@ class TA2NHead(Head):
         return self
 
     @property
+    def shot_rule(self) -> str:
+        """Built for K = 1 (no multi-shot weights): "one"; else "many": Wk', Wq', Wv' are C x C
+        and take any K >= 2, while K = 1 skips them (the query is not projected by Wv')."""
+        return "many" if self.shots is not None else "one"
+
+    @property
     def precomputes(self) -> bool:
         return self.path == "factored"
 
