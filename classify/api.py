@@ -141,18 +141,18 @@ class FewShotClassifier:
                             "with its new place")
         with FeatureCache.open(path) as opened:
             attrs, shape = opened.attrs, opened.shape
+            recorded = run.get("cache_attrs")
+            if cache is not None and recorded and recipe_problems(cache_recipe(recorded),
+                                                                  cache_recipe(attrs)):
+                raise UserError(
+                    f"--cache {cache} holds features of {describe_recipe(cache_recipe(attrs))},"
+                    f" but {checkpoint} was trained on features of "
+                    f"{describe_recipe(cache_recipe(recorded))}: pass the cache it was trained on")
             if extra.get("source") == "authors":  # their files record neither T nor H, W
                 c, t, h, w = shape
                 head, extra = load_head_checkpoint(checkpoint, map_location="cpu", frames=t,
                                                    height=h, width=w)
             check_head_fits(asdict(head.config), opened)
-        recorded = run.get("cache_attrs")
-        if cache is not None and recorded and recipe_problems(cache_recipe(recorded),
-                                                              cache_recipe(attrs)):
-            raise UserError(
-                f"--cache {cache} holds features of {describe_recipe(cache_recipe(attrs))}, but "
-                f"{checkpoint} was trained on features of "
-                f"{describe_recipe(cache_recipe(recorded))}: pass the cache it was trained on")
         encoder = ClipEncoder(Recipe.from_cache(attrs, f"cache {path}"), torch.device(device),
                               workers=workers, features=features)
         return cls(head, encoder, device=device, amp=amp, log=log)
