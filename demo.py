@@ -10,7 +10,12 @@ It runs the very commands a user types and times them (each as its own process b
     python cli.py evaluate        --checkpoint runs/demo/ta2n/best.pt --save-episodes ...
     python cli.py evaluate        --head protonet --episodes-from ...   the same test episodes
     python cli.py visualize       --checkpoint runs/demo/ta2n/best.pt --episodes-from ...
+    python cli.py classify        --checkpoint runs/demo/ta2n/best.pt --support ... --query ...
+    python cli.py classify        --head protonet --cache caches/demo.zarr ...  the same clips
 
+(the two classify steps label clips of the test classes that are not in the support set, as a
+person labels their own clips: ``prepare_clips`` links K clips per class into
+runs/demo/my-clips/support/<class>/ and the next ones into runs/demo/my-clips/query/<class>/),
 then prints a summary (accuracy +- CI per head, the margin, where the backbone's weights came
 from, wall and CPU time per phase) and writes runs/demo/report.md. The backbone is adapted on the
 toy dataset's train classes, starting from torchvision's ImageNet weights when its cache already
@@ -84,6 +89,8 @@ class DemoConfig:
             1e-3, cosine, one episode per step) and no early stopping (a fixed budget keeps the
             demo's time predictable); the best checkpoint of the validations is kept.
         eval_episodes: test episodes both heads are scored on.
+        classify_classes, classify_queries: classify labels ``classify_queries`` clips of each
+            of the first ``classify_classes`` test classes, with ``shots`` support clips each.
         vis_episodes, vis_pairs: what `visualize` draws.
         seed: seeds the videos, the adaptation, the training, the episodes.
         device: auto, cpu or cuda.
@@ -119,6 +126,8 @@ class DemoConfig:
     val_every: int = 2
     val_episodes: int = 100
     eval_episodes: int = 300
+    classify_classes: int = 5
+    classify_queries: int = 2
     vis_episodes: int = 1
     vis_pairs: str = "true"
     seed: int = 0
@@ -192,9 +201,20 @@ def commands(cfg: DemoConfig, weights: str) -> list[tuple[str, list[str]]]:
     visualize = ["visualize", "--checkpoint", checkpoint, "--episodes-from", episodes,
                  "--episodes", cfg.vis_episodes, "--pairs", cfg.vis_pairs,
                  "--out", str(run / "figures"), "--device", cfg.device]
+    clips = ["--support", str(run / "my-clips" / "support"),
+             "--query", str(run / "my-clips" / "query"),
+             "--features", str(run / "clip-features"), "--device", cfg.device]
+    classify_ta2n = ["classify", "--checkpoint", checkpoint, *clips,
+                     "--out", str(run / "predictions.csv"),
+                     "--json", str(run / "classify-ta2n.json"),
+                     "--figures", str(run / "classify-figures")]
+    classify_proto = ["classify", "--head", "protonet", "--cache", cfg.cache, *clips,
+                      "--out", str(run / "predictions-protonet.csv"),
+                      "--json", str(run / "classify-protonet.json")]
     steps = [("toy-data", toy), ("adapt-backbone", adapt), ("extract", extract),
              ("train-heads", train), ("evaluate ta2n", eval_ta2n),
-             ("evaluate protonet", eval_proto), ("visualize", visualize)]
+             ("evaluate protonet", eval_proto), ("visualize", visualize),
+             ("classify ta2n", classify_ta2n), ("classify protonet", classify_proto)]
     return [(name, [str(a) for a in args]) for name, args in steps]
 
 
@@ -207,10 +227,36 @@ def _clear_run(cfg: DemoConfig) -> None:
     """Remove what an earlier demo left in the run folder (only the demo's own outputs;
     adapt-backbone --overwrite replaces its own files)."""
     run = Path(cfg.workdir) / cfg.run
-    for name in ("ta2n", "figures"):
+    for name in ("ta2n", "figures", "my-clips", "clip-features", "classify-figures"):
         shutil.rmtree(run / name, ignore_errors=True)
-    for name in ("test-episodes.json", "eval-ta2n.json", "eval-protonet.json", "report.md"):
+    for name in ("test-episodes.json", "eval-ta2n.json", "eval-protonet.json", "report.md",
+                 "predictions.csv", "predictions-protonet.csv", "classify-ta2n.json",
+                 "classify-protonet.json"):
         (run / name).unlink(missing_ok=True)
+
+
+def prepare_clips(cfg: DemoConfig) -> dict[str, list[str]]:
+    """Link clips of the test classes into a person's layout: the first ``shots`` videos of
+    each of the first ``classify_classes`` test classes into my-clips/support/<class>/, the next
+    ``classify_queries`` into my-clips/query/<class>/ (so their labels are known). Returns
+    {class: its query videos}."""
+    here = Path(cfg.workdir)
+    by_class: dict[str, list[str]] = {}
+    for line in (here / cfg.data / "splits" / "testlist.txt").read_text().split():
+        by_class.setdefault(line.split("/")[0], []).append(line)
+    clips = here / cfg.run / "my-clips"
+    queries = {}
+    for name in list(by_class)[:cfg.classify_classes]:
+        lines = sorted(by_class[name])
+        chosen = {"support": lines[:cfg.shots],
+                  "query": lines[cfg.shots:cfg.shots + cfg.classify_queries]}
+        for part, picked in chosen.items():
+            (clips / part / name).mkdir(parents=True, exist_ok=True)
+            for line in picked:
+                video = (here / cfg.data / "videos" / f"{line}.mp4").resolve()
+                (clips / part / name / video.name).symlink_to(video)
+        queries[name] = chosen["query"]
+    return queries
 
 
 def _cpu_seconds() -> float:
@@ -251,6 +297,8 @@ def run_demo(cfg: DemoConfig, *, echo=print, quiet: bool = False, runner=None) -
     _clear_run(cfg)
     phases = []
     for name, args in commands(cfg, weights):
+        if name == "classify ta2n":  # a person's folders of clips, made of unseen test videos
+            prepare_clips(cfg)
         echo(f"\n==> [{name}] {shown(args)}")
         tick, cpu = time.perf_counter(), _cpu_seconds()
         status, output = runner(args, cfg.workdir, quiet)
@@ -288,7 +336,16 @@ def _collect(cfg: DemoConfig, weights: str, notice: str | None, phases: list[dic
     for record in index.get("figures", []):
         record["path"] = located(record["path"])
     ta2n, proto = results
+    classified = {}
+    for head in ("ta2n", "protonet"):
+        report = json.loads((run / f"classify-{head}.json").read_text())
+        classified[head] = {"accuracy": report["accuracy"]["accuracy"],
+                            "queries": report["accuracy"]["queries"],
+                            "classes": len(report["classes"]), "out": located(report["out"]),
+                            "figures": [{**f, "path": located(f["path"])}
+                                        for f in report["figures"]]}
     return {"config": asdict(cfg), "weights": weights, "notice": notice, "results": results,
+            "classify": classified,
             "margin": margin(ta2n, proto, 100 / cfg.way),
             "backbone": backbone_record(here / f"{cfg.backbone_file}.json"),
             "phases": phases, "total_seconds": round(total, 2),
@@ -351,7 +408,31 @@ def _write_report(cfg: DemoConfig, summary: dict) -> Path:
                         results=summary["results"], phases=summary["phases"],
                         figures={"curves": summary["figures"].get("curves"),
                                  "pairs": summary["figures"].get("figures")},
-                        notes=notes)
+                        notes=notes, sections=classify_section(cfg, summary, run))
+
+
+def classify_section(cfg: DemoConfig, summary: dict, run: Path) -> list[str]:
+    """report.md's part on `classify`: both heads on the same clips, a few queries' figures."""
+    ta2n, proto = summary["classify"]["ta2n"], summary["classify"]["protonet"]
+
+    def rel(p: str) -> str:
+        return os.path.relpath(p, run)
+
+    lines = ["## Your own clips: `classify`", "",
+             f"`classify` labelled {ta2n['queries']} clips of {ta2n['classes']} test classes "
+             f"that are not in its support set ({cfg.shots} support clip(s) per class, linked "
+             f"into `{cfg.run}/my-clips/` as a person would arrange their own), decoding each "
+             "clip once with the cache's backbone recipe (see docs/own-videos.md).", "",
+             "| head | accuracy (%) | predictions |", "|---|---|---|",
+             f"| ta2n | {ta2n['accuracy']:.1f} | [{Path(ta2n['out']).name}]({rel(ta2n['out'])}) |",
+             f"| protonet | {proto['accuracy']:.1f} | "
+             f"[{Path(proto['out']).name}]({rel(proto['out'])}) |", ""]
+    for record in ta2n["figures"][:3]:
+        verdict = "right" if record["correct"] else f"wrong, it is {record['truth']}"
+        lines += [f"**{Path(record['query']).name}** classified as **{record['predicted']}** "
+                  f"({verdict})", "", f"![{Path(record['query']).name}]({rel(record['path'])})",
+                  ""]
+    return lines
 
 
 def format_demo(summary: dict) -> str:
@@ -376,6 +457,14 @@ def format_demo(summary: dict) -> str:
     lines.append(f"  {'total':<20} {summary['total_seconds']:7.1f} s "
                  f"{summary['total_cpu_seconds']:14.1f} s "
                  f"({summary['total_seconds'] / 60:.1f} min wall)")
+    own = summary.get("classify")
+    if own:
+        lines += ["", f"classify (your own clips): {own['ta2n']['queries']} clips of "
+                      f"{own['ta2n']['classes']} test classes not in the support set, "
+                      f"{cfg['shots']} support clip(s) each",
+                  f"  ta2n {own['ta2n']['accuracy']:.1f} %, protonet "
+                  f"{own['protonet']['accuracy']:.1f} % on the same clips; predictions "
+                  f"{own['ta2n']['out']}"]
     figures = summary["figures"].get("figures") or []
     lines += ["", f"report   {summary['report']}",
               f"figures  {summary['figures_dir']}/ ({len(figures)} pair figures"
@@ -390,7 +479,7 @@ def _fmt_time(seconds: float) -> str:
 
 def write_report(path: str | os.PathLike, *, title: str, intro: list[str],
                  results: list[dict], phases: list[dict], figures: dict,
-                 notes: list[str] = ()) -> Path:
+                 notes: list[str] = (), sections: list[str] = ()) -> Path:
     """A markdown report: what ran, accuracy +- CI per head, time per phase, the figures.
 
     Args:
@@ -398,6 +487,7 @@ def write_report(path: str | os.PathLike, *, title: str, intro: list[str],
         phases: dicts with name, seconds, command (and cpu_seconds).
         figures: {"curves": path or None, "pairs": [visualize records]}; paths are written
             relative to the report's folder.
+        sections: further markdown lines, before the notes.
     """
     path = Path(path)
     base = path.parent
@@ -436,6 +526,7 @@ def write_report(path: str | os.PathLike, *, title: str, intro: list[str],
         lines += [f"- [{Path(r['path']).name}]({rel(r['path'])}): query {r['query']} vs "
                   f"{r['support_class']}, distance {r['distance']:.3f}" for r in pairs]
         lines.append("")
+    lines += list(sections)
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     write_text(path, "\n".join(lines))

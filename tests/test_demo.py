@@ -27,7 +27,7 @@ TINY = dict(weights="none", backbone="resnet18", frames=4, image_size=128, resiz
             adapt_epochs=1, adapt_frames=2, adapt_batch=4, workers=0,
             train_classes=3, val_classes=3, test_classes=3, videos_per_class=3, video_frames=12,
             video_size=64, way=3, shots=1, train_queries=1, epochs=2, episodes_per_epoch=2,
-            val_every=1, val_episodes=2, eval_episodes=6,
+            val_every=1, val_episodes=2, eval_episodes=6, classify_queries=1,
             vis_episodes=1, vis_pairs="true", device="cpu")
 
 
@@ -37,7 +37,7 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path):
                        quiet=True, runner=run_in_process)
     assert [p["name"] for p in summary["phases"]] == [
         "toy-data", "adapt-backbone", "extract", "train-heads", "evaluate ta2n",
-        "evaluate protonet", "visualize"]
+        "evaluate protonet", "visualize", "classify ta2n", "classify protonet"]
     assert all(p["command"].startswith("python cli.py ") for p in summary["phases"])
     assert all(p["cpu_seconds"] > 0 for p in summary["phases"])
     # the backbone was adapted on the 3 train classes, and extract used that very file
@@ -75,6 +75,17 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path):
                                              - proto["ci95"]) > 100 / 3)
     assert ("both above it" if lead["both_above_chance"] else "not both above it") in table
     assert "adapted from random weights" in text
+    # classify: the clips of the test classes not in the support set, both heads on them
+    own = summary["classify"]
+    assert own["ta2n"]["queries"] == own["protonet"]["queries"] == 3
+    support = sorted(p.name for p in (run / "my-clips/support").glob("*/*"))
+    query = sorted(p.name for p in (run / "my-clips/query").glob("*/*"))
+    assert len(support) == len(query) == 3 and not set(support) & set(query)
+    rows = (run / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("query,predicted,probability")
+    assert len(own["ta2n"]["figures"]) == 3
+    assert "## Your own clips: `classify`" in text
+    assert f"ta2n {own['ta2n']['accuracy']:.1f} %, protonet" in table
 
 
 def test_imagenet_weights_only_when_already_cached(tmp_path, monkeypatch):
