@@ -1,4 +1,5 @@
-"""Every `python cli.py ...` command the README shows parses against the real CLI.
+"""Every `python cli.py ...` command the README and docs/own-videos.md show parses against the
+real CLI.
 
 The demo runs the demo's commands for real (tests/test_demo.py); this test keeps every other
 command line in the README from naming a command, option or choice that no longer exists.
@@ -13,12 +14,14 @@ import pytest
 
 import cli
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+OWN_VIDEOS = (ROOT / "docs" / "own-videos.md").read_text()
 
 
-def readme_commands() -> list[str]:
+def readme_commands(text: str = README) -> list[str]:
     commands = []
-    for line in README.splitlines():
+    for line in text.splitlines():
         for match in re.finditer(r"python cli\.py ([^`|&\\\n]+)", line):
             commands.append(match.group(1).strip())
     return commands
@@ -44,7 +47,14 @@ def test_readme_shows_the_main_commands():
         assert any(c.split()[0] == name for c in commands), name
 
 
-@pytest.mark.parametrize("command", readme_commands())
+def test_own_videos_page_shows_its_commands():
+    commands = readme_commands(OWN_VIDEOS)
+    for name in ("classify", "extract", "train-heads", "evaluate", "adapt-backbone"):
+        assert any(c.split()[0] == name for c in commands), name
+    assert "docs/own-videos.md" in README
+
+
+@pytest.mark.parametrize("command", readme_commands() + readme_commands(OWN_VIDEOS))
 def test_readme_command_parses(command):
     args = shlex.split(command.split("#")[0])
     # placeholders like CACHE, [CACHE] or REPORT_A stand for the user's own values
