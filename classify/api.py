@@ -197,30 +197,32 @@ class FewShotClassifier:
         if len(given) < 2:
             raise UserError(f"the support set has {len(given)} class(es) "
                             f"({', '.join(given) or 'none'}); classify needs at least 2")
+        labels = [label for label in given for _ in given[label]]  # per clip, in order
         clips = [clip for label in given for clip in given[label]]
         keys, failed = _keys(clips)
-        unique = {k: c for k, c in zip(keys, clips) if k is not None}
-        maps, broken = self.encoder.encode(unique, progress=progress)
+        maps, broken = self.encoder.encode({k: c for k, c in zip(keys, clips) if k},
+                                           progress=progress)
         failed.update({c.path: broken[k] for k, c in zip(keys, clips) if k in broken})
         for path, why in failed.items():
             self.log(f"warning: support clip {path} is left out: {why}")
-        rows, members, paths, seen = [], [], {}, {}
+        rows, members, paths, seen = [], {label: [] for label in given}, {}, {}
+        for label, key, clip in zip(labels, keys, clips):
+            if key not in maps:
+                continue
+            if key in seen:
+                self.log(f"warning: support clip {clip.path} is the same clip as {seen[key]}")
+            seen.setdefault(key, clip.path)
+            members[label].append(len(rows))
+            paths.setdefault(label, []).append(clip.path)
+            rows.append(maps[key])
         for label, class_clips in given.items():
-            readable = [(k, c) for k, c in zip(keys, clips) if c in class_clips and k in maps]
-            if not readable:
+            if not members[label]:
                 reasons = "; ".join(f"{c.path}: {failed.get(c.path, '?')}"
                                     for c in class_clips[:2]) or "the folder holds no clip"
                 raise UserError(f"support class {label!r} has no readable clip ({reasons})")
-            members.append([])
-            for key, clip in readable:
-                if key in seen:
-                    self.log(f"warning: support clip {clip.path} is the same clip as "
-                             f"{seen[key]}")
-                seen.setdefault(key, clip.path)
-                members[-1].append(len(rows))
-                rows.append(maps[key])
-            paths[label] = [c.path for _, c in readable]
-        self.classes, self._members, self.support_paths = list(given), members, paths
+        members = list(members.values())
+        self.classes, self._members = list(given), members
+        self.support_paths = {label: paths[label] for label in given}
         self._support = torch.from_numpy(np.stack(rows))  # (S, C, T, H, W)
         self._support_keys = seen
         return self
@@ -273,15 +275,19 @@ class FewShotClassifier:
         """Why ``query`` got its label: the prediction, and the head's ``explain`` record
         (TTM's windows, TC's attention, SC's offsets for TA2N) of the query against ``label``
         (default: the predicted class), with the support clip the record shows."""
-        prediction = self.predict([_as_clip(query)])[0]
-        if not prediction.ok:
-            raise UserError(f"{prediction.query}: {prediction.status}")
+        self._check_fitted()
+        clip = _as_clip(query)
+        key = content_key(clip)
+        maps, failed = self.encoder.encode({key: clip})
+        if key not in maps:
+            raise UserError(f"{clip.path} cannot be read: {failed.get(key)}")
+        query_maps = torch.from_numpy(maps[key])[None]  # (1, C, T, H, W)
+        logits = class_logits(self.head, self._support, self._members, query_maps,
+                              device=self.device, amp=self.amp).float()[0]  # (N,)
+        prediction = self._prediction(clip, logits)
         label = label or prediction.label
         if label not in self.classes:
             raise UserError(f"{label!r} is not a support class ({', '.join(self.classes)})")
-        clip = _as_clip(query)
-        maps, _ = self.encoder.encode({content_key(clip): clip})
-        query_maps = torch.from_numpy(next(iter(maps.values())))[None]  # (1, C, T, H, W)
         record, shown = explain_class(self.head, self._support,
                                       self._members[self.classes.index(label)], query_maps,
                                       device=self.device)
