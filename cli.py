@@ -635,6 +635,8 @@ def _check_optional_backbone(ctx, param, value):
                    "checkpoint of the same cache recomputes nothing.")
 @click.option("--figures", default=None, metavar="DIR",
               help="Draw each query's alignment figure with its predicted class's support clip.")
+@click.option("--max-figures", type=click.IntRange(min=1), default=None,
+              help="Only the first N queries' figures  [default: every query's].")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Decode processes (0: decode in this process).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out / --json file.")

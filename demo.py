@@ -89,8 +89,10 @@ class DemoConfig:
             1e-3, cosine, one episode per step) and no early stopping (a fixed budget keeps the
             demo's time predictable); the best checkpoint of the validations is kept.
         eval_episodes: test episodes both heads are scored on.
-        classify_classes, classify_queries: classify labels ``classify_queries`` clips of each
-            of the first ``classify_classes`` test classes, with ``shots`` support clips each.
+        classify_classes, classify_queries, classify_figures: classify labels
+            ``classify_queries`` clips of each of the first ``classify_classes`` test classes,
+            with ``shots`` support clips each, and draws the first ``classify_figures`` queries'
+            figures.
         vis_episodes, vis_pairs: what `visualize` draws.
         seed: seeds the videos, the adaptation, the training, the episodes.
         device: auto, cpu or cuda.
@@ -126,8 +128,9 @@ class DemoConfig:
     val_every: int = 2
     val_episodes: int = 100
     eval_episodes: int = 300
-    classify_classes: int = 5
-    classify_queries: int = 2
+    classify_classes: int = 10
+    classify_queries: int = 3
+    classify_figures: int = 3
     vis_episodes: int = 1
     vis_pairs: str = "true"
     seed: int = 0
@@ -207,7 +210,8 @@ def commands(cfg: DemoConfig, weights: str) -> list[tuple[str, list[str]]]:
     classify_ta2n = ["classify", "--checkpoint", checkpoint, *clips,
                      "--out", str(run / "predictions.csv"),
                      "--json", str(run / "classify-ta2n.json"),
-                     "--figures", str(run / "classify-figures")]
+                     "--figures", str(run / "classify-figures"),
+                     "--max-figures", cfg.classify_figures]
     classify_proto = ["classify", "--head", "protonet", "--cache", cfg.cache, *clips,
                       "--out", str(run / "predictions-protonet.csv"),
                       "--json", str(run / "classify-protonet.json")]

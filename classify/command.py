@@ -37,7 +37,7 @@ class ClassifyConfig:
         cache: the cache whose backbone recipe is used (default: the checkpoint's).
         backbone, weights, frames, image_size: a training-free head's backbone without a cache.
         features: clip feature store folder (reruns recompute nothing).
-        figures: folder for one alignment figure per query.
+        figures: folder for one alignment figure per query; max_figures: only the first ones.
         workers: decode processes (0: in this process).
         overwrite: replace an existing --out / --json file.
         show: rows of the console table.
@@ -56,6 +56,7 @@ class ClassifyConfig:
     image_size: int | None = None
     features: str | None = None
     figures: str | None = None
+    max_figures: int | None = None
     workers: int = 0
     overwrite: bool = False
     show: int = 10
@@ -112,7 +113,8 @@ def classify_command(cfg: ClassifyConfig, *, device: torch.device, log=print,
     predictions = clf.predict(list(cfg.query), progress=progress)
     write_csv(cfg.out, predictions, clf.classes)
     scores = accuracy(predictions, clf.classes)
-    figures = draw_figures(clf, predictions, cfg.figures, progress) if cfg.figures else []
+    figures = draw_figures(clf, predictions, cfg.figures, progress,
+                                 cfg.max_figures) if cfg.figures else []
     result = {"predictions": [p.to_dict() for p in predictions], "classes": clf.classes,
               "support": clf.support_paths, "head": clf.head.kind,
               "shot_rule": clf.head.shot_rule, "accuracy": scores, "out": cfg.out,

@@ -90,13 +90,14 @@ def format_accuracy(result: dict) -> str:
 
 
 def draw_figures(clf: FewShotClassifier, predictions: list[Prediction], out: str | os.PathLike,
-                 progress: bool = True) -> list[dict]:
-    """One figure per readable query: the query against its predicted class's support clip
-    (TTM windows, SC boxes, TC attention for TA2N; frames only for other heads)."""
+                 progress: bool = True, limit: int | None = None) -> list[dict]:
+    """One figure per readable query (the first ``limit`` ones): the query against its
+    predicted class's support clip (TTM windows, SC boxes, TC attention for TA2N; frames only
+    for other heads)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
-    shown = [p for p in predictions if p.ok]
+    shown = [p for p in predictions if p.ok][:limit]
     for i, p in enumerate(tqdm(shown, desc="figures", unit="fig", disable=not progress)):
         why = clf.explain(p.query, p.label)
         info, support = why["record"], why["support_clip"]
