@@ -426,7 +426,8 @@ def classify_section(cfg: DemoConfig, summary: dict, run: Path) -> list[str]:
              f"`classify` labelled {ta2n['queries']} clips of {ta2n['classes']} test classes "
              f"that are not in its support set ({cfg.shots} support clip(s) per class, linked "
              f"into `{cfg.run}/my-clips/` as a person would arrange their own), decoding each "
-             "clip once with the cache's backbone recipe (see docs/own-videos.md).", "",
+             "clip once with the cache's backbone recipe (see docs/own-videos.md); chance is "
+             f"{100 / ta2n['classes']:.0f} %.", "",
              "| head | accuracy (%) | predictions |", "|---|---|---|",
              f"| ta2n | {ta2n['accuracy']:.1f} | [{Path(ta2n['out']).name}]({rel(ta2n['out'])}) |",
              f"| protonet | {proto['accuracy']:.1f} | "
@@ -467,8 +468,8 @@ def format_demo(summary: dict) -> str:
                       f"{own['ta2n']['classes']} test classes not in the support set, "
                       f"{cfg['shots']} support clip(s) each",
                   f"  ta2n {own['ta2n']['accuracy']:.1f} %, protonet "
-                  f"{own['protonet']['accuracy']:.1f} % on the same clips; predictions "
-                  f"{own['ta2n']['out']}"]
+                  f"{own['protonet']['accuracy']:.1f} % on the same clips (chance "
+                  f"{100 / own['ta2n']['classes']:.0f} %); predictions {own['ta2n']['out']}"]
     figures = summary["figures"].get("figures") or []
     lines += ["", f"report   {summary['report']}",
               f"figures  {summary['figures_dir']}/ ({len(figures)} pair figures"
