@@ -111,6 +111,9 @@ class FewShotClassifier:
         self._support: torch.Tensor | None = None  # (S, C, T, H, W) stored dtype
         self._members: list[list[int]] = []
         self._support_keys: dict[str, str] = {}  # content key -> support clip path
+        # maps at hand: the support clips', and the last predict's (explain reuses them)
+        self._support_maps: dict[str, np.ndarray] = {}
+        self._last_maps: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -225,6 +228,8 @@ class FewShotClassifier:
         self.support_paths = {label: paths[label] for label in given}
         self._support = torch.from_numpy(np.stack(rows))  # (S, C, T, H, W)
         self._support_keys = seen
+        self._support_maps = {k: maps[k] for k in seen}
+        self._last_maps = {}
         return self
 
     def predict(self, queries, progress: bool = False) -> list[Prediction]:
@@ -240,8 +245,8 @@ class FewShotClassifier:
             clips = query_clips([q.path if isinstance(q, Clip) else q for q in queries],
                                 self.classes)
         keys, failed = _keys(clips)
-        unique = {k: c for k, c in zip(keys, clips) if k is not None}
-        maps, broken = self.encoder.encode(unique, progress=progress)
+        maps, broken = self._encode({k: c for k, c in zip(keys, clips) if k}, progress)
+        self._last_maps = maps
         ok = [i for i, k in enumerate(keys) if k in maps]
         logits = torch.empty(0, len(self.classes))
         if ok:
@@ -258,6 +263,20 @@ class FewShotClassifier:
                 self.log(f"warning: query {clips[i].path} is the same clip as support clip "
                          f"{self._support_keys[keys[i]]}: its prediction proves nothing")
         return predictions
+
+    def _encode(self, clips: dict[str, Clip], progress: bool = False
+                ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """``encoder.encode`` for the clips whose maps are not at hand (a support clip used as
+        a query, a query of the last predict being explained): each clip is run once."""
+        at_hand = {}
+        for key in clips:
+            held = self._support_maps.get(key)
+            held = self._last_maps.get(key) if held is None else held
+            if held is not None:
+                at_hand[key] = held
+        maps, failed = self.encoder.encode({k: c for k, c in clips.items() if k not in at_hand},
+                                           progress=progress)
+        return {**at_hand, **maps}, failed
 
     def _prediction(self, clip: Clip, logits: torch.Tensor) -> Prediction:
         probs = logits.softmax(-1)  # (N,)
@@ -278,7 +297,7 @@ class FewShotClassifier:
         self._check_fitted()
         clip = _as_clip(query)
         key = content_key(clip)
-        maps, failed = self.encoder.encode({key: clip})
+        maps, failed = self._encode({key: clip})
         if key not in maps:
             raise UserError(f"{clip.path} cannot be read: {failed.get(key)}")
         query_maps = torch.from_numpy(maps[key])[None]  # (1, C, T, H, W)

@@ -73,18 +73,37 @@ def test_predictions_csv_and_accuracy(tmp_path):
     assert "accuracy " in text and "confusion" in text
 
 
-def test_features_rerun_decodes_nothing(tmp_path, monkeypatch):
-    support, query = support_and_queries(tmp_path)
-    corrupt(query / "broken.mp4")
-    decoded = []
+@pytest.fixture
+def decoded(monkeypatch) -> list[str]:
+    """The paths classify decodes, in order."""
+    paths = []
 
     class CountingPool(encode.DecodePool):
         def imap(self, tasks):
             tasks = list(tasks)
-            decoded.extend(t.path for t in tasks)
+            paths.extend(t.path for t in tasks)
             return super().imap(tasks)
 
     monkeypatch.setattr(encode, "DecodePool", CountingPool)
+    return paths
+
+
+def test_each_clip_is_decoded_once(tmp_path, decoded):
+    """A support clip given as a query too, and the queries explained after predict, are not
+    decoded again (without --features)."""
+    support, query = support_and_queries(tmp_path)
+    clf = small().fit(support)
+    predictions = clf.predict([query, support / "b" / "b1"])
+    clf.explain(predictions[0].query)
+    assert sorted(decoded) == sorted(map(str, [
+        support / "a" / "a1", support / "a" / "a2.mp4", support / "b" / "b1",
+        support / "c" / "c1.mp4", query / "a" / "qa", query / "b" / "qb.mp4",
+        query / "loose" / "q"]))
+
+
+def test_features_rerun_decodes_nothing(tmp_path, decoded):
+    support, query = support_and_queries(tmp_path)
+    corrupt(query / "broken.mp4")
     cfg = config(tmp_path, support, query, features=str(tmp_path / "feats"))
     first = classify_command(cfg, device=CPU, log=lambda m: None, progress=False)
     assert len(decoded) == 8 and first["computed"] == 8  # 4 support + 4 query clips
