@@ -1,11 +1,13 @@
 # make test: build .venv from the pins in pyproject.toml (once; again only when they change),
-# then lint and run the test suite. make demo: the whole pipeline on a generated dataset.
+# then lint, build the documentation site (strict: every link and anchor resolves) and run
+# the test suite. make demo: the whole pipeline on a generated dataset.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SITE := .site
 
-.PHONY: test lint demo bench clean-venv
+.PHONY: test lint docs demo bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,7 +17,11 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint
+# not --quiet: it hides the warnings that --strict turns into a failure
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir $(SITE)
+
+test: lint docs
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

@@ -73,7 +73,7 @@ PAPER_RECIPES = {
 PAPER_COMMON = dict(optimizer="sgd", lr=1e-3, weight_decay=0.0, schedule="step", warmup=0,
                     dropout=0.5, patience=0)
 DEFAULT_RECIPE = "ucf101"  # the paper recipe of a dataset it does not know
-# One recipe for every dataset; the values come from the study in bench/recipes.py (README).
+# One recipe for every dataset; the values are from the study in bench/recipes.py (docs/results.md).
 FAST_RECIPE = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="cosine", warmup=0,
                    dropout=0.5, tasks_per_batch=1, epochs=15, val_every=1, patience=5)
 RECIPE_NAMES = ("fast", "paper")
@@ -325,7 +325,7 @@ def micro_batch_size(cfg: TrainConfig, device: torch.device, episode_bytes: int
                      ) -> tuple[int, str]:
     """Training episodes per forward / backward pass, and why. Auto: on a GPU as many as fit
     in half its free memory (EPISODE_MEMORY_FACTOR x the input bytes each), up to
-    tasks_per_batch; on the CPU 1 (batching does not pay there, see README)."""
+    tasks_per_batch; on the CPU 1 (batching does not pay there, see docs/performance.md)."""
     if cfg.micro_batch:
         size = min(cfg.micro_batch, cfg.tasks_per_batch)
         return size, f"micro-batch {size} (as asked)"

@@ -13,14 +13,14 @@ over T -> cross-entropy -> backward -> AdamW) on random input, after one warm-up
   the rate a quiet machine gives;
 - training FLOPs per frame (forward + backward, counted by torch.utils.flop_counter) and the
   sustained GFLOP/s that makes;
-- for the README's cost table: the frames one adaptation reads with the dataset's default recipe
+- for docs/results.md's cost table: frames one adaptation reads with the dataset's default recipe
   (train videos less the 10 % held out, x T = 8, x epochs), the hours on this machine's cores
   at the CPU-time rate, and
   ESTIMATED GPU hours at an assumed sustained rate (``--gpu-tflops``, 50 and 100 by default) -
   FLOPs divided by throughput, not a measurement.
 
 Decoding is not in these figures (the pipeline decodes in worker processes, in parallel with the
-backbone); on a GPU it can bound the rate: see README.
+backbone); on a GPU it can bound the rate: see docs/results.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The README's example figures of `python cli.py analyze`, made from synthetic caches.
+"""The example figures of `python cli.py analyze` (docs/visualize-analyze.md), from synthetic data.
 
     .venv/bin/python bench/analysis_figures.py [--out docs/figures] [--channels 16] [--epochs 8]
 

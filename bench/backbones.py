@@ -1,6 +1,6 @@
-"""Benchmark: what each backbone of the registry costs, for the README's backbone table.
+"""Benchmark: what each backbone of the registry costs, for the backbone table of docs/results.md.
 
-    python bench/backbones.py                                  # the five README rows, 224 px
+    python bench/backbones.py                                  # the five table rows, 224 px
     python bench/backbones.py --backbones timm:convnext_tiny --videos 8
     python bench/backbones.py --device cuda --videos 64
 

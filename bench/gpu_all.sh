@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU benchmark in one command, for a fresh one-GPU machine (see README "Performance"):
+# Every GPU benchmark in one command, for a fresh one-GPU machine (see docs/performance.md):
 #   bash bench/gpu_all.sh              # full size; about 5 minutes on one H100
 #   bash bench/gpu_all.sh --dry-run    # tiny sizes on the CPU, the same code paths (tested)
 # It installs the wheels carried in .whl/ (bench/fetch_gpu_wheels.sh) when present, makes its own

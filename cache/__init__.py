@@ -1,6 +1,6 @@
 """The feature cache: the contract between phase one (extract) and phase two (align).
 
-Users open caches from their own code with ``FeatureCache.open(path)``; see README "Cache format".
+Users open caches from their own code with ``FeatureCache.open(path)``; see docs/cache.md.
 """
 
 from cache.errors import UserError

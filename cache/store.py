@@ -1,6 +1,6 @@
 """FeatureCache: create, open, write rows, mark them done, list, load and verify splits, summarise.
 
-A cache holds one row per video (see README "Cache format"):
+A cache holds one row per video (see docs/cache.md):
 
     features      (N, C, T, H, W)     float16 (or float32)   one chunk per row, checksummed
     aug_features  (N, V, C, T, H, W)  optional extra training views

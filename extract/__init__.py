@@ -1,11 +1,17 @@
-"""Phase one: videos -> TSN-sampled frames -> frozen ResNet maps -> one cache row per video.
+"""Phase one: videos -> TSN-sampled frames -> frozen backbone maps -> one cache row per video.
 
-    datasets.py   split lists (vendored in splits/) -> video records; missing videos
-    sampling.py   TSN frame indices; seeded crop / flip / frame choice of augmented views
-    decode.py     decord (PyAV fallback, frame folders) in killable worker processes -> crops
-    backbone.py   ResNet trunk, weights (imagenet | file | none), normalisation, forward
-    pipeline.py   parallel decode -> batched forward -> cache rows; resume; rank sharding
-    adapt.py      adapt-backbone: train the backbone on the train split's classes, once, first
+    datasets.py         split lists (vendored in splits/) -> video records; missing videos
+    sampling.py         TSN frame indices; seeded crop / flip / frame choice of augmented views
+    decode.py           decord (PyAV fallback, frame folders) in killable worker processes -> crops
+    backbones.py        the backbone registry: names -> builder, preprocessing, weights
+    backbone.py         torchvision ResNet trunk; what every backbone shares (weights records,
+                        preprocessing, the runner that turns uint8 crops into maps)
+    timm_backbone.py    timm models as backbones (``timm:<name>``)
+    clip_backbone.py    open_clip image towers as backbones (``clip:<arch>/<tag>``)
+    pipeline.py         parallel decode -> batched forward -> cache rows; resume; rank sharding
+    adapt.py            adapt-backbone: train the backbone on the train split's classes, once, first
+    frames.py           the one public frame reader phase two's figures use
+    toydata.py          the generated toy video dataset of ``make demo``
 
 ``cli.py extract`` calls ``pipeline.run_extract``; ``cli.py adapt-backbone`` calls
 ``adapt.run_adapt``; ``pipeline.read_errors(cache)`` returns a

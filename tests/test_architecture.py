@@ -1,4 +1,4 @@
-"""The package layering README's architecture section promises, checked on every import statement
+"""The package layering docs/architecture.md promises, checked on every import statement
 (lazy imports inside functions included): imports only go down
 
     cli -> demo -> classify -> align.reports -> align engine -> align.models -> cache

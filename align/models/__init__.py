@@ -1,6 +1,8 @@
 """Phase two's models: the head interface (``base``), the heads (one module each: ``ta2n``,
-``protonet``, ``otam``), TA2N's parts (``ttm``, ``acm``, ``prototypes``), shared layer helpers
-(``layers``) and the registry that builds a head from its name or config.
+``protonet``, ``otam``, ``trx``, ``trn``, ``tarn``, ``cmn``, ``arn``), TA2N's parts (``ttm``,
+``acm``, ``prototypes``, and ``factored``: its per-video / per-pair split), what the learned
+Table 2 heads share (``learned``), shared layer helpers (``layers``) and the registry that builds a
+head from its name or config.
 
 The public names are re-exported here: ``from align.models import build_head, HEADS, Head``.
 """

@@ -35,11 +35,6 @@ class ShotAlignment(KeyQueryValue):
         """Wv' at every position of maps (n, C, T, H, W) -> (n, C, T, H, W), no residual."""
         return self.valuenet(maps.flatten(2)).view_as(maps)  # (n, C, T, H, W)
 
-    def project_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Wv' on pooled features (..., C, T) -> (..., C, T): a projection after pooling."""
-        flat = features.flatten(0, -3) if features.dim() > 3 else features  # (n, C, T)
-        return self.valuenet(flat).view_as(features)  # (..., C, T)
-
     def attention(self, support: torch.Tensor, way: int, shot: int) -> torch.Tensor:
         """A (way, shot, T_x, T_y): softmax over the shot's time x, per reference time y."""
         return self.attention_from_means(support.mean((-2, -1)), way, shot)  # (way, K, T, T)

@@ -146,7 +146,7 @@ def documented_attrs(**extra):
 
 
 def foreign_zarr(path, *, done_rows, old_style=False):
-    """A cache written with plain zarr to the README's schema, with zarr's default chunks
+    """A cache written with plain zarr to the schema of docs/cache.md, with zarr's default chunks
     (one chunk for the whole `done` array) and only the attributes that cannot be derived.
     ``old_style``: this tool's layout before checksums (zero fill, no CRC32C)."""
     video_ids, splits, labels = make_rows()
