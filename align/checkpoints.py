@@ -18,7 +18,9 @@ from cache.atomic import atomic_path
 from cache.torch_files import load_tensors
 
 CHECKPOINT_FORMAT = "ta2n-cache/head"
-CHECKPOINT_VERSION = 1
+# 2: TRX's config records how it combines its cardinalities (``combine``); version 1 files
+# were all written with the L2 norm, and load with it (``upgrade_config``)
+CHECKPOINT_VERSION = 2
 # What the authors' checkpoints do not record: the defaults of their 5-way 1-shot, 8-frame,
 # ResNet-50-at-224 (7 x 7 maps) recipe, overridable in load_head.
 AUTHORS_DEFAULTS = {"frames": 8, "height": 7, "width": 7, "shot": 1}
@@ -66,7 +68,8 @@ def load_head_checkpoint(path: str | os.PathLike, map_location="cpu", *,
                                        width=width).items() if v is not None}
     ours = isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT
     if ours:
-        cfg = HeadConfig.from_dict({**ckpt["config"], **overrides})
+        stored = upgrade_config(ckpt["config"], ckpt.get("version", 1))
+        cfg = HeadConfig.from_dict({**stored, **overrides})
         head = build_head_from_config(cfg)
         state, extra = ckpt["state_dict"], ckpt.get("extra", {})
     else:
@@ -82,6 +85,17 @@ def load_head_checkpoint(path: str | os.PathLike, map_location="cpu", *,
     if isinstance(map_location, str | torch.device):
         head = head.to(map_location)
     return head.eval(), extra
+
+
+def upgrade_config(config: dict, version: int) -> dict:
+    """A stored head config as this version's code reads it, so that an older checkpoint
+    rebuilds the head it was trained as: a version-1 TRX combined its cardinalities by the
+    L2 norm (the default then; the mean since version 2)."""
+    options = config.get("options", {})
+    if version < 2 and config.get("kind") == "trx" and isinstance(options, dict) \
+            and "combine" not in options:
+        return {**config, "options": {**options, "combine": "norm"}}
+    return config
 
 
 def _read(path, map_location):
