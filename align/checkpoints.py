@@ -18,9 +18,11 @@ from cache.atomic import atomic_path
 from cache.torch_files import load_tensors
 
 CHECKPOINT_FORMAT = "ta2n-cache/head"
-# 2: TRX's config records how it combines its cardinalities (``combine``); version 1 files
-# were all written with the L2 norm, and load with it (``upgrade_config``)
+# 2: TRX's config records how it combines its cardinalities (``combine``), TARN's how it
+# compares segments (``compare``); version 1 files were all written with the L2 norm and the
+# product, and load with them (``upgrade_config``)
 CHECKPOINT_VERSION = 2
+VERSION_1_OPTIONS = {"trx": {"combine": "norm"}, "tarn": {"compare": "mult"}}
 # What the authors' checkpoints do not record: the defaults of their 5-way 1-shot, 8-frame,
 # ResNet-50-at-224 (7 x 7 maps) recipe, overridable in load_head.
 AUTHORS_DEFAULTS = {"frames": 8, "height": 7, "width": 7, "shot": 1}
@@ -90,12 +92,13 @@ def load_head_checkpoint(path: str | os.PathLike, map_location="cpu", *,
 def upgrade_config(config: dict, version: int) -> dict:
     """A stored head config as this version's code reads it, so that an older checkpoint
     rebuilds the head it was trained as: a version-1 TRX combined its cardinalities by the
-    L2 norm (the default then; the mean since version 2)."""
+    L2 norm and a version-1 TARN compared segments by their product (the defaults then; the
+    mean and the cosine + distance since version 2)."""
     options = config.get("options", {})
-    if version < 2 and config.get("kind") == "trx" and isinstance(options, dict) \
-            and "combine" not in options:
-        return {**config, "options": {**options, "combine": "norm"}}
-    return config
+    then = VERSION_1_OPTIONS.get(config.get("kind"), {}) if version < 2 else {}
+    if not then or not isinstance(options, dict):
+        return config
+    return {**config, "options": {**then, **options}}
 
 
 def _read(path, map_location):

@@ -3,8 +3,9 @@ parameters - the reference every alignment module is measured against.
 
 This is TA2N's frame-wise baseline (its Table 3's "no module" row: the prototype is the mean of
 the shots frame by frame, the distance the sum over frames of 1 - cos), not the ``CNN_TSN`` of
-tobyperrett/few-shot-action-recognition (model.py at 3687f3a, lines 300-333), which averages
-the frames first and scores the cosine of the two video means (or minus their squared distance).
+tobyperrett/few-shot-action-recognition (model.py at 3687f3a, class CNN_TSN from line 303),
+which averages the frames first and scores the cosine of the two video means (or minus their
+squared distance).
 """
 
 from __future__ import annotations

@@ -26,9 +26,15 @@ universal).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from align.models.learned import LearnedHead, frame_features, positive_int
+from cache import UserError
+
+# how a query segment q_j is compared with its aligned support feature h_j (their sim_type)
+COMPARE = ("euccos", "mult", "subt")
+COS_EPS = 1e-6  # their nn.CosineSimilarity(dim=-1, eps=1e-6)
 
 
 class TARNHead(LearnedHead):
@@ -41,18 +47,23 @@ class TARNHead(LearnedHead):
         width: W (recorded).
         shot: K (recorded; any K works).
         hidden: GRU width (per direction for the embedding): 256 in the unofficial code.
+        compare: "euccos" (their default: cos(q_j, h_j) and |q_j - h_j|, 2 numbers per
+            segment), "mult" (q_j * h_j) or "subt" (q_j - h_j); see the module docstring.
     """
 
     kind = "tarn"
 
     def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,
-                 shot: int = 1, hidden: int = 256):
+                 shot: int = 1, hidden: int = 256, compare: str = "euccos"):
         super().__init__(channels, frames, height, width, shot)
         hidden = positive_int(hidden, "hidden", self.kind)
-        self.options = {"hidden": hidden}
+        if compare not in COMPARE:
+            raise UserError(f"tarn option compare must be one of {list(COMPARE)}, not "
+                            f"{compare!r}")
+        self.options = {"hidden": hidden, "compare": compare}
         self.encoder = nn.GRU(channels, hidden, batch_first=True, bidirectional=True)
         self.align = nn.Linear(2 * hidden, 2 * hidden, bias=False)
-        self.measure = nn.GRU(2 * hidden, hidden, batch_first=True)
+        self.measure = nn.GRU(2 if compare == "euccos" else 2 * hidden, hidden, batch_first=True)
         self.score = nn.Linear(hidden, 1)
 
     def embed(self, maps: torch.Tensor) -> torch.Tensor:
@@ -66,10 +77,21 @@ class TARNHead(LearnedHead):
         scores = torch.einsum("sid,mjd->msij", keys, q)  # (M, S, Ts, Tq)
         attn = scores.softmax(-2)  # (M, S, Ts, Tq): over support segments i
         aligned = torch.einsum("msij,sid->msjd", attn, s)  # (M, S, Tq, 2h)
-        compared = q[:, None] * aligned  # (M, S, Tq, 2h)
+        compared = self.compare(q[:, None].expand_as(aligned), aligned)  # (M, S, Tq, 2 | 2h)
         m, n_support = compared.shape[:2]
         _, last = self.measure(compared.flatten(0, 1))  # last (1, M*S, h)
         return self.score(last[0]).view(m, n_support), attn  # (M, S), (M, S, Ts, Tq)
+
+    def compare(self, q: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Per segment comparison of queries q and aligned support features h (..., Tq, 2h):
+        (..., Tq, 2) for euccos, (..., Tq, 2h) for mult and subt."""
+        how = self.options["compare"]
+        if how == "mult":
+            return q * h
+        if how == "subt":
+            return q - h
+        cos = F.cosine_similarity(q, h, dim=-1, eps=COS_EPS)  # (..., Tq)
+        return torch.stack([cos, (q - h).norm(dim=-1)], -1)  # (..., Tq, 2)
 
     def _run(self, support, query, way, shot, record):
         """explain keys: ``attention`` (M, way*shot, T_support, T_query): a_ij per pair;

@@ -180,22 +180,31 @@ def test_trx_norm_option_equals_the_first_release(shot):
         build_head("trx", channels=8, options={"combine": "max"})
 
 
-def test_a_trx_checkpoint_written_before_the_mean_loads_with_the_norm(tmp_path):
-    """A checkpoint written the old way (version 1, options without ``combine``: every TRX then
-    combined by the norm) rebuilds the norm head; a new checkpoint keeps its rule."""
-    head = build_head("trx", channels=8, frames=5, height=3, width=3,
-                      options={"dim": 12, "combine": "norm"}).eval()
-    config = {**vars(head.config), "options": {"dim": 12, "sets": [2, 3]}}  # as version 1 wrote
+# what version-1 checkpoints recorded (every option but the new one) and the rule they had
+VERSION_1 = {"trx": ({"dim": 12, "sets": [2, 3]}, {"combine": "norm"}),
+             "tarn": ({"hidden": 4}, {"compare": "mult"})}
+
+
+@pytest.mark.parametrize("kind", list(VERSION_1))
+def test_a_checkpoint_written_before_the_new_default_loads_with_its_old_rule(kind, tmp_path):
+    """A checkpoint written the old way (version 1, options without ``combine`` / ``compare``:
+    every TRX then combined by the norm, every TARN compared by the product) rebuilds the head
+    it was trained as; a new checkpoint keeps its own rule."""
+    recorded, rule = VERSION_1[kind]
+    head = build_head(kind, channels=8, frames=5, height=3, width=3,
+                      options={**recorded, **rule}).eval()
+    config = {**vars(head.config), "options": recorded}  # as version 1 wrote it
     torch.save({"format": CHECKPOINT_FORMAT, "version": 1, "config": config,
                 "state_dict": head.state_dict(), "extra": {}}, tmp_path / "old.pt")
     old = load_head(tmp_path / "old.pt")
-    assert old.config.options["combine"] == "norm"
+    assert old.config.options == {**recorded, **rule}
     support, query = (x.float().detach() for x in episode(1))
     torch.testing.assert_close(old(support, query, WAY, 1), head(support, query, WAY, 1))
-    mean = build_head("trx", channels=8, frames=5, height=3, width=3, options={"dim": 12})
-    save_head(mean, tmp_path / "new.pt")
-    assert load_head(tmp_path / "new.pt").config.options["combine"] == "mean"
-    assert not torch.allclose(mean(support, query, WAY, 1), old(support, query, WAY, 1))
+    new = build_head(kind, channels=8, frames=5, height=3, width=3, options=recorded)
+    save_head(new, tmp_path / "new.pt")
+    loaded = load_head(tmp_path / "new.pt")
+    assert loaded.config == new.config and loaded.config.options != old.config.options
+    torch.testing.assert_close(loaded(support, query, WAY, 1), new(support, query, WAY, 1))
 
 
 # ------------------------------------------------------------------------------ OTAM
@@ -381,10 +390,11 @@ def test_arn_scoring_equals_the_official_evaluation(shot):
 
 
 # ------------------------------------------------------------------------------ TARN
-def official_tarn_mult(head, S_m, Q_m, bias, softmax_dim=-1):
-    """TARN.align_and_computelogits (Seleucia/TARN, tarn.py at 33e46c2) for sim_type 'Mult',
-    before its final sigmoid, with ``head``'s W (align), dml_gru (measure) and dml_fc (score);
-    ``softmax_dim``: -1 is theirs (over the query segments), -2 the support segments."""
+def official_tarn(head, S_m, Q_m, bias, sim_type, softmax_dim=-1):
+    """TARN.align_and_computelogits (Seleucia/TARN, tarn.py at 33e46c2) before its final sigmoid,
+    with ``head``'s W (align), dml_gru (measure) and dml_fc (score); ``softmax_dim``: -1 is
+    theirs (over the query segments), -2 the support segments."""
+    cos = torch.nn.CosineSimilarity(dim=-1, eps=1e-6)
     A_tmp_lst, H_lst = [], []
     for S, Q in zip(S_m, Q_m):
         A_nomax = torch.matmul(head.align(S).add(bias.repeat(S.shape[1], 1)),
@@ -393,31 +403,46 @@ def official_tarn_mult(head, S_m, Q_m, bias, softmax_dim=-1):
         H = torch.matmul(torch.transpose(A, -2, -1), S)
         A_tmp_lst.append(A)
         H_lst.append(H)
-    diff_QH_lst = [(q * h).squeeze(0) for q, h in zip(Q_m, H_lst)]
+    diff_QH_lst = []
+    for q, h in zip(Q_m, H_lst):
+        if sim_type == 'Mult':
+            diff_qh = q * h
+        elif sim_type == 'Subt':
+            diff_qh = q - h
+        elif sim_type == 'EucCos':
+            diff_QH_c = cos(q, h)
+            diff_QH_e = torch.norm(q - h, dim=2)
+            diff_qh = torch.stack((diff_QH_c, diff_QH_e), -1)
+        diff_QH_lst.append(diff_qh.squeeze(0))
     diff_QH = torch.nn.utils.rnn.pad_sequence(diff_QH_lst).permute(1, 0, 2)
     return head.score(head.measure(diff_QH)[1].squeeze())  # q_kc before torch.sigmoid
 
 
-def official_tarn_logits(head, support, query, shot, bias, softmax_dim):
+def official_tarn_logits(head, support, query, shot, bias, sim_type, softmax_dim):
     """Every (query, support video) pair through their pairwise code (embed_gru with full
     lengths), our K-shot rule on top: a class's logit is the mean of its shots' scores."""
     s = head.encoder(frame_features(support))[0]  # feats_gru: (S, T, 2h)
     q = head.encoder(frame_features(query))[0]  # (M, T, 2h)
     pairs = [(m, j) for m in range(q.shape[0]) for j in range(s.shape[0])]
-    scores = official_tarn_mult(head, [s[j][None] for _, j in pairs],
-                                [q[m][None] for m, _ in pairs], bias, softmax_dim)
+    scores = official_tarn(head, [s[j][None] for _, j in pairs], [q[m][None] for m, _ in pairs],
+                           bias, sim_type, softmax_dim)
     return scores.view(q.shape[0], WAY, shot).mean(-1)
 
 
+SIM_TYPES = {"euccos": "EucCos", "mult": "Mult", "subt": "Subt"}
+
+
+@pytest.mark.parametrize("compare", list(SIM_TYPES))
 @pytest.mark.parametrize("shot", [1, 5])
-def test_tarn_equals_the_unofficial_code_with_the_softmax_over_support_segments(shot):
+def test_tarn_equals_the_unofficial_code_with_the_softmax_over_support_segments(shot, compare):
     head = build_head("tarn", channels=8, frames=5, height=3, width=3, shot=shot,
-                      options={"hidden": 4}).double()
+                      options={"hidden": 4, "compare": compare}).double()
     support, query = episode(shot, queries=3, seed=13)
     bias = torch.ones(8, dtype=F64)  # their b, initialised to ones: it cancels over support
     ours = head(support, query, WAY, shot)
-    theirs = official_tarn_logits(head, support, query, shot, bias, softmax_dim=-2)
+    theirs = official_tarn_logits(head, support, query, shot, bias, SIM_TYPES[compare], -2)
     assert_equal_values_and_gradients(ours, theirs, [support, query, *head.parameters()])
     # the axis of their code (over the query segments) is another function: the deviation
-    official_axis = official_tarn_logits(head, support, query, shot, bias, softmax_dim=-1)
-    assert (official_axis - ours).abs().max() > 1e-4
+    official_axis = official_tarn_logits(head, support, query, shot, bias, SIM_TYPES[compare],
+                                         -1)
+    assert (official_axis - ours).abs().max() > 1e-6

@@ -267,8 +267,14 @@ def test_trn_scores_minus_squared_distance_to_mean_embedding():
 
 
 # ------------------------------------------------------------------------------ TARN
-def test_tarn_matches_the_pairwise_computation_written_out():
-    head = small("tarn", shot=2).double()
+COMPARISONS = {"mult": lambda q, h: q * h, "subt": lambda q, h: q - h,
+               "euccos": lambda q, h: torch.stack([F.cosine_similarity(q, h, dim=-1, eps=1e-6),
+                                                   (q - h).norm(dim=-1)], -1)}
+
+
+@pytest.mark.parametrize("compare", list(COMPARISONS))
+def test_tarn_matches_the_pairwise_computation_written_out(compare):
+    head = small("tarn", shot=2, compare=compare).double()
     support, query = episode(way=2, shot=2, queries=3, dtype=torch.float64)
     s = head.encoder(support.mean((-2, -1)).transpose(1, 2))[0]  # (S, T, 2h)
     q = head.encoder(query.mean((-2, -1)).transpose(1, 2))[0]  # (M, T, 2h)
@@ -276,7 +282,7 @@ def test_tarn_matches_the_pairwise_computation_written_out():
     for m, j in itertools.product(range(3), range(4)):
         scores = head.align(s[j]) @ q[m].t()  # (Ts, Tq)
         aligned = scores.softmax(0).t() @ s[j]  # (Tq, 2h): each query segment over support
-        hidden = head.measure((q[m] * aligned)[None])[1][0, 0]
+        hidden = head.measure(COMPARISONS[compare](q[m], aligned)[None])[1][0, 0]
         rel[m, j] = head.score(hidden)[0]
     assert_same_values_and_gradients(head, head(support, query, 2, 2),
                                      rel.view(3, 2, 2).mean(-1))
