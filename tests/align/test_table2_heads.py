@@ -309,6 +309,18 @@ def test_cmn_memory_write_updates_the_class_slot_in_order():
     torch.testing.assert_close(write_memory(keys[:, :1]), keys[:, 0])
 
 
+def test_cmn_does_not_see_the_order_of_frames():
+    """The multi-saliency embedding sums over frames: reversing or shuffling a video's frames
+    leaves every logit unchanged (why CMN-J stays at chance on classes defined by order)."""
+    head = small("cmn").double().eval()
+    support, query = episode(way=3, queries=4, dtype=torch.float64)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    logits = head(support, query, 3, 1)
+    torch.testing.assert_close(head(support[:, :, perm], query.flip(2), 3, 1), logits)
+    assert not torch.allclose(small("tarn").double()(support, query.flip(2), 3, 1),
+                              small("tarn").double()(support, query, 3, 1))
+
+
 def test_cmn_known_answers():
     head = small("cmn", scale=4.0).double()
     support, query = episode(way=3, queries=2, dtype=torch.float64)
