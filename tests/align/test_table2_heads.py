@@ -370,9 +370,8 @@ def test_arn_pairs_support_then_query_and_averages_shot_matrices():
 
 
 # ------------------------------------------------------------------------------ training
-# TARN's relation logits start near zero (a product of two tanh GRU outputs read by a second
-# GRU), so SGD needs a larger step than the paper recipe's 1e-3, and more of them; ARN's
-# relation network is the slowest head on a CPU, so it trains on fewer queries per episode.
+# TARN's two GRUs get more episodes than the other heads at this tiny size; ARN's relation
+# network is the slowest head on a CPU, so it trains on fewer queries per episode.
 TRAIN_SETTINGS = {"tarn": dict(episodes_per_epoch=150), "arn": dict(queries=1)}  # Adam 1e-3 (fast)
 
 
