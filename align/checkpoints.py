@@ -18,7 +18,11 @@ from cache.atomic import atomic_path
 from cache.torch_files import load_tensors
 
 CHECKPOINT_FORMAT = "ta2n-cache/head"
-CHECKPOINT_VERSION = 1
+# 2: TRX's config records how it combines its cardinalities (``combine``), TARN's how it
+# compares segments (``compare``); version 1 files were all written with the L2 norm and the
+# product, and load with them (``upgrade_config``)
+CHECKPOINT_VERSION = 2
+VERSION_1_OPTIONS = {"trx": {"combine": "norm"}, "tarn": {"compare": "mult"}}
 # What the authors' checkpoints do not record: the defaults of their 5-way 1-shot, 8-frame,
 # ResNet-50-at-224 (7 x 7 maps) recipe, overridable in load_head.
 AUTHORS_DEFAULTS = {"frames": 8, "height": 7, "width": 7, "shot": 1}
@@ -66,7 +70,8 @@ def load_head_checkpoint(path: str | os.PathLike, map_location="cpu", *,
                                        width=width).items() if v is not None}
     ours = isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT
     if ours:
-        cfg = HeadConfig.from_dict({**ckpt["config"], **overrides})
+        stored = upgrade_config(ckpt["config"], ckpt.get("version", 1))
+        cfg = HeadConfig.from_dict({**stored, **overrides})
         head = build_head_from_config(cfg)
         state, extra = ckpt["state_dict"], ckpt.get("extra", {})
     else:
@@ -82,6 +87,18 @@ def load_head_checkpoint(path: str | os.PathLike, map_location="cpu", *,
     if isinstance(map_location, str | torch.device):
         head = head.to(map_location)
     return head.eval(), extra
+
+
+def upgrade_config(config: dict, version: int) -> dict:
+    """A stored head config as this version's code reads it, so that an older checkpoint
+    rebuilds the head it was trained as: a version-1 TRX combined its cardinalities by the
+    L2 norm and a version-1 TARN compared segments by their product (the defaults then; the
+    mean and the cosine + distance since version 2)."""
+    options = config.get("options", {})
+    then = VERSION_1_OPTIONS.get(config.get("kind"), {}) if version < 2 else {}
+    if not then or not isinstance(options, dict):
+        return config
+    return {**config, "options": {**then, **options}}
 
 
 def _read(path, map_location):

@@ -58,8 +58,8 @@ EVAL_OPTIONS = ("batch_episodes", "preload", "workers", "amp")  # a run's option
 SPEC_KEYS = ("title", "shots", "reference", "defaults", "run")
 CSV_FIELDS = ("run", "shot", "seed", "head", "options", "accuracy", "ci95", "episodes",
               "best_val_acc", "epochs_done", "episodes_file", "run_dir", "device",
-              "train_time_s", "eval_time_s")
-TIMING_FIELDS = ("train_time_s", "eval_time_s")
+              "train_time_s", "eval_time_s", "best_epoch", "episodes_to_best", "train_s_to_best")
+TIMING_FIELDS = ("train_time_s", "eval_time_s", "train_s_to_best")
 
 
 # ------------------------------------------------------------------------------ options
@@ -520,7 +520,7 @@ def execute_run(plan: RunPlan, device: str, threads: int, log: Callable | None =
                   "epochs_done": summary["epochs_done"] if summary else 0,
                   "device": device, "threads": threads,
                   "train_time_s": round(train_time, 3) if summary else 0.0,
-                  "eval_time_s": report["wall_time_s"]}
+                  "eval_time_s": report["wall_time_s"], **to_best(summary)}
         write_json(Path(plan.run_dir) / RUN_FILE, {"requested": plan.requested, "result": result})
         trained = (f"trained {result['epochs_done']} epochs in {train_time:.1f} s, "
                    if summary else "no training, ")
@@ -529,6 +529,22 @@ def execute_run(plan: RunPlan, device: str, threads: int, log: Callable | None =
         return {"index": plan.index, "interrupted": False, **result}
     finally:
         torch.set_num_threads(previous)
+
+
+def to_best(summary: dict | None) -> dict:
+    """How long a run trained to the checkpoint it is tested with (best.pt): its epoch (the
+    first of the best validation accuracy; without validation the last), the training
+    episodes before it, and the training seconds of those epochs (validation not counted).
+    All None for a training-free head."""
+    if summary is None or not summary["history"]:
+        return {"best_epoch": None, "episodes_to_best": None, "train_s_to_best": None}
+    history = summary["history"]
+    validated = [row for row in history if row["val_acc"] is not None]
+    best = (max(validated, key=lambda row: row["val_acc"]) if validated else history[-1])["epoch"]
+    seconds = sum(row["epoch_time_s"] for row in history if row["epoch"] <= best)
+    return {"best_epoch": best,
+            "episodes_to_best": best * summary["config"]["episodes_per_epoch"],
+            "train_s_to_best": round(seconds, 3)}
 
 
 def execute_queue(plans: list[RunPlan], device: str, threads: int) -> list[dict]:
@@ -700,13 +716,22 @@ def summarise(spec: SweepSpec, cfg: SweepConfig, plans: list[RunPlan],
                      "seeds": [{"seed": r["seed"], "accuracy": r["accuracy"], "ci95": r["ci95"]}
                                for r in lines],
                      "mean": mean, "std": std, "vs": vs,
-                     "paired": _paired(episodes, (run.name, shot), vs)})
+                     "paired": _paired(episodes, (run.name, shot), vs),
+                     **{key: _mean_over_seeds(lines, key)
+                        for key in ("episodes_to_best", "train_s_to_best")}})
     return {"title": spec.title, "cache": cache_path, "out": str(out),
             "test": {"split": cfg.split, "way": cfg.way, "queries": cfg.queries,
                      "episodes": cfg.episodes, "seeds": list(cfg.seeds)},
             "statistics": {"episodes": PAIRED_EPISODES, "seeds": PAIRED_SEEDS},
             "shared_options": shared_options(plans), "rows": rows, "runs": runs,
             "interrupted": False}
+
+
+def _mean_over_seeds(lines: list[dict], key: str) -> float | None:
+    """The seeds' mean of a to-best figure; None for training-free rows (and for runs recorded
+    before sweeps kept it)."""
+    values = [line[key] for line in lines if line.get(key) is not None]
+    return float(np.mean(values)) if values and len(values) == len(lines) else None
 
 
 def _paired(episodes: dict, key: tuple[str, int], vs: str | None) -> dict | None:
@@ -744,7 +769,9 @@ def _csv_line(plan: RunPlan, result: dict, out: Path) -> dict:
             "episodes_file": os.path.relpath(plan.episodes_file, out.resolve()),
             "run_dir": os.path.relpath(plan.run_dir, out.resolve()),
             "device": result["device"], "train_time_s": result["train_time_s"],
-            "eval_time_s": result["eval_time_s"]}
+            "eval_time_s": result["eval_time_s"],
+            **{key: result.get(key) for key in ("best_epoch", "episodes_to_best",
+                                                "train_s_to_best")}}
 
 
 # ------------------------------------------------------------------------------ outputs
@@ -777,16 +804,25 @@ def format_markdown(summary: dict) -> str:
     best = {k: max(r["mean"] for r in rows if r["shot"] == k) for k in {r["shot"] for r in rows}}
     head = (["run"] + (["K"] if several_k else []) + [f"seed {s}" for s in seeds]
             + ["mean +- std" if len(seeds) > 1 else "mean", "vs", "gain [95% CI]",
-               "p (episodes)", "p (seeds)"])
+               "p (episodes)", "p (seeds)", "episodes to best", "train s to best"])
     lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
     for r in rows:
         mean = _cell(r["mean"], r["std"])
         mean = f"**{mean}**" if r["mean"] == best[r["shot"]] else mean
         compare = ["", "(reference)", "", ""] if r["paired"] is None else _comparison(r)
         cells = ([r["run"].replace("|", "\\|")] + ([str(r["shot"])] if several_k else [])
-                 + [_cell(s["accuracy"], s["ci95"]) for s in r["seeds"]] + [mean] + compare)
+                 + [_cell(s["accuracy"], s["ci95"]) for s in r["seeds"]] + [mean] + compare
+                 + _to_best_cells(r))
         lines.append(f"| {' | '.join(cells)} |")
     return "\n".join([_caption(summary), "", *lines, ""])
+
+
+def _to_best_cells(row: dict) -> list[str]:
+    """Training episodes and seconds to the tested checkpoint (seeds' mean; blank: no
+    training)."""
+    episodes, seconds = row.get("episodes_to_best"), row.get("train_s_to_best")
+    return ["" if episodes is None else f"{episodes:.0f}",
+            "" if seconds is None else f"{seconds:.0f}"]
 
 
 def _comparison(row: dict) -> list[str]:
@@ -808,7 +844,9 @@ def _caption(summary: dict) -> str:
             f"seed columns: mean +- 95% CI over the episodes; mean +- std (sample) over seeds "
             f"{', '.join(map(str, test['seeds']))}; gain: points over the row in 'vs' with its "
             f"95% CI over the pooled episodes; p (episodes): {summary['statistics']['episodes']}"
-            f"; p (seeds): {summary['statistics']['seeds']}."
+            f"; p (seeds): {summary['statistics']['seeds']}; episodes / train s to best: the "
+            f"training episodes and seconds (validation not counted) before the best.pt each "
+            f"run is tested with, seeds' mean."
             + (f" Trained runs: {budget}." if budget else ""))
 
 

@@ -15,9 +15,10 @@ test episodes, every other method replays that file; trainable heads are trained
 default, train-heads' default recipe): Adam at ``--lr``, cosine to 0 over ``--epochs`` x
 ``--episodes-per-epoch`` episodes of ``--queries`` queries per class, one episode per step, best
 epoch by validation; ``short`` (the recipe before train-heads had Adam): SGD with momentum 0.9,
-lr halved every 2 epochs, 4 episodes per step, and TARN at lr 0.1 (its relation logits start
-near zero and plain SGD at 1e-3 leaves it at chance after a few hundred episodes; 0.1 scored
-best of 1e-2, 0.05, 0.1 and 0.2 on validation episodes after 400 training episodes); or
+lr halved every 2 epochs, 4 episodes per step, and TARN at lr 0.1 (with its former product
+comparison - checkpoint version 1 - its relation logits started near zero and plain SGD at 1e-3
+left it at chance after a few hundred episodes; 0.1 scored best of 1e-2, 0.05, 0.1 and 0.2 on
+validation episodes after 400 training episodes; not re-measured with cosine + distance); or
 ``paper``: the cache's dataset recipe (the paper's, as train-heads uses it). ``--lr-for`` sets
 one method's learning rate. Evaluation is
 ``python cli.py evaluate``'s (``align.evaluate.evaluate_command``): 5-way K-shot, 1 query per

@@ -3,8 +3,11 @@ attention") on cached maps: an encoder, a spatial attention that re-weights the 
 permutation-invariant second-order pooling, and a relation network that scores each
 (class prototype, query) pair of pooled matrices.
 
-Matches the evaluation path of the official code (github.com/HongguangZhang/arn-eccv20-master,
-eval_arn.py and src/models.py) from the encoder's output on:
+Follows the evaluation path of the official code (github.com/HongguangZhang/arn-eccv20-master,
+eval_arn.py and src/models.py at commit c682474) from the encoder's output on; from the
+spatially weighted features on (second-order pooling, shot mean, pairs, relation network) it is
+equal to that code (float64 test, values and gradients, 1- and 5-shot:
+tests/align/test_official_heads.py):
 
 - attention: ``SpatialDetector`` - Conv3d(d -> 16, 3) BN ReLU, Conv3d(16 -> 16, 3) BN ReLU,
   Conv3d(16 -> 1, 1), sigmoid: one mask over H x W; features x (1 + mask);
@@ -20,11 +23,14 @@ What does not carry over, written down: ARN's encoder is a C3D-like network trai
 and its self-supervised tasks (spatial and temporal jigsaws, rotations) act on pixels too - both
 are out of reach of a cache of frozen maps. Here the encoder is a learned adapter on the maps:
 Conv3d(C -> d, 1) BN ReLU and one Conv3d(d -> d, 3) BN ReLU block as in their encoder, d = 64
-(their width). Their detector reduces time with two max-pools of 2 (their 5 steps -> 1); for any
-T this takes the maximum over the remaining time after the second convolution. The relation
+(their width). Their detector max-pools time by 2 after each of its two convolution blocks (their
+5 steps -> 2 -> 1, defined for their T only); here both blocks run at full T and the maximum over
+time follows, for any T (not the same function where theirs is defined). The relation
 score is trained with cross-entropy on the pre-sigmoid output (they use a sigmoid and a
 mean-squared error; the sigmoid is monotone, so predictions rank the same). Their BatchNorm uses
-momentum 1 (running statistics = the last batch); PyTorch's default 0.1 is used here. A trace
+momentum 1 (running statistics = the last batch); PyTorch's default 0.1 is used here. Their
+``weights_init`` draws convolutions from N(0, 2 / (k * k * out)) and Linear weights from
+N(0, 0.01) with biases 1; here every layer has PyTorch's default initialisation. A trace
 below 1e-12 (an all-zero map) is clamped so that the normalisation stays finite.
 """
 

@@ -18,6 +18,18 @@ similarity of its abstract key with each class's slot. CMN trains the memory wit
 ranking loss on these similarities; the training loop here uses cross-entropy, for which the
 similarities are sharpened by ``scale`` (10, our choice, as are dim = 512 and m = 8). The
 spatial mean of the cached maps stands in for the frame features CMN read from its CNN.
+
+What CMN cannot see, by design: the multi-saliency embedding is a set of attention-weighted
+sums over frames, so a video's keys - and its logits - do not change when its frames are
+reordered (tests/align/test_table2_heads.py). Classes that differ only in the order of what
+they show are therefore beyond CMN-J: on a synthetic cache whose classes are orders of the same
+5 patterns (``cli.py synth --channels 32 --length 0 --patterns 5``) its validation accuracy
+stayed at chance (18.8 / 18.9 / 18.8 after 100 / 200 / 300 episodes of 5-way 1-shot, Adam 1e-3,
+one seed), for scale 10 and 40 alike, where TARN reached 56 and TRX 68. This is CMN's slow
+learning on order-defined data, not a choice of ours: on a cache whose classes also differ in
+which patterns they show (``--length 4``, the default) it learns fast (71.7 after 300 episodes;
+scale 5: 71.7, 20: 64.4, 40: 56.6 - the default 10 is kept). The memory's normalisation is not a
+factor at K = 1 (a class's slot is its one key, already unit length).
 """
 
 from __future__ import annotations

@@ -1,5 +1,11 @@
 """ProtoNet on frames (Snell et al. 2017, as the TA2N paper's baseline): no alignment, no
 parameters - the reference every alignment module is measured against.
+
+This is TA2N's frame-wise baseline (its Table 3's "no module" row: the prototype is the mean of
+the shots frame by frame, the distance the sum over frames of 1 - cos), not the ``CNN_TSN`` of
+tobyperrett/few-shot-action-recognition (model.py at 3687f3a, class CNN_TSN from line 303),
+which averages the frames first and scores the cosine of the two video means (or minus their
+squared distance).
 """
 
 from __future__ import annotations

@@ -3,17 +3,27 @@ of omega frames of a video (pairs and triples by default) is one token; for each
 attention over all tuples of all shots of a class builds a query-specific class prototype, and
 the distance is the mean squared difference of the query's tuple values to it.
 
-Matches ``TemporalCrossTransformer`` / ``CNN_TRX`` of the official code (github.com/tobyperrett/trx,
-model.py) on the backbone's pooled frame features:
+Equal (float64 test, values and gradients, 1- and 5-shot: tests/align/test_official_heads.py)
+to ``TemporalCrossTransformer`` and ``CNN_TRX`` of the official code on the backbone's pooled
+frame features - tobyperrett/few-shot-action-recognition, model.py at commit 3687f3a (lines
+102-194 and 197-219), the same arithmetic as tobyperrett/trx, model.py since commit ef0d9b0:
 
 - a fixed sinusoidal positional encoding scaled by 0.1 is added to each frame (d_model = C);
 - a tuple is its frames' features concatenated in time order, (omega * C); keys and values are
   Linear(omega * C -> dim) shared by support and query, keys pass through one LayerNorm, values
-  do not; dim = 1152 as in their run.py (for every backbone);
+  do not; dim = 1152 as in their code (for every backbone);
 - scores = <query key, support key> / sqrt(dim), softmax over all tuples of all the class's shots
   at once (per query tuple); prototype = the attention-weighted support values;
 - distance_omega = ||query values - prototype||^2 summed over tuples and dim, / number of
-  tuples; the logits are minus the L2 norm over the cardinalities of these distances.
+  tuples; the logits are minus the **mean** over the cardinalities of these distances
+  (``combine="mean"``, their ``torch.mean(sample_logits, dim=[-1])``, model.py line 216).
+
+``combine="norm"`` is the rule of the first release of tobyperrett/trx (model.py before commit
+ef0d9b0, "changed norm to mean when combining trxs in model"): logits = minus the L2 norm of
+the per-cardinality distances - about sqrt(#cardinalities) times the mean when they agree, a
+sharper softmax in training. It is kept because this project's checkpoints written before
+the mean became the default (``align/checkpoints.py``, version 1) were trained with it and load
+with it; new heads use the mean.
 
 Choices where the official code does not carry over: its positional encoding's dropout (0.1) is
 left out - the training loop's dropout on the input maps is every head's regulariser here, and
@@ -34,6 +44,7 @@ from align.models.learned import LearnedHead, frame_features, positive_int
 from cache import UserError
 
 PE_SCALE = 0.1  # their PositionalEncoding's pe_scale_factor
+COMBINE = ("mean", "norm")  # how the cardinalities' distances make one logit (module docstring)
 
 
 def positional_encoding(frames: int, channels: int, dtype=torch.float32,
@@ -106,19 +117,24 @@ class TRXHead(LearnedHead):
         shot: K (recorded; any K works).
         dim: width of keys and values (1152 in the official code).
         sets: the tuple cardinalities omega (official default: pairs and triples).
+        combine: "mean" (the official code's) or "norm" (its first release; this project's
+            checkpoints before version 2) of the cardinalities' distances.
     """
 
     kind = "trx"
 
     def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,
-                 shot: int = 1, dim: int = 1152, sets: list[int] | tuple[int, ...] = (2, 3)):
+                 shot: int = 1, dim: int = 1152, sets: list[int] | tuple[int, ...] = (2, 3),
+                 combine: str = "mean"):
         super().__init__(channels, frames, height, width, shot)
         dim = positive_int(dim, "dim", self.kind)
         if isinstance(sets, int | str) or not sets:
             raise UserError(f"trx option sets must be a non-empty list of tuple sizes, "
                             f"not {sets!r}")
         sets = sorted({positive_int(s, "sets", self.kind) for s in sets})
-        self.options = {"dim": dim, "sets": sets}
+        if combine not in COMBINE:
+            raise UserError(f"trx option combine must be one of {list(COMBINE)}, not {combine!r}")
+        self.options = {"dim": dim, "sets": sets, "combine": combine}
         self.min_frames = max(sets)
         self.cross = nn.ModuleList(TemporalCrossTransformer(channels, dim, s) for s in sets)
 
@@ -136,5 +152,7 @@ class TRXHead(LearnedHead):
             if record is not None:
                 record[f"attention_{cross.size}"] = attn
                 record[f"distance_{cross.size}"] = dist
-        # their CNN_TRX: logits = -|| (-d_2, -d_3, ...) ||_2 over the cardinalities
-        return -torch.stack(distances, -1).norm(dim=-1)  # (M, N)
+        stacked = torch.stack(distances, -1)  # (M, N, #sets)
+        if self.options["combine"] == "norm":  # the first release: -|| (d_2, d_3, ...) ||_2
+            return -stacked.norm(dim=-1)  # (M, N)
+        return -stacked.mean(-1)  # (M, N): their CNN_TRX, torch.mean over the cardinalities

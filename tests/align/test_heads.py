@@ -211,7 +211,8 @@ def test_otam_cumulative_alignment_hard_limit_by_hand():
 
 
 def scalar_otam(dist, lam):
-    """The OTAM recursion written out on Python floats."""
+    """The OTAM recursion written out on Python floats (as the official OTAM_cum_dist: down
+    moves in the padded columns and the first real column)."""
     rows, cols = len(dist), len(dist[0]) + 2
     d = [[0.0] + list(r) + [0.0] for r in dist]
 
@@ -226,7 +227,7 @@ def scalar_otam(dist, lam):
         acc[i][0] = d[i][0] + acc[i - 1][0]
         for j in range(1, cols):
             options = [acc[i - 1][j - 1], acc[i][j - 1]]
-            if j == cols - 1:
+            if j in (1, cols - 1):  # down: the first real column and the last padded one
                 options.append(acc[i - 1][j])
             acc[i][j] = d[i][j] + softmin(*options)
     return acc[-1][-1]

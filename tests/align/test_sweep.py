@@ -21,7 +21,15 @@ from align.evaluate import EvalConfig, evaluate
 from align.models import build_head
 from align.reports.sweep import sweep_command
 from align.stats import paired_test
-from align.sweep import RUN_FILE, TIMING_FIELDS, SweepConfig, format_sweep, load_spec, run_sweep
+from align.sweep import (
+    RUN_FILE,
+    TIMING_FIELDS,
+    SweepConfig,
+    format_sweep,
+    load_spec,
+    run_sweep,
+    to_best,
+)
 from cache import FeatureCache, UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,7 +99,7 @@ def test_every_run_of_a_seed_is_scored_on_the_same_saved_episodes(free_sweep):
     assert direct["episode_accuracy"] == reports[("protonet", 1)]["episode_accuracy"]
     # the row statistics come from those reports: mean over seeds, paired test over episodes
     otam = next(r for r in summary["rows"] if r["run"] == "otam")
-    accs = [reports[("otam", s)]["accuracy"] for s in (0, 1)]
+    accs = [round(reports[("otam", s)]["accuracy"], 4) for s in (0, 1)]  # as sweep.csv has them
     assert otam["mean"] == pytest.approx(np.mean(accs))
     assert otam["std"] == pytest.approx(np.std(accs, ddof=1))
     pooled = {n: np.concatenate([reports[(n, s)]["episode_accuracy"] for s in (0, 1)])
@@ -215,7 +223,49 @@ def test_two_processes_give_the_serial_csv(table3_serial, monkeypatch):
     serial_csv = read_csv(serial["files"]["csv"])
     assert len(serial_csv) == 12 and {r["seed"] for r in serial_csv} == {"0", "1"}
     assert read_csv(parallel["files"]["csv"]) == serial_csv
-    assert parallel["rows"] == serial["rows"]
+
+    def untimed(rows):  # a row's seconds to best are timings, as the CSV's are
+        return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in rows]
+
+    assert untimed(parallel["rows"]) == untimed(serial["rows"])
+
+
+def test_to_best_is_the_first_best_validated_epoch():
+    rows = [{"epoch": e, "val_acc": v, "epoch_time_s": t}
+            for e, v, t in [(1, 50.0, 2.0), (2, None, 3.0), (3, 61.0, 4.0), (4, 61.0, 5.0),
+                            (5, 55.0, 6.0)]]
+    summary = {"history": rows, "config": {"episodes_per_epoch": 10}}
+    assert to_best(summary) == {"best_epoch": 3, "episodes_to_best": 30, "train_s_to_best": 9.0}
+    unvalidated = [{**row, "val_acc": None} for row in rows]  # best.pt is the last epoch
+    assert to_best({**summary, "history": unvalidated})["best_epoch"] == 5
+    assert to_best(None) == {"best_epoch": None, "episodes_to_best": None,
+                             "train_s_to_best": None}
+
+
+@pytest.mark.slow
+def test_each_trained_run_reports_its_way_to_the_tested_checkpoint(table3_serial):
+    """sweep.csv: the epoch of best.pt (the first best val accuracy of metrics.csv), the
+    episodes and training seconds before it; sweep.md: the seeds' means per row."""
+    root, cache, serial = table3_serial
+    out = Path(serial["out"])
+    lines = read_csv(serial["files"]["csv"], timings=True)
+    for line in lines:
+        if line["head"] == "protonet":
+            assert line["best_epoch"] == line["episodes_to_best"] == "", line
+            continue
+        with open(out / line["run_dir"] / "metrics.csv", newline="") as f:
+            metrics = list(csv.DictReader(f))
+        accs = [float(m["val_acc"]) for m in metrics]
+        best = int(metrics[int(np.argmax(accs))]["epoch"])
+        assert int(line["best_epoch"]) == best
+        assert int(line["episodes_to_best"]) == best * BUDGET["episodes_per_epoch"]
+        seconds = sum(float(m["epoch_time_s"]) for m in metrics[:best])
+        assert float(line["train_s_to_best"]) == pytest.approx(seconds, abs=2e-3)
+    row = next(r for r in serial["rows"] if r["run"] == "TTM")
+    ttm = [int(x["episodes_to_best"]) for x in lines if x["run"] == "TTM"]
+    assert row["episodes_to_best"] == pytest.approx(np.mean(ttm))
+    table = Path(serial["files"]["markdown"]).read_text()
+    assert "episodes to best" in table and f"| {np.mean(ttm):.0f} |" in table
 
 
 @pytest.mark.slow
