@@ -323,6 +323,11 @@ def train_heads(cache_path, head, shots, device, resume, **options):
 
 
 # ------------------------------------------------------------------------------------ evaluate
+ALLOW_OTHER_FEATURES_HELP = ("Score a checkpoint on a cache of other features than it was "
+                             "trained on (another backbone, weights, preprocessing): refused "
+                             "without it; with it, a warning, recorded in the report.")
+
+
 @cli.command()
 @click.option("--checkpoint", default=None,
               help="A head from train-heads or the authors' code [default: the latest run's].")
@@ -351,13 +356,16 @@ def train_heads(cache_path, head, shots, device, resume, **options):
 @click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True)
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 on CUDA.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
-def evaluate(checkpoint, head_kind, cache_path, shots, device, report, **options):
+@click.option("--allow-other-features", is_flag=True, help=ALLOW_OTHER_FEATURES_HELP)
+def evaluate(checkpoint, head_kind, cache_path, shots, device, report, allow_other_features,
+             **options):
     """Evaluate a head on test episodes: accuracy with its 95% confidence interval."""
     from align.evaluate import EvalConfig, evaluate_command
 
     result = evaluate_command(EvalConfig(**options), checkpoint=checkpoint, head_kind=head_kind,
                               cache_path=cache_path, shot=shots, device=pick_device(device),
-                              report=report, log=click.echo)
+                              report=report, log=click.echo,
+                              allow_other_features=allow_other_features)
     click.echo(result["summary"])
     click.echo(f"report     {result['report']}  ({result['episodes_per_s']:.1f} episodes/s)")
 

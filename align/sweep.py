@@ -47,6 +47,7 @@ from align.train import TrainConfig, train
 from cache import FeatureCache, UserError
 from cache.atomic import atomic_path, write_json, write_text
 from cache.latest import latest_cache
+from cache.paths import MARKER, claim_folder
 
 RUN_FILE = "sweep-run.json"  # in each run directory: what the sweep asked for, and its result
 REPORT_FILE = "eval.json"  # in each run directory: evaluate's report on the sweep's episodes
@@ -451,7 +452,7 @@ def run_state(plan: RunPlan) -> str:
     run_dir = Path(plan.run_dir)
     record_path = run_dir / RUN_FILE
     if not record_path.exists():
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and any(e.name != MARKER for e in run_dir.iterdir()):
             raise UserError(f"{run_dir} holds files this sweep did not write; use another --out")
         return "new"
     try:
@@ -636,6 +637,7 @@ def run_sweep(spec: SweepSpec, cfg: SweepConfig, *, log: Callable = print,
     todo = [p for p, s in zip(plans, states) if s != "done"]
     for plan, state in zip(plans, states):
         if state == "new":
+            claim_folder(plan.run_dir, "train-heads")  # the sweep makes it for its run
             write_json(Path(plan.run_dir) / RUN_FILE, {"requested": plan.requested})
     log(f"sweep  {spec.title}: {len(plans) // len(cfg.seeds)} rows x {len(cfg.seeds)} seeds = "
         f"{len(plans)} runs in {out}; {states.count('done')} done, {states.count('resume')} "

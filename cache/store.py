@@ -24,6 +24,7 @@ duplicate videos), so a damaged cache fails at open in one line, not after hours
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -189,7 +190,8 @@ class FeatureCache:
         arrays = _array_specs(video_ids, splits, labels, (c, t, h, w), dtype, aug_views)
         all_attrs = dict(attrs or {})
         all_attrs.update(schema_version=SCHEMA_VERSION, classes=list(classes), channels=c,
-                         frames=t, height=h, width=w, dtype=dtype, aug_views=int(aug_views))
+                         frames=t, height=h, width=w, dtype=dtype, aug_views=int(aug_views),
+                         generation=uuid.uuid4().hex)  # readers notice a rebuild by it
         found = refuse_non_cache(path, store_cls.name, what="path")
         check_writable(path, "file" if store_cls is HDF5Backend else "folder", what="cache")
         if found.state == "cache":
@@ -244,6 +246,23 @@ class FeatureCache:
 
     def close(self) -> None:
         self._backend.close()
+
+    @property
+    def generation(self) -> str | None:
+        """The id this cache got when it was created (None: made before ids existed)."""
+        return self.attrs.get("generation")
+
+    def check_unchanged(self) -> None:
+        """Refuse to go on when the cache was removed or created again (``--overwrite``) since
+        it was opened: its rows would be other videos. Readers call it after each read batch."""
+        try:
+            now = self._backend.fresh_attrs()
+        except (OSError, ValueError, KeyError):
+            now = None
+        if now is None or now.get("generation") != self.generation:
+            raise UserError(f"{self.path} was removed or rebuilt (e.g. extract --overwrite) "
+                            "while this command read it: its rows are no longer the ones this "
+                            "command started with; run the command again")
 
     def __enter__(self) -> FeatureCache:
         return self
@@ -551,6 +570,7 @@ def _checked_rows(video_ids, splits, labels, classes, dtype: str) -> np.ndarray:
         raise ValueError(f"unknown split names {bad_splits}; use {SPLITS}")
     if dtype not in DTYPES:
         raise UserError(f"cache dtype must be float16 or float32, not {dtype}")
+    _check_unique_classes("a new cache", list(classes))
     labels = np.asarray(labels, dtype=np.int32)
     if n and (labels.min() < 0 or labels.max() >= len(classes)):
         raise ValueError("labels must index into classes")
@@ -626,6 +646,7 @@ def _check_index(path: str, index: dict[str, np.ndarray], classes) -> None:
     """Labels index the class list, splits are known, and no video is listed twice."""
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise UserError(f"{path}: attribute classes must be a list of class names")
+    _check_unique_classes(path, classes)
     labels = index["label"]
     bad = np.flatnonzero((labels < 0) | (labels >= len(classes)))
     if len(bad):
@@ -642,6 +663,15 @@ def _check_index(path: str, index: dict[str, np.ndarray], classes) -> None:
         raise UserError(f"{path}: video {ids[twice]} is listed twice (rows {rows}), so it could "
                         "be its own support; extract again with --overwrite (duplicate "
                         "split-list lines are now kept once)")
+
+
+def _check_unique_classes(path: str, classes: list[str]) -> None:
+    """Two classes of one name would be merged by every per-class figure (and by a reader)."""
+    names, counts = np.unique(np.asarray(classes, dtype=object).astype(str), return_counts=True)
+    if len(names) and counts.max() > 1:
+        twice = str(names[int(np.argmax(counts > 1))])
+        raise UserError(f"{path}: class {twice!r} is listed twice in attribute classes; class "
+                        "names must be unique (edited attributes? extract again)")
 
 
 def human_bytes(n: float) -> str:

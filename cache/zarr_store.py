@@ -56,6 +56,20 @@ def _raw_store(path: str, read_only: bool):
     return LocalStore(path, read_only=read_only)
 
 
+def _first_link(path: str, entries: list[str]) -> str | None:
+    """The first symbolic link among ``entries`` of the folder ``path`` and everything under
+    them (links are not followed), relative to ``path``; None when there is none."""
+    for entry in ["zarr.json", *entries]:
+        top = os.path.join(path, entry)
+        if os.path.islink(top):
+            return entry
+        for folder, dirs, files in os.walk(top, followlinks=False):
+            for name in dirs + files:
+                if os.path.islink(os.path.join(folder, name)):
+                    return os.path.relpath(os.path.join(folder, name), path)
+    return None
+
+
 class ZarrBackend:
     name = "zarr"
 
@@ -99,6 +113,12 @@ class ZarrBackend:
         if strangers:
             raise NotACache(f"{path} holds {', '.join(strangers[:3])}, which no cache holds; it is "
                             "not replaced: move those out, or choose another path")
+        if not is_url(path):  # everything is checked before anything is deleted
+            link = _first_link(path, found.entries)
+            if link is not None:
+                raise NotACache(f"{path}: {link} is a symbolic link; a cache of this tool holds "
+                                "none, and --overwrite never follows a link out of the cache: "
+                                "remove the link yourself, or choose another path")
         store = _raw_store(path, read_only=False)
         for name in found.entries:
             if name != "zarr.json":
@@ -237,6 +257,15 @@ class ZarrBackend:
     @property
     def attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs)
+
+    def fresh_attrs(self) -> dict[str, Any] | None:
+        """The group's attributes as stored now (None: no group there any more), read from its
+        zarr.json rather than from the copy zarr keeps in memory."""
+        key = f"{self.group.path}/zarr.json" if self.group.path else "zarr.json"
+        raw = sync(self.group.store.get(key, prototype=default_buffer_prototype()))
+        if raw is None:
+            return None
+        return json.loads(raw.to_bytes()).get("attributes") or {}
 
     def update_attrs(self, values: dict) -> None:
         # zarr rewrites the whole attribute document from its in-memory copy: re-read it first so

@@ -1,0 +1,150 @@
+"""Issue 24 (phase two): a head is never scored on features of another backbone without saying
+so, a resumed run trains what its checkpoint holds, a run folder has one writer, a cache
+rebuilt under a streaming reader stops it, and no command writes over a folder it did not make."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from align.feed import Feeder
+from align.train import TrainConfig, train
+from cache import FeatureCache, UserError
+from cache.paths import writer_lock
+from cache.synthetic import SynthConfig, generate_synthetic
+from cli import cli
+
+QUIET = dict(device=torch.device("cpu"), progress=False, log=lambda message: None)
+TINY = dict(channels=8, frames=8, size=4, train_classes=6, val_classes=5, test_classes=5,
+            videos_per_class=6)
+
+
+def synth(path, seed):
+    generate_synthetic(str(path), SynthConfig(**TINY, seed=seed), progress=False)
+    return str(path)
+
+
+def tiny(cache, out, **overrides):
+    return TrainConfig(**{**dict(cache=cache, out=str(out), head="protonet", shot=1, queries=2,
+                                 epochs=1, episodes_per_epoch=2, tasks_per_batch=1,
+                                 val_every=1, val_episodes=2), **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished one-epoch TA2N run on cache a.zarr, and b.zarr: same shape, other features."""
+    work = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        synth("a.zarr", seed=2), synth("b.zarr", seed=3)
+        train(tiny("a.zarr", "run", head="ta2n"), **QUIET)  # relative: copies stay whole
+    return work
+
+
+@pytest.fixture
+def work(trained, tmp_path, monkeypatch):
+    """A private copy of the trained run and its caches, as the working directory."""
+    for name in ("a.zarr", "b.zarr", "run"):
+        shutil.copytree(trained / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def evaluate(*args):
+    return CliRunner().invoke(cli, ["evaluate", "--checkpoint", "run/best.pt", "--episodes", "2",
+                                    *args])
+
+
+# ------------------------------------------------------------------------------ item 1
+def test_the_run_records_the_feature_fingerprint_of_its_cache(work):
+    config = json.loads((work / "run" / "config.json").read_text())
+    assert config["features"]["cache"].endswith("a.zarr") and config["features"]["digest"]
+    extra = torch.load(work / "run" / "best.pt", weights_only=False)["extra"]
+    assert extra["features"]["digest"] == config["features"]["digest"]
+
+
+def test_a_head_is_not_scored_on_another_caches_features(work):
+    result = evaluate("--cache", "b.zarr")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "a.zarr" in result.output and "b.zarr" in result.output
+    assert "--allow-other-features" in result.output
+
+
+def test_allow_other_features_warns_and_the_report_says_so(work):
+    result = evaluate("--cache", "b.zarr", "--allow-other-features", "--report", "r.json")
+    assert result.exit_code == 0, result.output
+    assert "WARNING" in result.output and "b.zarr" in result.output
+    report = json.loads((work / "r.json").read_text())
+    assert report["cache"]["path"].endswith("b.zarr")
+    assert report["features"]["trained_on"]["cache"].endswith("a.zarr")
+    assert report["features"]["warning"].startswith("WARNING")
+
+
+def test_the_same_cache_scores_without_a_warning(work):
+    result = evaluate("--cache", "a.zarr", "--report", "r.json")
+    assert result.exit_code == 0, result.output
+    assert "WARNING" not in result.output and "warning" not in result.output
+    assert json.loads((work / "r.json").read_text())["features"]["warning"] is None
+
+
+def test_an_old_checkpoint_without_a_fingerprint_still_loads_with_a_warning(work):
+    payload = torch.load(work / "run" / "best.pt", weights_only=False)
+    del payload["extra"]["features"]
+    torch.save(payload, work / "run" / "best.pt")
+    result = evaluate("--cache", "b.zarr")
+    assert result.exit_code == 0, result.output
+    assert "records no feature fingerprint" in result.output
+
+
+def test_resume_on_a_cache_rebuilt_with_other_features_is_refused(work):
+    payload = torch.load(work / "run" / "last.pt", weights_only=False)
+    payload["extra"]["epoch"] = 0  # as if killed after saving, before the budget was done
+    torch.save(payload, work / "run" / "last.pt")
+    shutil.rmtree(work / "a.zarr")
+    shutil.copytree(work / "b.zarr", work / "a.zarr")  # another extract --overwrite meanwhile
+    with pytest.raises(UserError, match="other features"):
+        train(resume=str(work / "run"), **QUIET)
+
+
+# ------------------------------------------------------------------------------ item 2
+@pytest.mark.parametrize("field, value", [("head", "otam"), ("lr", 0.5), ("shot", 2)])
+def test_resume_refuses_a_config_json_that_disagrees_with_the_checkpoint(work, field, value):
+    path = work / "run" / "config.json"
+    config = json.loads(path.read_text())
+    for section in ("requested", "train"):
+        config[section][field] = value
+    path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match=f"config.json.*{field}.*last.pt"):
+        train(resume=str(work / "run"), **QUIET)
+
+
+# ------------------------------------------------------------------------------ item 3
+def test_a_second_run_into_a_folder_being_written_is_refused(work):
+    with writer_lock(work / "run2", what="train-heads"):
+        with pytest.raises(UserError, match="being written by another process"):
+            train(tiny("a.zarr", work / "run2"), **QUIET)
+    assert not (work / "run2" / "config.json").exists()
+
+
+def test_the_run_lock_is_gone_when_the_run_ends(work):
+    train(tiny("a.zarr", work / "run3"), **QUIET)
+    assert not (work / "run3.lock").exists() and not (work / "run3" / ".lock").exists()
+
+
+# ------------------------------------------------------------------------------ item 5
+def test_a_streaming_reader_stops_when_its_cache_is_rebuilt(work):
+    with FeatureCache.open("a.zarr") as cache:
+        feeder = Feeder(cache, "train", device=torch.device("cpu"), preload="none", workers=1,
+                        prefetch=1, progress=False)
+        rows = feeder.rows[:2]
+        stream = feeder.stream((rows, None) for _ in range(50))
+        next(stream)
+        shutil.rmtree(work / "a.zarr")
+        synth(work / "a.zarr", seed=4)  # same shape, other rows: --overwrite by another command
+        with pytest.raises(UserError, match="rebuilt"):
+            for _ in range(49):
+                next(stream)
+    assert np.all(rows >= 0)
