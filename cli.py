@@ -483,13 +483,16 @@ def analyze_misalignment(cache_path, out_dir, split, readout, folds, seed, weigh
 @click.option("--seed", default=0, show_default=True, help="Seed of the episodes and t-SNE.")
 @click.option("--perplexity", default=30.0, show_default=True, help="t-SNE perplexity.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
-def analyze_embedding(cache_path, checkpoint, head_kind, out_dir, shots, device, **options):
+@click.option("--allow-other-features", is_flag=True, help=ALLOW_OTHER_FEATURES_HELP)
+def analyze_embedding(cache_path, checkpoint, head_kind, out_dir, shots, device,
+                      allow_other_features, **options):
     """t-SNE of queries and prototypes before / after alignment (paper Fig. 8)."""
     from align.reports.embedding import EmbeddingConfig, embedding_command, format_embedding
 
     summary = embedding_command(EmbeddingConfig(**options), checkpoint=checkpoint,
                                 head_kind=head_kind, cache_path=cache_path, shot=shots,
-                                out_dir=out_dir, device=pick_device(device), log=click.echo)
+                                out_dir=out_dir, device=pick_device(device), log=click.echo,
+                                allow_other_features=allow_other_features)
     click.echo(format_embedding(summary))
 
 
@@ -598,6 +601,7 @@ def toy_data(out, **options):
 @click.option("--root", default=None, help="Dataset folder, if it moved since extraction.")
 @click.option("--out", default=None, help="Figure folder [default: <run dir>/figures].")
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
+@click.option("--allow-other-features", is_flag=True, help=ALLOW_OTHER_FEATURES_HELP)
 def visualize(device, **options):
     """Pair figures (paper Fig. 7 style: frames, TTM window, SC boxes, TC attention) and
     training curves of a trained head."""

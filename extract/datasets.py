@@ -101,6 +101,25 @@ class VideoList:
     missing: list[str]
     classes: list[str]
     warnings: list[str] = field(default_factory=list)
+    listed: dict[str, str] = field(default_factory=dict)  # every line of the chosen splits -> split
+
+    def changes_from(self, video_ids, splits) -> list[str]:
+        """How these lists differ from the rows of a cache extracted earlier (``video_ids``,
+        ``splits``): videos no longer listed, moved to another split, or found now and not in
+        the cache (a line added, or a video missing then). Empty when the cache still holds
+        what these lists ask for."""
+        cached = dict(zip((str(v) for v in video_ids), (str(s) for s in splits)))
+        removed = [v for v in cached if v not in self.listed]
+        moved = [f"{v} moved from {cached[v]} to {self.listed[v]}" for v in cached
+                 if v in self.listed and self.listed[v] != cached[v]]
+        added = [r.video_id for r in self.records if r.video_id not in cached]
+        changes = moved[:3]
+        if removed:
+            changes.append(f"{len(removed)} videos of the cache are no longer listed (e.g. "
+                           f"{removed[0]})")
+        if added:
+            changes.append(f"{len(added)} listed videos are not in the cache (e.g. {added[0]})")
+        return changes
 
 
 def natural_key(text: str) -> list:
@@ -281,7 +300,9 @@ def find_videos(
             kept += 1
     warnings += [f"cannot list {folder} ({why}): its videos count as missing"
                  for folder, why in locator.unreadable.items()]
-    return VideoList(records=records, missing=missing, classes=classes, warnings=warnings)
+    listed = {line: split for split, lines in lines_by_split.items() for line in lines}
+    return VideoList(records=records, missing=missing, classes=classes, warnings=warnings,
+                     listed=listed)
 
 
 def _unique_lines(lines_by_split: dict[str, list[str]], files: dict[str, Path]

@@ -18,11 +18,12 @@ std, resize filter, default image size and resize) replaces the ImageNet constan
 Resume: rows already done are skipped, except done rows whose stored data is missing (one
 listing) or, with ``verify``, fails its checksum: those are marked not done and extracted again. A
 cache made with other backbone, weights, preprocessing, pooling, frames, image size, resize, views,
-dtype or selection of videos is refused unless ``overwrite``; a store whose creation by extract was
-interrupted is created again. ``--out`` is checked before any work, ``overwrite`` replaces only a
-cache of this tool, and the creating process holds ``<out>.lock`` for the whole run, so a second
-extract on the same path (without torchrun) is refused instead of recreating the cache under the
-first.
+dtype or selection of videos, or from split lists that changed since (a line removed or added, a
+video moved to another split: named in the message), is refused unless ``overwrite``; a store
+whose creation by extract was interrupted is created again. ``--out`` is checked before any work,
+``overwrite`` replaces only a cache of this tool, and the creating process holds ``<out>.lock``
+for the whole run, so a second extract on the same path (without torchrun) is refused instead of
+recreating the cache under the first.
 
 Scale-out (``torchrun``, or RANK / WORLD_SIZE set by hand, also across machines on a shared
 filesystem): rank k extracts rows k, k+W, k+2W ... into the same Zarr store. Rank 0 creates the
@@ -353,6 +354,12 @@ def open_cache(config: ExtractConfig, shard: Shard, found: VideoList, attrs: dic
             raise UserError(f"{config.out} was extracted with other settings "
                             f"({'; '.join(problems)}); pass --overwrite to replace it, "
                             "or --out to write elsewhere")
+        changes = found.changes_from(cache.video_ids, cache.splits)
+        if changes:  # its rows would not be the videos the lists name now
+            cache.close()
+            raise UserError(f"{config.out}: the split lists changed since it was extracted "
+                            f"({'; '.join(changes)}); pass --overwrite to extract it again "
+                            "from the new lists, or --out to write elsewhere")
         return cache
     deadline = time.monotonic() + config.wait_timeout
     while True:

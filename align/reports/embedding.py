@@ -201,7 +201,8 @@ def run_embedding(cache: FeatureCache, head, out_dir: str, cfg: EmbeddingConfig,
 
 def embedding_command(cfg: EmbeddingConfig, *, checkpoint: str | None, head_kind: str | None,
                       cache_path: str | None, shot: int | None, out_dir: str | None,
-                      device: torch.device, log=print) -> dict:
+                      device: torch.device, log=print,
+                      allow_other_features: bool = False) -> dict:
     """`analyze embedding`: resolve head and cache as `evaluate` does (and say which), then run.
 
     With neither ``checkpoint`` nor ``head_kind``: the most recent run's best.pt on its cache;
@@ -213,7 +214,8 @@ def embedding_command(cfg: EmbeddingConfig, *, checkpoint: str | None, head_kind
                                  shot=shot, log=log)
     cfg = replace(cfg, shot=source.shot)
     with FeatureCache.open(source.cache) as cache:
-        head, _ = load_head_source(source, cache, seed=cfg.seed, untrained=True)
+        head, _ = load_head_source(source, cache, seed=cfg.seed, untrained=True, log=log,
+                                   allow_other_features=allow_other_features)
         if source.checkpoint is not None:
             name = f"{head.kind} {Path(source.checkpoint).name}"
         else:

@@ -73,6 +73,16 @@ def test_a_head_is_not_scored_on_another_caches_features(work):
     assert "--allow-other-features" in result.output
 
 
+@pytest.mark.parametrize("command", [
+    ["visualize", "--checkpoint", "run/best.pt", "--cache", "b.zarr"],
+    ["analyze", "embedding", "b.zarr", "--checkpoint", "run/best.pt", "--episodes", "1"],
+])
+def test_visualize_and_analyze_refuse_other_features_too(work, command):
+    result = CliRunner().invoke(cli, command)
+    assert result.exit_code == 1 and "--allow-other-features" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
 def test_allow_other_features_warns_and_the_report_says_so(work):
     result = evaluate("--cache", "b.zarr", "--allow-other-features", "--report", "r.json")
     assert result.exit_code == 0, result.output
