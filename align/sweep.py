@@ -630,6 +630,7 @@ def run_sweep(spec: SweepSpec, cfg: SweepConfig, *, log: Callable = print,
     with FeatureCache.open(cache_path) as cache:
         out = Path(cfg.out or RUNS_ROOT / f"sweep-{slug(spec.title)}-"
                    f"{Path(str(cache_path).rstrip('/')).stem}")
+        claim_folder(out, "sweep", "--out", legacy=_made_before_markers)  # never a user's
         plans = plan_runs(spec, cfg, cache_path, out)
         check_references(plans, references)
         states = [run_state(p) for p in plans]  # refuses changed runs before anything runs
@@ -648,6 +649,11 @@ def run_sweep(spec: SweepSpec, cfg: SweepConfig, *, log: Callable = print,
     summary = summarise(spec, cfg, plans, references, out, cache_path)
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)
     return write_outputs(summary, out, draw)
+
+
+def _made_before_markers(out: Path) -> bool:
+    """A sweep folder from before folder markers: its runs hold this sweep's records."""
+    return any(out.glob(f"runs/*/{RUN_FILE}"))
 
 
 def check_references(plans: list[RunPlan], references: dict[str, str | None]) -> None:

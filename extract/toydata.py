@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from cache import UserError
 from cache.atomic import atomic_path
+from cache.paths import claim_folder
 
 SPLITS = ("train", "val", "test")
 # The shared poses: a shape and its hue (fraction of the colour circle).
@@ -317,6 +318,15 @@ def _complete(out: Path, cfg: ToyConfig) -> bool:
     return all((out / "videos" / f"{v}.mp4").exists() for v in saved["videos"])
 
 
+def _made_before_markers(out: Path) -> bool:
+    """A folder toy-data wrote before it left a marker: its toydata.json is this tool's."""
+    try:
+        record = json.loads((out / TOYDATA_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"version", "config", "videos"} <= set(record)
+
+
 def make_toy_dataset(out: str | os.PathLike, cfg: ToyConfig | None = None, *,
                      progress: bool = True) -> ToyDataset:
     """Write the toy dataset under ``out`` (videos/, splits/, toydata.json) and say where it is."""
@@ -328,6 +338,7 @@ def make_toy_dataset(out: str | os.PathLike, cfg: ToyConfig | None = None, *,
     plans = _plans(cfg)
     classes = {split: list(dict.fromkeys(c for c, _, _ in rows)) for split, rows in plans.items()}
     n_videos = sum(len(rows) for rows in plans.values())
+    claim_folder(out, "toy-data", "--out", legacy=_made_before_markers)  # before the work
     reused = _complete(out, cfg)
     if not reused:
         (out / TOYDATA_FILE).unlink(missing_ok=True)  # a half-written dataset is never "complete"

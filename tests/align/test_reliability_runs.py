@@ -158,3 +158,39 @@ def test_a_streaming_reader_stops_when_its_cache_is_rebuilt(work):
             for _ in range(49):
                 next(stream)
     assert np.all(rows >= 0)
+
+
+# ------------------------------------------------------------------------------ item 7
+def test_train_heads_never_writes_into_a_users_folder(work):
+    mine = work / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("my own notes")
+    result = CliRunner().invoke(cli, ["train-heads", "--cache", "a.zarr", "--out", "mine",
+                                      "--head", "protonet", "--shots", "1", "--epochs", "1"])
+    assert result.exit_code == 1 and "not made by this tool" in result.output, result.output
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json"]
+    assert (mine / "config.json").read_text() == "my own notes"
+
+
+def test_train_heads_may_write_into_an_empty_folder_and_one_it_made(work):
+    (work / "empty").mkdir()
+    train(tiny("a.zarr", work / "empty"), **QUIET)
+    assert (work / "empty" / "best.pt").exists()
+    (work / "empty" / "last.pt").unlink()  # its own folder, no run to resume in it: reused
+    train(tiny("a.zarr", work / "empty"), **QUIET)
+
+
+def test_a_failed_run_leaves_no_empty_folder(work):
+    with pytest.raises(UserError):
+        train(tiny("a.zarr", work / "failed", way=6), **QUIET)  # 5 val classes: too few
+    assert not (work / "failed").exists()
+
+
+def test_sweep_never_writes_into_a_users_folder(work):
+    mine = work / "mine"
+    mine.mkdir()
+    (mine / "sweep.md").write_text("my table")
+    result = CliRunner().invoke(cli, ["sweep", "table3", "--cache", "a.zarr", "--out", "mine",
+                                      "--seeds", "0", "--episodes", "2"])
+    assert result.exit_code == 1 and "not made by this tool" in result.output, result.output
+    assert sorted(p.name for p in mine.iterdir()) == ["sweep.md"]
