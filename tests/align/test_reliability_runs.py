@@ -194,3 +194,25 @@ def test_sweep_never_writes_into_a_users_folder(work):
                                       "--seeds", "0", "--episodes", "2"])
     assert result.exit_code == 1 and "not made by this tool" in result.output, result.output
     assert sorted(p.name for p in mine.iterdir()) == ["sweep.md"]
+
+
+# ------------------------------------------------------------------------------ item 11
+@pytest.mark.parametrize("damage, named", [
+    (lambda path: path.unlink(), "config.json is missing"),
+    (lambda path: path.write_text(path.read_text()[:40]), "not readable JSON"),
+    (lambda path: path.write_text('{"requested": {}}'), "no 'train' section"),
+    (lambda path: path.write_text("[1, 2]"), "must hold a JSON object"),
+])
+def test_resume_with_a_damaged_config_json_is_one_line(work, damage, named):
+    damage(work / "run" / "config.json")
+    result = CliRunner().invoke(cli, ["train-heads", "--resume", "run"])
+    assert result.exit_code == 1 and named in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_from_json_checks_types():
+    with pytest.raises(UserError, match="epochs is 'three'.*int or null"):
+        TrainConfig.from_json({"epochs": "three"})
+    with pytest.raises(UserError, match="compile is 1.*bool"):
+        TrainConfig.from_json({"compile": 1})
+    assert TrainConfig.from_json({"lr": 1, "epochs": None}).lr == 1.0
