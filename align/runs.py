@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from align.checkpoints import load_head_checkpoint
+from align.episodes import episode_header, read_episode_file
 from align.models import Head, build_head, head_class
 from cache import FeatureCache, UserError
 from cache.atomic import atomic_path, write_json
@@ -87,11 +88,8 @@ def run_config(checkpoint: str | os.PathLike) -> dict:
 
 def episode_file_header(path: str) -> dict:
     """split, way, shot, queries of a saved episode file (``evaluate --save-episodes``)."""
-    try:
-        payload = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read the episode file {path} ({e})") from None
-    return {k: payload.get(k) for k in ("split", "way", "shot", "queries")}
+    header = episode_header(read_episode_file(path), path)
+    return {k: header[k] for k in ("split", "way", "shot", "queries")}
 
 
 # ------------------------------------------------------------------------------ the resolver

@@ -216,3 +216,34 @@ def test_from_json_checks_types():
     with pytest.raises(UserError, match="compile is 1.*bool"):
         TrainConfig.from_json({"compile": 1})
     assert TrainConfig.from_json({"lr": 1, "epochs": None}).lr == 1.0
+
+
+# ------------------------------------------------------------------------------ item 12
+def saved_episodes(work, **changes):
+    from align.episodes import EpisodeSampler, Stream, save_episodes
+
+    with FeatureCache.open("a.zarr") as cache:
+        episodes = EpisodeSampler(cache, "test", way=5, shot=1, queries=1, seed=0,
+                                  stream=Stream.TEST).episodes(0, 2)
+        save_episodes(work / "ep.json", episodes, cache, split="test", seed=0)
+    payload = json.loads((work / "ep.json").read_text())
+    payload.update(changes)
+    (work / "ep.json").write_text(json.dumps(payload))
+    return "ep.json"
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"shot": "abc"}, "shot"), ({"shot": None}, "shot"), ({"way": 0}, "way"),
+    ({"split": "val"}, "belongs to the test split"), ({"split": "nonsense"}, "split"),
+])
+def test_a_bad_episode_file_is_one_line(work, changes, named):
+    episodes = saved_episodes(work, **changes)
+    result = evaluate("--cache", "a.zarr", "--episodes-from", episodes)
+    assert result.exit_code == 1 and named in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_an_episode_file_holding_a_json_list_is_one_line(work):
+    (work / "ep.json").write_text("[1, 2, 3]")
+    result = evaluate("--cache", "a.zarr", "--episodes-from", "ep.json")
+    assert result.exit_code == 1 and "not an episode file" in result.output, result.output
