@@ -23,6 +23,7 @@ duplicate videos), so a damaged cache fails at open in one line, not after hours
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Callable, Sequence
@@ -47,6 +48,8 @@ REQUIRED_ATTRS = ("schema_version", "classes")
 BACKENDS = {"zarr": ZarrBackend, "hdf5": HDF5Backend}
 CHECKSUM_NAMES = {"zarr": "CRC32C", "hdf5": "Fletcher-32"}
 VERIFY_BATCH = 16  # rows per read when verifying a whole cache (bounded memory)
+MAX_ROWS = 10**8  # videos in one cache: far above any dataset (Kinetics-700: 650k)
+MAX_ROW_BYTES = 2**30  # one row's maps (all views): 1.6 MB for ResNet-50, C x T x 7 x 7
 
 
 def _backend_for(path: str, backend: str | None):
@@ -191,7 +194,8 @@ class FeatureCache:
         all_attrs = dict(attrs or {})
         all_attrs.update(schema_version=SCHEMA_VERSION, classes=list(classes), channels=c,
                          frames=t, height=h, width=w, dtype=dtype, aug_views=int(aug_views),
-                         generation=uuid.uuid4().hex)  # readers notice a rebuild by it
+                         generation=uuid.uuid4().hex,  # readers notice a rebuild by it
+                         index_sha256=_index_digests(video_ids, splits, labels))
         found = refuse_non_cache(path, store_cls.name, what="path")
         check_writable(path, "file" if store_cls is HDF5Backend else "folder", what="cache")
         if found.state == "cache":
@@ -601,11 +605,37 @@ def _array_specs(video_ids, splits, labels: np.ndarray, shape: tuple[int, int, i
 
 # ------------------------------------------------------------------------------ open-time checks
 def _read_index(store) -> dict[str, np.ndarray]:
-    return {
-        "video_id": np.asarray(store.read_strings("video_id"), dtype=object),
-        "split": np.asarray(store.read_strings("split"), dtype=object),
-        "label": store.read("label", slice(None)).astype(np.int64),
-    }
+    """video_id, split and label of every row; an array that cannot be decoded, or (caches
+    that record them) differs from its checksum, is refused in one line naming it."""
+    index = {}
+    for name in ("video_id", "split", "label"):
+        try:
+            index[name] = (np.asarray(store.read_strings(name), dtype=object) if name != "label"
+                           else store.read(name, slice(None)).astype(np.int64))
+        except (ValueError, RuntimeError, OSError) as e:  # what the decoders raise on bad bytes
+            raise UserError(f"{store.path}: the {name} array is damaged and cannot be decoded "
+                            f"({str(e) or type(e).__name__}); restore the cache, or extract "
+                            "again with --overwrite") from None
+    recorded = store.attrs.get("index_sha256")
+    if isinstance(recorded, dict):
+        actual = _index_digests(index["video_id"], index["split"], index["label"])
+        for name in ("video_id", "split", "label"):
+            if name in recorded and recorded[name] != actual[name]:
+                raise UserError(f"{store.path}: the {name} array does not match its checksum "
+                                "(damaged or edited since the cache was created); restore the "
+                                "cache, or extract again with --overwrite")
+    return index
+
+
+def _index_digests(video_ids, splits, labels) -> dict[str, str]:
+    """sha256 of each index array, recorded at creation: these arrays carry no chunk checksum
+    (HDF5 cannot filter variable-length strings), yet a changed label silently moves a video."""
+    def digest(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    return {"video_id": digest("\n".join(map(str, video_ids)).encode()),
+            "split": digest("\n".join(map(str, splits)).encode()),
+            "label": digest(np.asarray(labels, dtype="<i8").tobytes())}
 
 
 def _check_shapes(store) -> None:
@@ -615,6 +645,19 @@ def _check_shapes(store) -> None:
         raise UserError(f"{store.path}: features has shape {tuple(features.shape)}; a cache "
                         "holds (N, C, T, H, W)")
     n = features.shape[0]
+    # Sane bounds before anything is allocated: edited metadata would otherwise pass these
+    # checks and fail later as numpy's MemoryError (or a reader allocating terabytes).
+    if n > MAX_ROWS:
+        raise UserError(f"{store.path}: features has {n} rows, more than any dataset ({MAX_ROWS}"
+                        "); its metadata was edited or damaged: restore it, or extract again")
+    views = store.array("aug_features").shape[1] if store.has("aug_features") else 1
+    row_bytes = int(np.prod(features.shape[1:], dtype=np.float64)) \
+        * np.dtype(features.dtype).itemsize * max(1, int(views))
+    if row_bytes > MAX_ROW_BYTES:
+        raise UserError(f"{store.path}: one row of shape {tuple(features.shape[1:])} would take "
+                        f"{human_bytes(row_bytes)}, more than the {human_bytes(MAX_ROW_BYTES)} "
+                        "any feature map needs; its metadata was edited or damaged: restore "
+                        "it, or extract again")
     for name in ("video_id", "split", "label", "done"):
         if tuple(store.array(name).shape) != (n,):
             raise UserError(f"{store.path}: {name} has shape {tuple(store.array(name).shape)}, "

@@ -140,3 +140,61 @@ def test_overwrite_never_follows_a_link_and_deletes_nothing_first(tmp_path, link
     assert sorted(os.listdir(path)) == before  # nothing deleted
     assert (precious / "thesis.tex").read_text() == "years of work"
     assert os.path.islink(target)
+
+
+# ------------------------------------------------------------------------------ item 13
+@pytest.mark.parametrize("array", ["label", "video_id", "split"])
+def test_an_edited_index_array_is_named_at_open(tmp_path, array):
+    path = str(tmp_path / "c.zarr")
+    build(path).close()
+    group = zarr.open_group(path, mode="r+")
+    values = group[array][:]
+    group[array][:] = values[::-1]  # valid values, other rows: only a checksum can tell
+    with pytest.raises(UserError, match=f"{array} .*checksum"):
+        FeatureCache.open(path)
+
+
+@pytest.mark.parametrize("array", ["label", "video_id", "split"])
+def test_a_damaged_index_chunk_is_one_line_naming_the_array(tmp_path, array):
+    path = tmp_path / "c.zarr"
+    build(str(path)).close()
+    chunk = path / array / "c" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2:] = b"\xff" * (len(data) - len(data) // 2)
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=array):
+        FeatureCache.open(str(path))
+
+
+# ------------------------------------------------------------------------------ item 14
+def edit_metadata(path, change):
+    """Rewrite every array's zarr.json (and the group's attributes) through ``change``."""
+    import json
+
+    for meta in path.glob("*/zarr.json"):
+        payload = json.loads(meta.read_text())
+        change(meta.parent.name, payload)
+        meta.write_text(json.dumps(payload))
+
+
+def test_a_huge_edited_row_size_is_refused_at_open(tmp_path):
+    path = tmp_path / "c.zarr"
+    build(str(path)).close()
+
+    def huge(name, payload):
+        if name == "features":
+            payload["shape"][3:] = [100000, 100000]
+            payload["chunk_grid"]["configuration"]["chunk_shape"][3:] = [100000, 100000]
+    edit_metadata(path, huge)
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs.update(height=100000, width=100000)
+    with pytest.raises(UserError, match="one row .* GB"):
+        FeatureCache.open(str(path))
+
+
+def test_a_huge_edited_row_count_is_refused_at_open(tmp_path):
+    path = tmp_path / "c.zarr"
+    build(str(path)).close()
+    edit_metadata(path, lambda name, payload: payload["shape"].__setitem__(0, 10**11))
+    with pytest.raises(UserError, match="rows"):
+        FeatureCache.open(str(path))
