@@ -476,12 +476,15 @@ def analyze_misalignment(cache_path, out_dir, split, readout, folds, seed, weigh
               help="Output folder [default: runs/analyze-<cache name>].")
 @click.option("--split", default="test", show_default=True,
               type=click.Choice(["train", "val", "test"]))
-@click.option("--episodes", default=10, show_default=True)
-@click.option("--way", default=5, show_default=True)
-@click.option("--shots", type=int, default=None, help="[default: the run's K, else 1]")
-@click.option("--queries", default=5, show_default=True, help="Queries per class.")
+@click.option("--episodes", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--way", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("--shots", type=click.IntRange(min=1), default=None,
+              help="[default: the run's K, else 5]")
+@click.option("--queries", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Queries per class.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the episodes and t-SNE.")
-@click.option("--perplexity", default=30.0, show_default=True, help="t-SNE perplexity.")
+@click.option("--perplexity", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, help="t-SNE perplexity.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
 @click.option("--allow-other-features", is_flag=True, help=ALLOW_OTHER_FEATURES_HELP)
 def analyze_embedding(cache_path, checkpoint, head_kind, out_dir, shots, device,

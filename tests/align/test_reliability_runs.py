@@ -247,3 +247,27 @@ def test_an_episode_file_holding_a_json_list_is_one_line(work):
     (work / "ep.json").write_text("[1, 2, 3]")
     result = evaluate("--cache", "a.zarr", "--episodes-from", "ep.json")
     assert result.exit_code == 1 and "not an episode file" in result.output, result.output
+
+
+# ------------------------------------------------------------------------------ item 15
+@pytest.mark.parametrize("option", [["--episodes", "0"], ["--perplexity", "0"],
+                                    ["--shots", "0"], ["--way", "1"], ["--queries", "0"]])
+def test_analyze_embedding_refuses_bad_numbers(work, option):
+    result = CliRunner().invoke(cli, ["analyze", "embedding", "a.zarr", "--head", "protonet",
+                                      *option])
+    assert result.exit_code in (1, 2) and option[0] in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_analyze_embedding_help_says_the_default_k_the_code_uses():
+    from align.runs import DEFAULT_SHOT
+
+    result = CliRunner().invoke(cli, ["analyze", "embedding", "--help"])
+    assert f"else {DEFAULT_SHOT}]" in " ".join(result.output.split())
+
+
+def test_the_embedding_config_checks_its_numbers():
+    from align.reports.embedding import EmbeddingConfig
+
+    with pytest.raises(UserError, match="perplexity"):
+        EmbeddingConfig(perplexity=0).check()
