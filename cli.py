@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import sys
 
 # `python cli.py demo` runs every phase in this process on a small shared CPU: OpenMP threads
@@ -37,8 +38,12 @@ def pick_device(name: str) -> torch.device:
     """The one place a device is chosen; everything below receives it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise UserError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but torch sees no CUDA device")
+    if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+        raise UserError(f"device {name!r}: torch sees {torch.cuda.device_count()} CUDA devices")
     return torch.device(name)
 
 

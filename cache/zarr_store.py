@@ -15,6 +15,7 @@ This module also owns what a path holds (``inspect``) and the only deletion the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -51,9 +52,21 @@ def _storage_options(path: str) -> dict | None:
 
 def _raw_store(path: str, read_only: bool):
     if is_url(path):
-        return FsspecStore.from_url(path, storage_options=_storage_options(path),
-                                    read_only=read_only)
+        with _url_packages(path):
+            return FsspecStore.from_url(path, storage_options=_storage_options(path),
+                                        read_only=read_only)
     return LocalStore(path, read_only=read_only)
+
+
+@contextlib.contextmanager
+def _url_packages(path: str):
+    """fsspec imports a URL's file-system package on first use (s3fs for s3://, gcsfs for
+    gcs://): a missing one is one line saying which to install."""
+    try:
+        yield
+    except ImportError as e:
+        raise UserError(f"{path}: reading this URL needs a package that is not installed ({e})"
+                        ) from None
 
 
 def _first_link(path: str, entries: list[str]) -> str | None:
@@ -157,8 +170,9 @@ class ZarrBackend:
     @classmethod
     def open(cls, path: str, writable: bool) -> ZarrBackend:
         try:
-            group = zarr.open_group(path, mode="r+" if writable else "r",
-                                    storage_options=_storage_options(path))
+            with _url_packages(path):
+                group = zarr.open_group(path, mode="r+" if writable else "r",
+                                        storage_options=_storage_options(path))
         except (zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError,
                 NotADirectoryError) as e:
             raise NotACache(f"{path} is not a feature cache ({e})") from None

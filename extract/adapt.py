@@ -53,7 +53,7 @@ from tqdm import tqdm
 from cache import UserError
 from cache.atomic import atomic_path, write_json
 from cache.paths import check_writable
-from cache.torch_files import load_tensors
+from cache.torch_files import load_tensors, save_tensors
 from extract.backbone import (
     ADAPT_FORMAT,
     WeightsInfo,
@@ -724,8 +724,7 @@ def _checkpoint(job: Job, epochs_done: int) -> None:
                  "epoch": epochs_done, "config": json.loads(json.dumps(asdict(job.config))),
                  "history": [asdict(h) for h in job.history], "failed": dict(job.failed),
                  "world_size": job.shard.world_size}
-        with atomic_path(run_dir / "last.pt") as tmp:
-            torch.save(state, tmp)
+        save_tensors(state, run_dir / "last.pt")
         write_json(run_dir / "config.json", state["config"])
         with atomic_path(run_dir / "metrics.csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=[f.name for f in fields(EpochStats)])

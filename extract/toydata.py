@@ -57,6 +57,9 @@ LENGTH = 3  # poses per class
 TOYDATA_FILE = "toydata.json"
 TOYDATA_VERSION = 4
 
+MAX_SIZE = 1024  # frame side: a toy video stays a few MB in memory
+MAX_FRAMES = 1000
+
 
 def all_classes() -> list[tuple[int, ...]]:
     """Every class: an ordered sequence of LENGTH distinct poses (504 of them)."""
@@ -104,6 +107,10 @@ class ToyConfig:
             raise UserError(f"toy-data has {len(all_classes())} classes at most (ordered "
                             f"sequences of {LENGTH} of {len(POSES)} poses); {sum(counts)} "
                             "were asked for")
+        if self.size > MAX_SIZE or self.frames > MAX_FRAMES:  # before any frame is allocated
+            raise UserError(f"toy-data takes --size up to {MAX_SIZE} and --frames up to "
+                            f"{MAX_FRAMES} (a toy dataset; {self.size} px x {self.frames} frames "
+                            "were asked for)")
         if self.videos_per_class < 1 or self.frames < 2 or self.size < 32 or self.size % 2:
             raise UserError("toy-data needs videos_per_class >= 1, frames >= 2 and an even "
                             "size >= 32 (4:2:0 video)")
