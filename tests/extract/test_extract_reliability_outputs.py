@@ -33,3 +33,30 @@ def test_toy_data_refuses_an_unwritable_out_before_the_work(tmp_path):
     result = toy(tmp_path / "file" / "toy")
     assert result.exit_code == 1 and "cannot write" in result.output, result.output
     assert "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------------------ item 17
+def test_a_named_pipe_in_place_of_a_video_fails_at_once_in_process(tmp_path):
+    import os
+    import signal
+
+    from extract.decode import DecodeFailure, DecodePool, DecodeTask
+
+    os.mkfifo(tmp_path / "v0.mp4")
+    os.makedirs(tmp_path / "frames")
+    os.mkfifo(tmp_path / "frames" / "img_00001.jpg")
+    tasks = [DecodeTask(0, "jump/v0", str(tmp_path / "v0.mp4"), "file", frames=2),
+             DecodeTask(1, "jump/v1", str(tmp_path / "frames"), "frames", frames=1)]
+
+    def hung(signum, frame):
+        raise TimeoutError("decoding a named pipe hangs")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        results = list(DecodePool(workers=0).imap(tasks))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert all(isinstance(r, DecodeFailure) for r in results)
+    assert all("not a regular file" in r.reason for r in results)
