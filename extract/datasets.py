@@ -148,7 +148,8 @@ def read_split_lines(path: Path) -> list[str]:
     if not path.exists():
         return []
     lines = []
-    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first class
+    for number, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -228,6 +229,27 @@ def list_classes(lines_by_split: dict[str, list[str]]) -> list[str]:
             classes.append(name)
             seen.add(name)
     return classes
+
+
+def explain_missing(dataset: str, root: str | os.PathLike, missing: list[str],
+                    show: int = 2) -> str:
+    """Why listed videos were not found, for the message: lines that end in a video extension
+    (split lines name '<class>/<stem>' without it), and the first paths looked for."""
+    root = str(root)
+    with_extension = [line for line in missing if line.lower().endswith(VIDEO_EXTENSIONS)]
+    hints = []
+    if with_extension:
+        hints.append(f"split lines name '<class>/<stem>' without extension, and "
+                     f"{len(with_extension)} of these end in one (e.g. {with_extension[0]!r})")
+    looked = []
+    for line in missing[:show]:
+        class_name, stem = line.split("/", 1)
+        folder = candidate_folders(dataset, root, class_name)[-1]
+        looked.append(f"{os.path.join(folder, stem)}{{{','.join(VIDEO_EXTENSIONS[:3])},...}} "
+                      "or that frame folder")
+    if looked:
+        hints.append("looked for " + "; ".join(looked))
+    return "; ".join(hints)
 
 
 class VideoLocator:

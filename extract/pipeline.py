@@ -61,7 +61,13 @@ from cache.paths import writer_lock
 from cache.store import check_output, inspect_path
 from extract.backbone import FeatureExtractor, check_not_adapted_on
 from extract.backbones import Backbone
-from extract.datasets import VideoList, VideoLocator, dataset_spec, find_videos
+from extract.datasets import (
+    VideoList,
+    VideoLocator,
+    dataset_spec,
+    explain_missing,
+    find_videos,
+)
 from extract.decode import DecodedVideo, DecodeFailure, DecodePool, DecodeTask
 
 SAMPLING = "tsn-centre"
@@ -291,7 +297,8 @@ def _create(config: ExtractConfig, found: VideoList, attrs: dict, shape) -> Feat
     if not found.records:
         raise UserError(
             f"no video of the {'/'.join(config.splits)} split lists was found under "
-            f"{config.root} ({len(found.missing)} listed); check --root")
+            f"{config.root} ({len(found.missing)} listed; "
+            f"{explain_missing(config.dataset, config.root, found.missing)}); check --root")
     cache = FeatureCache.create(
         config.out, video_ids=[r.video_id for r in found.records],
         splits=[r.split for r in found.records], labels=[r.label for r in found.records],
@@ -614,9 +621,10 @@ def _run_extract(config: ExtractConfig, device: torch.device, shard: Shard,
         echo(f"warning: {backbone.weights.warning}")
     channels, height, width = backbone.shape
     attrs = build_attrs(config, backbone, found)
-    if found.missing and shard.rank == 0:
-        echo(f"{len(found.missing)} listed videos are missing under {config.root} "
-             f"(skipped; full list in the cache's error report)")
+    if found.missing and found.records and shard.rank == 0:  # (none found: _create says why)
+        echo(f"{len(found.missing)} listed videos are missing under {config.root} (skipped; "
+             f"{explain_missing(config.dataset, config.root, found.missing)}; full list in the "
+             "cache's error report)")
     cache = open_cache(config, shard, found, attrs, (channels, config.frames, height, width))
     try:
         rows = shard.rows(len(cache))

@@ -56,3 +56,25 @@ def test_a_line_added_to_a_list_is_refused(tiny_dataset, weights_file, tmp_path)
     write_lists(lists, train=["jump/v0", "jump/v1"], test=["run/v0"])
     message = one_line(extract(root, lists, out, weights_file, tmp_path))
     assert "1 listed videos are not in the cache (e.g. jump/v1)" in message
+
+
+# ------------------------------------------------------------------------------ item 18
+def test_a_byte_order_mark_makes_no_phantom_class(tiny_dataset, tmp_path):
+    from extract.datasets import find_videos
+
+    root, _ = tiny_dataset
+    lists = write_lists(tmp_path / "lists", **ORIGINAL)
+    (lists / "trainlist.txt").write_bytes(b"\xef\xbb\xbf" + (lists / "trainlist.txt").read_bytes())
+    found = find_videos("custom", root, split_dir=lists)
+    assert found.classes == ["jump", "run"] and not found.missing
+
+
+def test_lines_with_an_extension_are_explained_with_the_paths_looked_for(tiny_dataset,
+                                                                        weights_file, tmp_path):
+    root, _ = tiny_dataset
+    lists = write_lists(tmp_path / "lists", train=["jump/v0.mp4", "jump/v1.mp4"],
+                        test=["run/v0.mp4"])
+    message = one_line(extract(root, lists, tmp_path / "c.zarr", weights_file, tmp_path))
+    assert "'<class>/<stem>' without extension" in message and "jump/v0.mp4" in message
+    assert f"{root}/jump/v0.mp4" in message  # where it looked
+    assert "error report" not in message
