@@ -43,7 +43,7 @@ from align.models import HEADS, head_class, head_names
 from align.models.acm import SC_MODES
 from align.runs import RUNS_ROOT, HeadSource, load_head_source
 from align.stats import PAIRED_EPISODES, PAIRED_SEEDS, format_p, paired_test, seed_spread
-from align.train import TrainConfig, train
+from align.train import TrainConfig, check_ranges, train
 from cache import FeatureCache, UserError
 from cache.atomic import atomic_path, write_json, write_text
 from cache.latest import latest_cache
@@ -108,6 +108,7 @@ def normalise_options(raw: dict, where: str) -> dict:
                         f"{', '.join(SC_MODES)}")
     if "shot" in options and (not isinstance(options["shot"], int) or options["shot"] < 1):
         raise UserError(f"{where}: shots must be a positive integer, got {options['shot']!r}")
+    check_ranges(options, where)  # the ranges train-heads' CLI enforces, from one declaration
     return options
 
 

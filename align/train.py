@@ -37,6 +37,7 @@ from align.episodes import EpisodeSampler, Stream
 from align.evaluate import autocast, compact_attrs, run_episodes, score
 from align.feed import Feeder
 from align.models import build_head
+from align.options import OPTION_RANGES, check_ranges  # noqa: F401 (re-exported)
 from align.runs import (
     check_head_fits,
     default_run_dir,
@@ -180,7 +181,8 @@ class TrainConfig:
         return replace(self, **{k: v for k, v in values.items() if getattr(self, k) is None})
 
     def _check(self) -> None:
-        """Refuse combinations that cannot mean what was asked (one line each)."""
+        """Refuse combinations that cannot mean what was asked (one line each), and values out
+        of their declared range (OPTION_RANGES)."""
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -208,6 +210,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise UserError(f"--{name.replace('_', '-')} must be a number >= 0, not {value}")
+        check_ranges(asdict(self))
 
     @classmethod
     def from_json(cls, payload: dict, where: str = "config.json") -> TrainConfig:

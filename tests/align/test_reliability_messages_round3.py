@@ -65,3 +65,37 @@ def test_compare_refuses_a_non_numeric_episode_accuracy(tmp_path):
     result = CliRunner().invoke(cli, ["analyze", "compare", str(tmp_path / "a.json"),
                                       str(tmp_path / "b.json"), "--out", str(tmp_path / "o")])
     one_line(result, "episode_accuracy")
+
+
+# ------------------------------------------------------------------------------ item 19
+@pytest.mark.parametrize("option, value", [("momentum", 50), ("micro-batch", -2),
+                                           ("workers", -1), ("dropout", 1.0), ("way", 1),
+                                           ("val-episodes", -3), ("lr", 0)])
+def test_a_sweep_file_refuses_what_the_cli_refuses(option, value):
+    from align.sweep import parse_assignments, parse_spec
+
+    with pytest.raises(UserError, match=f"--{option}"):
+        parse_spec({"run": [{"name": "a", option: value}]}, "f.toml")
+    with pytest.raises(UserError, match=f"--{option}"):
+        parse_assignments([f"{option}={value}"])
+    result = CliRunner().invoke(cli, ["train-heads", f"--{option}", str(value)])
+    assert result.exit_code in (1, 2) and f"--{option}" in result.output, result.output
+
+
+def test_the_cli_ranges_are_the_declared_ones():
+    """train-heads' click types come from the one declaration (OPTION_RANGES)."""
+    import click
+
+    from align.train import OPTION_RANGES
+
+    command = cli.commands["train-heads"]
+    checked = 0
+    for param in command.params:
+        field = {"shots": "shot"}.get(param.name, param.name)
+        if field in OPTION_RANGES:
+            declared = OPTION_RANGES[field]
+            assert isinstance(param.type, click.IntRange | click.FloatRange), param.name
+            assert (param.type.min, param.type.max, param.type.min_open, param.type.max_open) \
+                == (declared.low, declared.high, declared.low_open, declared.high_open), field
+            checked += 1
+    assert checked == len(OPTION_RANGES)
