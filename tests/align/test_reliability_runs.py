@@ -271,3 +271,4 @@ def test_the_embedding_config_checks_its_numbers():
 
     with pytest.raises(UserError, match="perplexity"):
         EmbeddingConfig(perplexity=0).check()
+

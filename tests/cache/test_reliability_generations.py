@@ -198,3 +198,16 @@ def test_a_huge_edited_row_count_is_refused_at_open(tmp_path):
     edit_metadata(path, lambda name, payload: payload["shape"].__setitem__(0, 10**11))
     with pytest.raises(UserError, match="rows"):
         FeatureCache.open(str(path))
+
+
+# ------------------------------------------------------------------------------ also seen
+def test_the_lock_file_is_gone_after_a_failed_run(tmp_path):
+    from cache.paths import lock_path, writer_lock
+
+    with pytest.raises(RuntimeError):
+        with writer_lock(tmp_path / "c.zarr"):
+            assert os.path.exists(lock_path(tmp_path / "c.zarr"))
+            raise RuntimeError("the extraction failed")
+    assert not os.path.exists(lock_path(tmp_path / "c.zarr"))
+    with writer_lock(tmp_path / "c.zarr"):  # and the next run takes it again
+        pass
