@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import sys
 
 # `python cli.py demo` runs every phase in this process on a small shared CPU: OpenMP threads
@@ -24,6 +25,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from align.models import head_names  # noqa: E402
+from align.options import click_type  # noqa: E402
 from cache import FeatureCache, UserError, format_info  # noqa: E402
 from demo import DemoConfig  # noqa: E402
 from extract.backbones import PREFIXES, REGISTERED  # noqa: E402
@@ -37,8 +39,12 @@ def pick_device(name: str) -> torch.device:
     """The one place a device is chosen; everything below receives it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise UserError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but torch sees no CUDA device")
+    if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+        raise UserError(f"device {name!r}: torch sees {torch.cuda.device_count()} CUDA devices")
     return torch.device(name)
 
 
@@ -247,11 +253,11 @@ HEAD_CHOICES = click.Choice(head_names())
 @click.option("--sc/--no-sc", default=True, show_default=True, help="Spatial coordination.")
 @click.option("--sc-mode", default="mask", show_default=True,
               type=click.Choice(["mask", "grid", "enumerate"]))
-@click.option("--shots", type=click.IntRange(min=1),
+@click.option("--shots", type=click_type("shot"),
               default=5, show_default=True, help="K support videos per class.")
-@click.option("--way", type=click.IntRange(min=2),
+@click.option("--way", type=click_type("way"),
               default=5, show_default=True, help="N classes per episode.")
-@click.option("--queries", type=click.IntRange(min=1),
+@click.option("--queries", type=click_type("queries"),
               default=5, show_default=True, help="Q query videos per class.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--recipe", default="fast", show_default=True,
@@ -260,49 +266,51 @@ HEAD_CHOICES = click.Choice(head_names())
                    "paper (the authors' SGD schedule for the cache's dataset).")
 @click.option("--optimizer", default=None, type=click.Choice(["sgd", "adam", "adamw"]),
               help="[default: recipe]")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True),
+@click.option("--lr", type=click_type("lr"),
               default=None, help="Peak learning rate [default: recipe].")
 @click.option("--schedule", default=None, type=click.Choice(["step", "cosine", "constant"]),
               help="lr schedule after the warm-up [default: recipe; --lr-step implies step].")
-@click.option("--warmup", type=click.IntRange(min=0), default=None,
+@click.option("--warmup", type=click_type("warmup"), default=None,
               help="Episodes of linear lr warm-up [default: recipe].")
-@click.option("--lr-step", type=click.IntRange(min=1), default=None,
+@click.option("--lr-step", type=click_type("lr_step"), default=None,
               help="Epochs per lr decay of the step schedule [default: paper recipe].")
-@click.option("--lr-gamma", type=click.FloatRange(min=0), default=None,
+@click.option("--lr-gamma", type=click_type("lr_gamma"), default=None,
               help="lr factor per step of the step schedule [default: paper recipe].")
-@click.option("--momentum", type=click.FloatRange(0, 1),
+@click.option("--momentum", type=click_type("momentum"),
               default=None, help="SGD only [default: paper recipe].")
-@click.option("--weight-decay", type=click.FloatRange(min=0),
+@click.option("--weight-decay", type=click_type("weight_decay"),
               default=None, help="[default: recipe]")
-@click.option("--epochs", type=click.IntRange(min=1), default=None,
+@click.option("--epochs", type=click_type("epochs"), default=None,
               help="Budget; cosine decays over it [default: recipe].")
-@click.option("--episodes-per-epoch", type=click.IntRange(min=1), default=200, show_default=True)
-@click.option("--tasks-per-batch", type=click.IntRange(min=1), default=None,
+@click.option("--episodes-per-epoch", type=click_type("episodes_per_epoch"), default=200,
+              show_default=True)
+@click.option("--tasks-per-batch", type=click_type("tasks_per_batch"), default=None,
               help="Episodes whose gradients are accumulated per optimizer step "
                    "[default: recipe; the authors: 16].")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
+@click.option("--dropout", type=click_type("dropout"), default=None,
               help="On the input maps in training [default: recipe].")
-@click.option("--patience", type=click.IntRange(min=0), default=None,
+@click.option("--patience", type=click_type("patience"), default=None,
               help="Stop after N validations without a better val accuracy; 0: never "
                    "[default: recipe].")
-@click.option("--decay-every", type=click.IntRange(min=1), default=40, show_default=True,
+@click.option("--decay-every", type=click_type("decay_every"), default=40, show_default=True,
               help="Epochs between decays of the SC perturbation.")
-@click.option("--val-every", type=click.IntRange(min=1),
+@click.option("--val-every", type=click_type("val_every"),
               default=None, help="Epochs between validations "
               "[default: recipe].")
-@click.option("--val-episodes", type=click.IntRange(min=0),
+@click.option("--val-episodes", type=click_type("val_episodes"),
               default=500, show_default=True, help="0: no validation.")
-@click.option("--val-queries", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--batch-episodes", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--val-queries", type=click_type("val_queries"), default=1, show_default=True)
+@click.option("--batch-episodes", type=click_type("batch_episodes"), default=16,
+              show_default=True,
               help="Validation episodes per scoring call.")
-@click.option("--micro-batch", type=click.IntRange(min=1), default=None,
+@click.option("--micro-batch", type=click_type("micro_batch"), default=None,
               help="Training episodes per forward/backward pass (never across an SGD step; "
                    "same gradients).  [default: auto: as many as fit in half the free GPU "
                    "memory, up to --tasks-per-batch; 1 on the CPU]")
 @click.option("--compile", is_flag=True, help="torch.compile the head (same results).")
 @click.option("--preload", default="auto", show_default=True, type=PRELOAD_CHOICES,
               help="Hold the split in RAM / on the device, or stream it.")
-@click.option("--workers", type=click.IntRange(min=0),
+@click.option("--workers", type=click_type("workers"),
               default=4, show_default=True, help="Reader threads when streaming.")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 on CUDA.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
@@ -323,6 +331,11 @@ def train_heads(cache_path, head, shots, device, resume, **options):
 
 
 # ------------------------------------------------------------------------------------ evaluate
+ALLOW_OTHER_FEATURES_HELP = ("Score a checkpoint on a cache of other features than it was "
+                             "trained on (another backbone, weights, preprocessing): refused "
+                             "without it; with it, a warning, recorded in the report.")
+
+
 @cli.command()
 @click.option("--checkpoint", default=None,
               help="A head from train-heads or the authors' code [default: the latest run's].")
@@ -351,13 +364,16 @@ def train_heads(cache_path, head, shots, device, resume, **options):
 @click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True)
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 on CUDA.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
-def evaluate(checkpoint, head_kind, cache_path, shots, device, report, **options):
+@click.option("--allow-other-features", is_flag=True, help=ALLOW_OTHER_FEATURES_HELP)
+def evaluate(checkpoint, head_kind, cache_path, shots, device, report, allow_other_features,
+             **options):
     """Evaluate a head on test episodes: accuracy with its 95% confidence interval."""
     from align.evaluate import EvalConfig, evaluate_command
 
     result = evaluate_command(EvalConfig(**options), checkpoint=checkpoint, head_kind=head_kind,
                               cache_path=cache_path, shot=shots, device=pick_device(device),
-                              report=report, log=click.echo)
+                              report=report, log=click.echo,
+                              allow_other_features=allow_other_features)
     click.echo(result["summary"])
     click.echo(f"report     {result['report']}  ({result['episodes_per_s']:.1f} episodes/s)")
 
@@ -468,20 +484,26 @@ def analyze_misalignment(cache_path, out_dir, split, readout, folds, seed, weigh
               help="Output folder [default: runs/analyze-<cache name>].")
 @click.option("--split", default="test", show_default=True,
               type=click.Choice(["train", "val", "test"]))
-@click.option("--episodes", default=10, show_default=True)
-@click.option("--way", default=5, show_default=True)
-@click.option("--shots", type=int, default=None, help="[default: the run's K, else 1]")
-@click.option("--queries", default=5, show_default=True, help="Queries per class.")
+@click.option("--episodes", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--way", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("--shots", type=click.IntRange(min=1), default=None,
+              help="[default: the run's K, else 5]")
+@click.option("--queries", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Queries per class.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the episodes and t-SNE.")
-@click.option("--perplexity", default=30.0, show_default=True, help="t-SNE perplexity.")
+@click.option("--perplexity", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, help="t-SNE perplexity.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
-def analyze_embedding(cache_path, checkpoint, head_kind, out_dir, shots, device, **options):
+@click.option("--allow-other-features", is_flag=True, help=ALLOW_OTHER_FEATURES_HELP)
+def analyze_embedding(cache_path, checkpoint, head_kind, out_dir, shots, device,
+                      allow_other_features, **options):
     """t-SNE of queries and prototypes before / after alignment (paper Fig. 8)."""
     from align.reports.embedding import EmbeddingConfig, embedding_command, format_embedding
 
     summary = embedding_command(EmbeddingConfig(**options), checkpoint=checkpoint,
                                 head_kind=head_kind, cache_path=cache_path, shot=shots,
-                                out_dir=out_dir, device=pick_device(device), log=click.echo)
+                                out_dir=out_dir, device=pick_device(device), log=click.echo,
+                                allow_other_features=allow_other_features)
     click.echo(format_embedding(summary))
 
 
@@ -590,6 +612,7 @@ def toy_data(out, **options):
 @click.option("--root", default=None, help="Dataset folder, if it moved since extraction.")
 @click.option("--out", default=None, help="Figure folder [default: <run dir>/figures].")
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
+@click.option("--allow-other-features", is_flag=True, help=ALLOW_OTHER_FEATURES_HELP)
 def visualize(device, **options):
     """Pair figures (paper Fig. 7 style: frames, TTM window, SC boxes, TC attention) and
     training curves of a trained head."""

@@ -14,8 +14,7 @@ import torch
 
 from align.models import Head, HeadConfig, build_head_from_config
 from cache import UserError
-from cache.atomic import atomic_path
-from cache.torch_files import load_tensors
+from cache.torch_files import load_tensors, save_tensors
 
 CHECKPOINT_FORMAT = "ta2n-cache/head"
 # 2: TRX's config records how it combines its cardinalities (``combine``), TARN's how it
@@ -39,8 +38,7 @@ def save_head(head: Head, path: str | os.PathLike, extra: dict | None = None) ->
         "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
         "extra": dict(extra or {}),
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_tensors(payload, path)
 
 
 def load_head(path: str | os.PathLike, map_location="cpu", frames: int | None = None,

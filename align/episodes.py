@@ -160,19 +160,42 @@ def save_episodes(path: str | os.PathLike, episodes: list[Episode], cache: Featu
     write_json(path, payload, indent=None)
 
 
+def read_episode_file(path: str | os.PathLike) -> dict:
+    """The JSON object of an episode file, checked to be one (one-line errors otherwise)."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"no episode file at {path}") from None
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"{path} is not an episode file ({e})") from None
+    if not isinstance(payload, dict) or payload.get("format") != EPISODE_FILE_FORMAT:
+        raise UserError(f"{path} is not an episode file (no format {EPISODE_FILE_FORMAT!r})")
+    return payload
+
+
+def episode_header(payload: dict, path: str | os.PathLike) -> dict:
+    """split, way, shot, queries, seed, dataset of an episode file, checked: a known split,
+    positive integers (an edited header would otherwise fail late, or be trusted)."""
+    header = {k: payload.get(k) for k in ("split", "way", "shot", "queries", "seed", "dataset")}
+    if header["split"] not in ("train", "val", "test"):
+        raise UserError(f"{path}: split is {header['split']!r}; an episode file names train, "
+                        "val or test")
+    for key, least in (("way", 2), ("shot", 1), ("queries", 1)):
+        value = header[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UserError(f"{path}: {key} is {value!r}; it must be an integer >= {least}")
+    if header["seed"] is not None and (isinstance(header["seed"], bool)
+                                       or not isinstance(header["seed"], int)):
+        raise UserError(f"{path}: seed is {header['seed']!r}; it must be an integer")
+    return header
+
+
 def load_episodes(path: str | os.PathLike, cache: FeatureCache) -> tuple[list[Episode], dict]:
     """Read an episode list written by ``save_episodes`` and map it onto ``cache``'s rows.
 
     Returns the episodes and the file's header (split, way, shot, queries, seed, dataset).
     """
-    try:
-        payload = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"no episode file at {path}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not an episode file ({e})") from None
-    if payload.get("format") != EPISODE_FILE_FORMAT:
-        raise UserError(f"{path} is not an episode file (no format {EPISODE_FILE_FORMAT!r})")
+    payload = read_episode_file(path)
     row_of = {str(v): i for i, v in enumerate(cache.video_ids)}
     label_of = {name: i for i, name in enumerate(cache.classes)}
     done, labels = cache.done, cache.labels
@@ -183,7 +206,8 @@ def load_episodes(path: str | os.PathLike, cache: FeatureCache) -> tuple[list[Ep
             raise UserError(f"{path}: video {missing[0]!r} is not a done row of {cache.path}")
         return np.asarray([row_of[v] for v in videos], dtype=np.int64)
 
-    header = {k: payload.get(k) for k in ("split", "way", "shot", "queries", "seed", "dataset")}
+    header = episode_header(payload, path)
+    splits = cache.splits
     episodes = []
     try:
         for i, e in enumerate(payload["episodes"]):
@@ -193,6 +217,13 @@ def load_episodes(path: str | os.PathLike, cache: FeatureCache) -> tuple[list[Ep
             episode = Episode(np.asarray([label_of[c] for c in e["classes"]], dtype=np.int64),
                               rows(e["support"]), rows(e["query"]))
             check_episode(episode, header, labels, f"{path}: episode {i}")
+            elsewhere = [r for r in np.concatenate([episode.support, episode.query])
+                         if splits[r] != header["split"]]
+            if elsewhere:
+                r = int(elsewhere[0])
+                raise UserError(f"{path}: episode {i} uses {cache.video_ids[r]}, which belongs "
+                                f"to the {splits[r]} split of {cache.path}, not to the "
+                                f"{header['split']} split the header names")
             episodes.append(episode)
     except (KeyError, TypeError) as exc:
         raise UserError(f"{path}: not an episode list of this tool (bad entry {exc})") from None

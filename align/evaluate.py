@@ -31,6 +31,7 @@ from align.feed import Feeder, available_ram
 from align.runs import RUNS_ROOT, load_head_source, resolve_head_source
 from cache import FeatureCache, UserError
 from cache.atomic import write_json
+from cache.features import feature_fingerprint
 from cache.paths import check_writable
 from cache.store import human_bytes
 
@@ -335,6 +336,10 @@ def evaluate(head, cache: FeatureCache, cfg: EvalConfig, *, device: torch.device
         "checkpoint_config": checkpoint_config,
         "cache": {"path": cache.path, "shape": list(cache.shape),
                   "attrs": compact_attrs(cache.attrs)},
+        # which features were scored, and whether they are the ones the head was trained on
+        "features": (checkpoint_config or {}).get("features") or {
+            "trained_on": None, "scored_on": feature_fingerprint(cache.attrs, cache.path),
+            "warning": None},
         "wall_time_s": round(time.perf_counter() - start, 3),
         "episode_time_s": round(loop_time, 3),
         "precompute_s": round(timing["precompute_s"], 3),
@@ -350,7 +355,8 @@ def evaluate(head, cache: FeatureCache, cfg: EvalConfig, *, device: torch.device
 # ------------------------------------------------------------------------------ the command
 def evaluate_command(cfg: EvalConfig, *, checkpoint: str | None, head_kind: str | None,
                      cache_path: str | None, shot: int | None, device: torch.device,
-                     report: str | None, log=print, progress: bool = True) -> dict:
+                     report: str | None, log=print, progress: bool = True,
+                     allow_other_features: bool = False) -> dict:
     """`python cli.py evaluate`: resolve the defaults (and say which), load the head, evaluate.
 
     With neither ``checkpoint`` nor ``head_kind``, the most recent run's best.pt on that run's
@@ -360,7 +366,8 @@ def evaluate_command(cfg: EvalConfig, *, checkpoint: str | None, head_kind: str 
                                  shot=shot, episodes_from=cfg.episodes_from, log=log)
     requested, cfg = cfg, replace(cfg, shot=source.shot)
     with FeatureCache.open(source.cache) as cache:
-        head, facts = load_head_source(source, cache)
+        head, facts = load_head_source(source, cache, allow_other_features=allow_other_features,
+                                       log=log)
         head_config = asdict(head.config)
         if report is None:
             report = default_report_path(cfg, source.checkpoint, head.kind,

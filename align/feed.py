@@ -7,6 +7,9 @@ episode ever waits on the disk, or streams rows from the cache with prefetching 
 memory, and says what it chose. Rows stay in the stored dtype (float16) until they reach the
 device, where they are converted to the compute dtype.
 
+A streamed batch is checked against the cache's generation after it is read: a cache rebuilt by
+another command (``--overwrite``) while this one reads it stops the reader in one line.
+
 In training on a cache with ``aug_features``, each row is served in the view the episode drew for
 it; evaluation always reads ``features``.
 """
@@ -107,6 +110,7 @@ class Feeder:
             array = "aug_features" if self.aug else "features"
             # Read the split in contiguous slices, keep it in the stored dtype (half the memory).
             data = torch.from_numpy(_read_unchecked_split(cache, self.rows, array, progress))
+            cache.check_unchanged()  # the whole split is of the cache this command opened
             self.data = data.to(device) if self.mode == "device" else data
 
     def _to_device(self, stored: torch.Tensor) -> torch.Tensor:
@@ -117,8 +121,9 @@ class Feeder:
         """(n, C, T, H, W) maps of ``rows`` (each in its view ``views[i]`` when serving aug)."""
         rows = np.asarray(rows, dtype=np.int64)
         if self.data is None:
-            return self._to_device(torch.from_numpy(_read_unchecked(
-                self.cache, rows, views if self.aug else None)))
+            stored = _read_unchecked(self.cache, rows, views if self.aug else None)
+            self.cache.check_unchanged()  # rebuilt meanwhile: these rows are other videos
+            return self._to_device(torch.from_numpy(stored))
         pos = self.position[rows]
         if (pos < 0).any():
             raise ValueError(f"rows {rows[pos < 0][:5].tolist()} are not done rows of {self.split}")
@@ -157,6 +162,7 @@ class Feeder:
     def _read(self, rows: np.ndarray, views: np.ndarray | None) -> torch.Tensor:
         """A worker's read: stored rows, in pinned memory when bound for a GPU (async copy)."""
         stored = torch.from_numpy(_read_unchecked(self.cache, rows, views if self.aug else None))
+        self.cache.check_unchanged()  # rebuilt meanwhile: these rows are other videos
         return stored.pin_memory() if self.device.type == "cuda" else stored
 
 

@@ -24,9 +24,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from align.checkpoints import load_head_checkpoint
+from align.episodes import episode_header, read_episode_file
 from align.models import Head, build_head, head_class
 from cache import FeatureCache, UserError
 from cache.atomic import atomic_path, write_json
+from cache.features import check_same_features, feature_fingerprint
 from cache.latest import latest_cache
 
 RUNS_ROOT = Path("runs")
@@ -86,11 +88,8 @@ def run_config(checkpoint: str | os.PathLike) -> dict:
 
 def episode_file_header(path: str) -> dict:
     """split, way, shot, queries of a saved episode file (``evaluate --save-episodes``)."""
-    try:
-        payload = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read the episode file {path} ({e})") from None
-    return {k: payload.get(k) for k in ("split", "way", "shot", "queries")}
+    header = episode_header(read_episode_file(path), path)
+    return {k: header[k] for k in ("split", "way", "shot", "queries")}
 
 
 # ------------------------------------------------------------------------------ the resolver
@@ -146,12 +145,15 @@ def resolve_head_source(*, checkpoint: str | None = None, kind: str | None = Non
 
 
 def load_head_source(source: HeadSource, cache: FeatureCache, *, seed: int = 0,
-                     untrained: bool = False) -> tuple[Head, dict | None]:
+                     untrained: bool = False, allow_other_features: bool = False,
+                     log=print) -> tuple[Head, dict | None]:
     """(head, checkpoint facts) for ``source`` on ``cache``, checked to fit its maps.
 
     A checkpoint loads with K = ``source.shot`` (the authors' files, which record neither T nor
     H, W, get the cache's); a ``kind`` must be training-free unless ``untrained`` is allowed
-    (analyze embedding's "before training" view)."""
+    (analyze embedding's "before training" view). A checkpoint trained on other features than
+    the cache's is refused unless ``allow_other_features`` (then a warning is logged);
+    ``facts["features"]`` records the check (trained_on, scored_on, warning)."""
     c, t, h, w = cache.shape
     facts = None
     if source.checkpoint is not None:
@@ -160,7 +162,15 @@ def load_head_source(source: HeadSource, cache: FeatureCache, *, seed: int = 0,
         if extra.get("source") == "authors":  # their files do not record T, H, W
             head, extra = load_head_checkpoint(source.checkpoint, map_location="cpu",
                                                shot=source.shot, frames=t, height=h, width=w)
+        scored_on = feature_fingerprint(cache.attrs, cache.path)
+        warning = check_same_features(extra.get("features"), scored_on,
+                                      what=f"checkpoint {source.checkpoint}",
+                                      allow_other=allow_other_features)
+        if warning:
+            log(warning)
         facts = {"run": run_config(source.checkpoint),
+                 "features": {"trained_on": extra.get("features"), "scored_on": scored_on,
+                              "warning": warning},
                  **{k: extra[k] for k in ("epoch", "val_acc", "val_ci95", "source", "iteration")
                     if k in extra}}
     elif head_class(source.kind).training_free or untrained:

@@ -43,10 +43,11 @@ from align.models import HEADS, head_class, head_names
 from align.models.acm import SC_MODES
 from align.runs import RUNS_ROOT, HeadSource, load_head_source
 from align.stats import PAIRED_EPISODES, PAIRED_SEEDS, format_p, paired_test, seed_spread
-from align.train import TrainConfig, train
+from align.train import TrainConfig, check_ranges, train
 from cache import FeatureCache, UserError
 from cache.atomic import atomic_path, write_json, write_text
 from cache.latest import latest_cache
+from cache.paths import MARKER, claim_folder
 
 RUN_FILE = "sweep-run.json"  # in each run directory: what the sweep asked for, and its result
 REPORT_FILE = "eval.json"  # in each run directory: evaluate's report on the sweep's episodes
@@ -107,6 +108,7 @@ def normalise_options(raw: dict, where: str) -> dict:
                         f"{', '.join(SC_MODES)}")
     if "shot" in options and (not isinstance(options["shot"], int) or options["shot"] < 1):
         raise UserError(f"{where}: shots must be a positive integer, got {options['shot']!r}")
+    check_ranges(options, where)  # the ranges train-heads' CLI enforces, from one declaration
     return options
 
 
@@ -451,7 +453,7 @@ def run_state(plan: RunPlan) -> str:
     run_dir = Path(plan.run_dir)
     record_path = run_dir / RUN_FILE
     if not record_path.exists():
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and any(e.name != MARKER for e in run_dir.iterdir()):
             raise UserError(f"{run_dir} holds files this sweep did not write; use another --out")
         return "new"
     try:
@@ -645,6 +647,7 @@ def run_sweep(spec: SweepSpec, cfg: SweepConfig, *, log: Callable = print,
     with FeatureCache.open(cache_path) as cache:
         out = Path(cfg.out or RUNS_ROOT / f"sweep-{slug(spec.title)}-"
                    f"{Path(str(cache_path).rstrip('/')).stem}")
+        claim_folder(out, "sweep", "--out", legacy=_made_before_markers)  # never a user's
         plans = plan_runs(spec, cfg, cache_path, out)
         check_references(plans, references)
         states = [run_state(p) for p in plans]  # refuses changed runs before anything runs
@@ -652,6 +655,7 @@ def run_sweep(spec: SweepSpec, cfg: SweepConfig, *, log: Callable = print,
     todo = [p for p, s in zip(plans, states) if s != "done"]
     for plan, state in zip(plans, states):
         if state == "new":
+            claim_folder(plan.run_dir, "train-heads")  # the sweep makes it for its run
             write_json(Path(plan.run_dir) / RUN_FILE, {"requested": plan.requested})
     log(f"sweep  {spec.title}: {len(plans) // len(cfg.seeds)} rows x {len(cfg.seeds)} seeds = "
         f"{len(plans)} runs in {out}; {states.count('done')} done, {states.count('resume')} "
@@ -662,6 +666,11 @@ def run_sweep(spec: SweepSpec, cfg: SweepConfig, *, log: Callable = print,
     summary = summarise(spec, cfg, plans, references, out, cache_path)
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)
     return write_outputs(summary, out, draw)
+
+
+def _made_before_markers(out: Path) -> bool:
+    """A sweep folder from before folder markers: its runs hold this sweep's records."""
+    return any(out.glob(f"runs/*/{RUN_FILE}"))
 
 
 def check_references(plans: list[RunPlan], references: dict[str, str | None]) -> None:

@@ -37,6 +37,7 @@ from align.episodes import EpisodeSampler, Stream
 from align.evaluate import autocast, compact_attrs, run_episodes, score
 from align.feed import Feeder
 from align.models import build_head
+from align.options import OPTION_RANGES, check_ranges  # noqa: F401 (re-exported)
 from align.runs import (
     check_head_fits,
     default_run_dir,
@@ -45,8 +46,9 @@ from align.runs import (
 )
 from cache import FeatureCache, UserError
 from cache.atomic import write_json
+from cache.features import check_same_features, feature_fingerprint
 from cache.latest import latest_cache
-from cache.paths import check_writable
+from cache.paths import check_writable, claim_folder, remove_if_unused, writer_lock
 from cache.store import human_bytes
 
 # Peak memory of one training episode / the bytes of its input maps (float32), measured with
@@ -179,7 +181,8 @@ class TrainConfig:
         return replace(self, **{k: v for k, v in values.items() if getattr(self, k) is None})
 
     def _check(self) -> None:
-        """Refuse combinations that cannot mean what was asked (one line each)."""
+        """Refuse combinations that cannot mean what was asked (one line each), and values out
+        of their declared range (OPTION_RANGES)."""
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -207,13 +210,39 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise UserError(f"--{name.replace('_', '-')} must be a number >= 0, not {value}")
+        check_ranges(asdict(self))
 
     @classmethod
-    def from_json(cls, payload: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in payload.items() if k in names}
+    def from_json(cls, payload: dict, where: str = "config.json") -> TrainConfig:
+        """The config stored in a run (config.json, a checkpoint); values of the wrong type (an
+        edited or damaged file) are refused in one line naming the field."""
+        if not isinstance(payload, dict):
+            raise UserError(f"{where}: the training config must be a JSON object")
+        values = {}
+        for f in fields(cls):
+            if f.name not in payload:
+                continue
+            value = payload[f.name]
+            if not _json_fits(value, f.type):
+                raise UserError(f"{where}: {f.name} is {value!r}, which is not a valid "
+                                f"{f.type.replace(' | None', ' or null')}; restore the file")
+            values[f.name] = float(value) if "float" in f.type and value is not None else value
         values.setdefault("recipe", "paper")  # runs from before the recipes were all paper's
         return cls(**values)
+
+
+def _json_fits(value, annotation: str) -> bool:
+    """Whether a JSON value fits a TrainConfig field's annotation ("int | None", "bool" ...)."""
+    kinds = [kind.strip() for kind in annotation.split("|")]
+    if value is None:
+        return "None" in kinds
+    if isinstance(value, bool):
+        return "bool" in kinds
+    if isinstance(value, int):
+        return "int" in kinds or "float" in kinds
+    if isinstance(value, float):
+        return "float" in kinds
+    return isinstance(value, str) and "str" in kinds
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -397,18 +426,18 @@ def open_run(cfg: TrainConfig | None, resume: str | None, log) -> tuple:
     """(requested, cfg, cache, run_dir, head, state): a new run, or the one in ``resume`` with
     its last.pt (head weights, SC step and BatchNorm statistics included) and training state.
     ``requested`` is the config as asked for; ``cfg`` is a new object, resolved (cache, recipe,
-    dataset, run directory filled in)."""
+    dataset, run directory filled in). A resumed run trains what its last.pt holds: a
+    config.json that disagrees with it, or a cache of other features, is refused."""
     state = None
     if resume:
         run_dir = Path(resume)
         if not (run_dir / "last.pt").exists():
             raise UserError(f"{resume} holds no last.pt to resume from")
-        saved = json.loads((run_dir / "config.json").read_text())
-        cfg = TrainConfig.from_json(saved.get("requested", saved["train"]))
-        cfg = replace(cfg, out=str(run_dir), cache=saved["train"]["cache"])
         head, state = load_head_checkpoint(run_dir / "last.pt", map_location="cpu")
+        cfg, requested = resumed_config(run_dir, state, _head_config(head))
         log(f"resuming {run_dir} at epoch {state['epoch'] + 1}, episode {state['episode']}")
-    requested = cfg
+    else:
+        requested = cfg
     if cfg.cache is None:
         cache_path, dataset = latest_cache()
         cfg = replace(cfg, cache=cache_path)
@@ -426,9 +455,70 @@ def open_run(cfg: TrainConfig | None, resume: str | None, log) -> tuple:
         head = build_head(cfg.head, channels=c, frames=t, height=h, width=w, shot=cfg.shot,
                           seed=cfg.seed, ttm=cfg.ttm, tc=cfg.tc, sc=cfg.sc, sc_mode=cfg.sc_mode)
     check_head_fits(_head_config(head), cache)
+    if state is not None:
+        warning = check_same_features(state.get("features"),
+                                      feature_fingerprint(cache.attrs, cache.path),
+                                      what=f"the run {run_dir}",
+                                      remedy="start a new run with --out")
+        if warning:  # a last.pt from before fingerprints: nothing to compare with
+            log(warning)
     check_writable(run_dir, "folder", "the run directory (--out)")
-    run_dir.mkdir(parents=True, exist_ok=True)
     return requested, replace(cfg, out=str(run_dir)), cache, run_dir, head, state
+
+
+def resumed_config(run_dir: Path, state: dict, head_config: dict
+                   ) -> tuple[TrainConfig, TrainConfig]:
+    """(the config to continue with, the request) of a run being resumed. last.pt's own config
+    is the truth; config.json must agree with it field by field (an edited file would make the
+    progress bar, config.json and runs/latest.json say one thing while another is trained)."""
+    saved = read_run_config(run_dir)
+    train_saved = saved.get("train")
+    if not isinstance(train_saved, dict):
+        raise UserError(f"{run_dir}/config.json has no 'train' section; restore it")
+    truth = state.get("config")
+    if not isinstance(truth, dict):  # a last.pt from before checkpoints recorded their config
+        truth = train_saved
+    requested_saved = saved.get("requested", train_saved)
+    if not isinstance(requested_saved, dict):
+        raise UserError(f"{run_dir}/config.json: 'requested' must be an object; restore it")
+    ignore = {"out", "cache", "dataset"}  # the folder may have moved; the cache is checked apart
+    for section, values, only_set in (("train", train_saved, False),
+                                      ("requested", requested_saved, True)):
+        for key, value in values.items():
+            if key in ignore or key not in truth or (only_set and value is None):
+                continue
+            if value != truth[key]:
+                raise UserError(f"{run_dir}/config.json says {section}.{key} = {value!r}, but "
+                                f"last.pt was trained with {key} = {truth[key]!r}; the "
+                                "checkpoint is what would be trained: restore config.json, or "
+                                "start a new run with --out")
+    head_saved = saved.get("head")
+    if isinstance(head_saved, dict):
+        for key, value in head_saved.items():
+            if key in head_config and value != head_config[key]:
+                raise UserError(f"{run_dir}/config.json says head.{key} = {value!r}, but last.pt "
+                                f"holds a head with {key} = {head_config[key]!r}; restore "
+                                "config.json, or start a new run with --out")
+    cfg = TrainConfig.from_json(truth, where=f"{run_dir}/last.pt")
+    requested = TrainConfig.from_json(requested_saved, where=f"{run_dir}/config.json")
+    cfg = replace(cfg, out=str(run_dir), cache=train_saved.get("cache") or truth.get("cache"))
+    return cfg, requested
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """config.json of a run folder, as a dict; a missing or damaged file is one line."""
+    path = Path(run_dir) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: the run cannot be resumed without it (restore "
+                        "it, or start a new run with --out)") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not readable JSON ({e}); restore it, or start a new run "
+                        "with --out") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} must hold a JSON object; restore it")
+    return saved
 
 
 def new_stats() -> dict:
@@ -482,9 +572,36 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
 
     ``on_episode(epoch, episode)`` is called after every training episode (tests use it to
     interrupt a run). Returns a summary dict (run dir, best val accuracy, epochs done ...).
+    The run folder has one writer (a lock; a second run into it is refused) and is one this
+    command made (a new or empty folder, or a run of its own); a run that fails before writing
+    anything leaves no empty folder behind.
     """
     # the run: config (with the dataset's recipe), cache, directory, head (restored on resume)
     requested, cfg, cache, run_dir, head, state = open_run(cfg, resume, log)
+    with writer_lock(run_dir, what="train-heads"):
+        if state is None and (run_dir / "last.pt").exists():  # finished while we waited
+            raise UserError(f"{run_dir} already holds a run: pass --resume {run_dir} or "
+                            "another --out")
+        created = claim_folder(run_dir, "train-heads", "--out",
+                               legacy=lambda folder: state is not None or _sweep_made(folder))
+        try:
+            return _train_run(requested, cfg, cache, run_dir, head, state, device=device,
+                              log=log, progress=progress, on_episode=on_episode)
+        finally:
+            if created:
+                remove_if_unused(run_dir)
+
+
+def _sweep_made(folder: Path) -> bool:
+    """A run folder a sweep from before folder markers made: it holds only its request."""
+    return {entry.name for entry in folder.iterdir()} <= {"sweep-run.json"}
+
+
+def _train_run(requested: TrainConfig, cfg: TrainConfig, cache: FeatureCache, run_dir: Path,
+               head, state: dict | None, *, device: torch.device, log, progress: bool,
+               on_episode) -> dict:
+    """The loop of ``train`` on an opened run (its folder locked)."""
+    features = feature_fingerprint(cache.attrs, cache.path)  # what the head is trained on
     head = head.to(device).train()
     if cfg.compile:
         head.compile_entry_points()
@@ -516,6 +633,7 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
     write_json(run_dir / "config.json", {"requested": asdict(requested), "train": asdict(cfg),
                                          "head": _head_config(head),
                                          "device": str(device),
+                                         "features": features,
                                          "cache_attrs": compact_attrs(cache.attrs)})
     remember_run({"run": str(run_dir), "checkpoint": str(run_dir / "best.pt"),
                   "cache": cfg.cache, "head": cfg.head, "way": cfg.way, "shot": cfg.shot,
@@ -537,7 +655,8 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
             "epoch": epoch, "episode": episode, "history": history, "best_val_acc": best,
             "stats": dict(stats), "optimizer": optimizer.state_dict(),
             "grads": grads if episode else None,
-            "rng": {"torch": torch.get_rng_state()}, "config": asdict(cfg)})
+            "rng": {"torch": torch.get_rng_state()}, "config": asdict(cfg),
+            "features": features})
 
     per_epoch, n_support, spe = cfg.episodes_per_epoch, cfg.way * cfg.shot, steps_per_epoch(cfg)
     targets = torch.arange(cfg.way, device=device).repeat_interleave(cfg.queries)  # (M,)
@@ -612,7 +731,7 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
                 best = best if val[0] is None else val[0]
                 save_head(head, run_dir / "best.pt", extra={
                     "epoch": epoch + 1, "val_acc": val[0], "val_ci95": val[1],
-                    "config": asdict(cfg)})
+                    "config": asdict(cfg), "features": features})
             # metrics.csv and last.pt at a clean epoch boundary (no pending gradients)
             history.append(metrics_row(epoch + 1, lr, stats, per_epoch, val, best))
             write_metrics(run_dir / "metrics.csv", history)
@@ -629,7 +748,8 @@ def train(cfg: TrainConfig | None = None, *, device: torch.device, resume: str |
                if val_feeder is not None else (None, None))
         best = best if val[0] is None else val[0]
         save_head(head, run_dir / "best.pt", extra={"epoch": 0, "val_acc": val[0],
-                                                    "val_ci95": val[1], "config": asdict(cfg)})
+                                                    "val_ci95": val[1], "config": asdict(cfg),
+                                                    "features": features})
         checkpoint("last.pt", 0, 0)
         stopped = "nothing to train: validated once"
     return _summary(run_dir, cfg, history, best, interrupted=False, stopped=stopped)

@@ -75,6 +75,13 @@ def _attr_value(value) -> Any:
     return value
 
 
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
 def _temporary_name(path: str) -> str:
     """Where a new cache is built before it is renamed to ``path`` (removed by the next
     creation if a kill left it)."""
@@ -88,6 +95,7 @@ class HDF5Backend:
     def __init__(self, file: h5py.File, path: str):
         self.file = file
         self.path = path
+        self._inode = _inode(path)
 
     # ----------------------------------------------------------------- what is at a path
     @classmethod
@@ -210,6 +218,14 @@ class HDF5Backend:
     @property
     def attrs(self) -> dict[str, Any]:
         return {key: _attr_value(value) for key, value in self.file.attrs.items()}
+
+    def fresh_attrs(self) -> dict[str, Any] | None:
+        """The attributes of the file now at the path (None: gone). A file created again is
+        renamed into place, so this handle keeps reading the old one: the inode tells."""
+        if _inode(self.path) != self._inode:
+            found = self.inspect(self.path)
+            return found.attrs if found.state == "cache" else None
+        return self.attrs
 
     def update_attrs(self, values: dict) -> None:
         for key, value in values.items():

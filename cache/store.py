@@ -23,7 +23,9 @@ duplicate videos), so a damaged cache fails at open in one line, not after hours
 
 from __future__ import annotations
 
+import hashlib
 import os
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -46,6 +48,8 @@ REQUIRED_ATTRS = ("schema_version", "classes")
 BACKENDS = {"zarr": ZarrBackend, "hdf5": HDF5Backend}
 CHECKSUM_NAMES = {"zarr": "CRC32C", "hdf5": "Fletcher-32"}
 VERIFY_BATCH = 16  # rows per read when verifying a whole cache (bounded memory)
+MAX_ROWS = 10**8  # videos in one cache: far above any dataset (Kinetics-700: 650k)
+MAX_ROW_BYTES = 2**30  # one row's maps (all views): 1.6 MB for ResNet-50, C x T x 7 x 7
 
 
 def _backend_for(path: str, backend: str | None):
@@ -189,7 +193,9 @@ class FeatureCache:
         arrays = _array_specs(video_ids, splits, labels, (c, t, h, w), dtype, aug_views)
         all_attrs = dict(attrs or {})
         all_attrs.update(schema_version=SCHEMA_VERSION, classes=list(classes), channels=c,
-                         frames=t, height=h, width=w, dtype=dtype, aug_views=int(aug_views))
+                         frames=t, height=h, width=w, dtype=dtype, aug_views=int(aug_views),
+                         generation=uuid.uuid4().hex,  # readers notice a rebuild by it
+                         index_sha256=_index_digests(video_ids, splits, labels))
         found = refuse_non_cache(path, store_cls.name, what="path")
         check_writable(path, "file" if store_cls is HDF5Backend else "folder", what="cache")
         if found.state == "cache":
@@ -244,6 +250,23 @@ class FeatureCache:
 
     def close(self) -> None:
         self._backend.close()
+
+    @property
+    def generation(self) -> str | None:
+        """The id this cache got when it was created (None: made before ids existed)."""
+        return self.attrs.get("generation")
+
+    def check_unchanged(self) -> None:
+        """Refuse to go on when the cache was removed or created again (``--overwrite``) since
+        it was opened: its rows would be other videos. Readers call it after each read batch."""
+        try:
+            now = self._backend.fresh_attrs()
+        except (OSError, ValueError, KeyError):
+            now = None
+        if now is None or now.get("generation") != self.generation:
+            raise UserError(f"{self.path} was removed or rebuilt (e.g. extract --overwrite) "
+                            "while this command read it: its rows are no longer the ones this "
+                            "command started with; run the command again")
 
     def __enter__(self) -> FeatureCache:
         return self
@@ -551,6 +574,7 @@ def _checked_rows(video_ids, splits, labels, classes, dtype: str) -> np.ndarray:
         raise ValueError(f"unknown split names {bad_splits}; use {SPLITS}")
     if dtype not in DTYPES:
         raise UserError(f"cache dtype must be float16 or float32, not {dtype}")
+    _check_unique_classes("a new cache", list(classes))
     labels = np.asarray(labels, dtype=np.int32)
     if n and (labels.min() < 0 or labels.max() >= len(classes)):
         raise ValueError("labels must index into classes")
@@ -581,11 +605,37 @@ def _array_specs(video_ids, splits, labels: np.ndarray, shape: tuple[int, int, i
 
 # ------------------------------------------------------------------------------ open-time checks
 def _read_index(store) -> dict[str, np.ndarray]:
-    return {
-        "video_id": np.asarray(store.read_strings("video_id"), dtype=object),
-        "split": np.asarray(store.read_strings("split"), dtype=object),
-        "label": store.read("label", slice(None)).astype(np.int64),
-    }
+    """video_id, split and label of every row; an array that cannot be decoded, or (caches
+    that record them) differs from its checksum, is refused in one line naming it."""
+    index = {}
+    for name in ("video_id", "split", "label"):
+        try:
+            index[name] = (np.asarray(store.read_strings(name), dtype=object) if name != "label"
+                           else store.read(name, slice(None)).astype(np.int64))
+        except (ValueError, RuntimeError, OSError) as e:  # what the decoders raise on bad bytes
+            raise UserError(f"{store.path}: the {name} array is damaged and cannot be decoded "
+                            f"({str(e) or type(e).__name__}); restore the cache, or extract "
+                            "again with --overwrite") from None
+    recorded = store.attrs.get("index_sha256")
+    if isinstance(recorded, dict):
+        actual = _index_digests(index["video_id"], index["split"], index["label"])
+        for name in ("video_id", "split", "label"):
+            if name in recorded and recorded[name] != actual[name]:
+                raise UserError(f"{store.path}: the {name} array does not match its checksum "
+                                "(damaged or edited since the cache was created); restore the "
+                                "cache, or extract again with --overwrite")
+    return index
+
+
+def _index_digests(video_ids, splits, labels) -> dict[str, str]:
+    """sha256 of each index array, recorded at creation: these arrays carry no chunk checksum
+    (HDF5 cannot filter variable-length strings), yet a changed label silently moves a video."""
+    def digest(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    return {"video_id": digest("\n".join(map(str, video_ids)).encode()),
+            "split": digest("\n".join(map(str, splits)).encode()),
+            "label": digest(np.asarray(labels, dtype="<i8").tobytes())}
 
 
 def _check_shapes(store) -> None:
@@ -595,6 +645,19 @@ def _check_shapes(store) -> None:
         raise UserError(f"{store.path}: features has shape {tuple(features.shape)}; a cache "
                         "holds (N, C, T, H, W)")
     n = features.shape[0]
+    # Sane bounds before anything is allocated: edited metadata would otherwise pass these
+    # checks and fail later as numpy's MemoryError (or a reader allocating terabytes).
+    if n > MAX_ROWS:
+        raise UserError(f"{store.path}: features has {n} rows, more than any dataset ({MAX_ROWS}"
+                        "); its metadata was edited or damaged: restore it, or extract again")
+    views = store.array("aug_features").shape[1] if store.has("aug_features") else 1
+    row_bytes = int(np.prod(features.shape[1:], dtype=np.float64)) \
+        * np.dtype(features.dtype).itemsize * max(1, int(views))
+    if row_bytes > MAX_ROW_BYTES:
+        raise UserError(f"{store.path}: one row of shape {tuple(features.shape[1:])} would take "
+                        f"{human_bytes(row_bytes)}, more than the {human_bytes(MAX_ROW_BYTES)} "
+                        "any feature map needs; its metadata was edited or damaged: restore "
+                        "it, or extract again")
     for name in ("video_id", "split", "label", "done"):
         if tuple(store.array(name).shape) != (n,):
             raise UserError(f"{store.path}: {name} has shape {tuple(store.array(name).shape)}, "
@@ -626,6 +689,7 @@ def _check_index(path: str, index: dict[str, np.ndarray], classes) -> None:
     """Labels index the class list, splits are known, and no video is listed twice."""
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise UserError(f"{path}: attribute classes must be a list of class names")
+    _check_unique_classes(path, classes)
     labels = index["label"]
     bad = np.flatnonzero((labels < 0) | (labels >= len(classes)))
     if len(bad):
@@ -642,6 +706,15 @@ def _check_index(path: str, index: dict[str, np.ndarray], classes) -> None:
         raise UserError(f"{path}: video {ids[twice]} is listed twice (rows {rows}), so it could "
                         "be its own support; extract again with --overwrite (duplicate "
                         "split-list lines are now kept once)")
+
+
+def _check_unique_classes(path: str, classes: list[str]) -> None:
+    """Two classes of one name would be merged by every per-class figure (and by a reader)."""
+    names, counts = np.unique(np.asarray(classes, dtype=object).astype(str), return_counts=True)
+    if len(names) and counts.max() > 1:
+        twice = str(names[int(np.argmax(counts > 1))])
+        raise UserError(f"{path}: class {twice!r} is listed twice in attribute classes; class "
+                        "names must be unique (edited attributes? extract again)")
 
 
 def human_bytes(n: float) -> str:

@@ -2,7 +2,8 @@
 ``torch.load(weights_only=True)``, which unpickles tensors, containers and plain values only. The
 one widening is numpy scalars and dtypes (training scripts often store ``np.float64`` metrics next
 to their weights); they are data, not code. A file that needs anything else is refused in one
-line - re-saving its state dict with ``torch.save`` makes it loadable.
+line - re-saving its state dict with ``torch.save`` makes it loadable. ``save_tensors`` is the
+matching writer: atomic, and a disk that refuses the bytes is one line.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import numpy as np
 import torch
 
+from cache.atomic import atomic_path
 from cache.errors import UserError
 
 _SCALAR = np.float64(0).__reduce__()[0]  # numpy's scalar reconstructor, under numpy 1 and 2
@@ -39,6 +41,19 @@ def load_tensors(path: str | os.PathLike, what: str, map_location="cpu"):
                             f"this tool never unpickles code ({reason}); re-save just its state "
                             "dict with torch.save") from None
         raise UserError(f"{what}: not a readable torch file ({reason})") from None
+
+
+def save_tensors(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically (temp file, then ``os.replace``). A disk
+    that refuses the bytes (full, a file-size limit: torch says RuntimeError) is a one-line
+    ``UserError``, and the previous file is kept."""
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(obj, tmp)
+        except (OSError, RuntimeError) as exc:
+            raise UserError(f"cannot write {path}: {_reason(str(exc)) or type(exc).__name__} "
+                            "(disk full, or a file-size limit?); the previous file is kept"
+                            ) from None
 
 
 def _reason(text: str) -> str:

@@ -15,6 +15,7 @@ This module also owns what a path holds (``inspect``) and the only deletion the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -51,9 +52,35 @@ def _storage_options(path: str) -> dict | None:
 
 def _raw_store(path: str, read_only: bool):
     if is_url(path):
-        return FsspecStore.from_url(path, storage_options=_storage_options(path),
-                                    read_only=read_only)
+        with _url_packages(path):
+            return FsspecStore.from_url(path, storage_options=_storage_options(path),
+                                        read_only=read_only)
     return LocalStore(path, read_only=read_only)
+
+
+@contextlib.contextmanager
+def _url_packages(path: str):
+    """fsspec imports a URL's file-system package on first use (s3fs for s3://, gcsfs for
+    gcs://): a missing one is one line saying which to install."""
+    try:
+        yield
+    except ImportError as e:
+        raise UserError(f"{path}: reading this URL needs a package that is not installed ({e})"
+                        ) from None
+
+
+def _first_link(path: str, entries: list[str]) -> str | None:
+    """The first symbolic link among ``entries`` of the folder ``path`` and everything under
+    them (links are not followed), relative to ``path``; None when there is none."""
+    for entry in ["zarr.json", *entries]:
+        top = os.path.join(path, entry)
+        if os.path.islink(top):
+            return entry
+        for folder, dirs, files in os.walk(top, followlinks=False):
+            for name in dirs + files:
+                if os.path.islink(os.path.join(folder, name)):
+                    return os.path.relpath(os.path.join(folder, name), path)
+    return None
 
 
 class ZarrBackend:
@@ -99,6 +126,12 @@ class ZarrBackend:
         if strangers:
             raise NotACache(f"{path} holds {', '.join(strangers[:3])}, which no cache holds; it is "
                             "not replaced: move those out, or choose another path")
+        if not is_url(path):  # everything is checked before anything is deleted
+            link = _first_link(path, found.entries)
+            if link is not None:
+                raise NotACache(f"{path}: {link} is a symbolic link; a cache of this tool holds "
+                                "none, and --overwrite never follows a link out of the cache: "
+                                "remove the link yourself, or choose another path")
         store = _raw_store(path, read_only=False)
         for name in found.entries:
             if name != "zarr.json":
@@ -137,8 +170,9 @@ class ZarrBackend:
     @classmethod
     def open(cls, path: str, writable: bool) -> ZarrBackend:
         try:
-            group = zarr.open_group(path, mode="r+" if writable else "r",
-                                    storage_options=_storage_options(path))
+            with _url_packages(path):
+                group = zarr.open_group(path, mode="r+" if writable else "r",
+                                        storage_options=_storage_options(path))
         except (zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError,
                 NotADirectoryError) as e:
             raise NotACache(f"{path} is not a feature cache ({e})") from None
@@ -237,6 +271,15 @@ class ZarrBackend:
     @property
     def attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs)
+
+    def fresh_attrs(self) -> dict[str, Any] | None:
+        """The group's attributes as stored now (None: no group there any more), read from its
+        zarr.json rather than from the copy zarr keeps in memory."""
+        key = f"{self.group.path}/zarr.json" if self.group.path else "zarr.json"
+        raw = sync(self.group.store.get(key, prototype=default_buffer_prototype()))
+        if raw is None:
+            return None
+        return json.loads(raw.to_bytes()).get("attributes") or {}
 
     def update_attrs(self, values: dict) -> None:
         # zarr rewrites the whole attribute document from its in-memory copy: re-read it first so

@@ -52,6 +52,8 @@ from tqdm import tqdm
 
 from cache import UserError
 from cache.atomic import atomic_path, write_json
+from cache.paths import check_writable
+from cache.torch_files import load_tensors, save_tensors
 from extract.backbone import (
     ADAPT_FORMAT,
     WeightsInfo,
@@ -448,6 +450,8 @@ def prepare(config: AdaptConfig, device: torch.device, shard: Shard) -> Job:
     if spec.library == "open_clip":
         raise UserError("adapt-backbone trains torchvision and timm backbones; an open_clip "
                         "weights file holds both towers, which this job does not train")
+    check_writable(config.out, "file", "--out")  # before the work, not after an epoch
+    check_writable(config.run_dir, "folder", "--out's run folder")
     prep = spec.preprocessing()
     image_size = config.image_size or prep.input_size
     config = replace(config, image_size=image_size,
@@ -490,7 +494,12 @@ def _open_run(job: Job) -> None:
     if config.resume:
         if not last.exists():
             raise UserError(f"--resume: {last} does not exist (nothing to continue)")
-        state = torch.load(last, map_location="cpu", weights_only=True)
+        state = load_tensors(last, f"--resume: {last}")
+        keys = ("config", "model", "optimizer", "epoch", "history", "failed")
+        if not isinstance(state, dict) or not all(k in state for k in keys) \
+                or not isinstance(state["config"], dict):
+            raise UserError(f"--resume: {last} is not a checkpoint of adapt-backbone (it lacks "
+                            f"{', '.join(keys)}); pass --overwrite to start again")
         saved = state["config"]
         differ = [f"{k}: run {saved.get(k)!r}, now {v!r}"
                   for k, v in json.loads(json.dumps(config.result_fields())).items()
@@ -715,8 +724,7 @@ def _checkpoint(job: Job, epochs_done: int) -> None:
                  "epoch": epochs_done, "config": json.loads(json.dumps(asdict(job.config))),
                  "history": [asdict(h) for h in job.history], "failed": dict(job.failed),
                  "world_size": job.shard.world_size}
-        with atomic_path(run_dir / "last.pt") as tmp:
-            torch.save(state, tmp)
+        save_tensors(state, run_dir / "last.pt")
         write_json(run_dir / "config.json", state["config"])
         with atomic_path(run_dir / "metrics.csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=[f.name for f in fields(EpochStats)])

@@ -103,6 +103,25 @@ class VideoList:
     missing: list[str]
     classes: list[str]
     warnings: list[str] = field(default_factory=list)
+    listed: dict[str, str] = field(default_factory=dict)  # every line of the chosen splits -> split
+
+    def changes_from(self, video_ids, splits) -> list[str]:
+        """How these lists differ from the rows of a cache extracted earlier (``video_ids``,
+        ``splits``): videos no longer listed, moved to another split, or found now and not in
+        the cache (a line added, or a video missing then). Empty when the cache still holds
+        what these lists ask for."""
+        cached = dict(zip((str(v) for v in video_ids), (str(s) for s in splits)))
+        removed = [v for v in cached if v not in self.listed]
+        moved = [f"{v} moved from {cached[v]} to {self.listed[v]}" for v in cached
+                 if v in self.listed and self.listed[v] != cached[v]]
+        added = [r.video_id for r in self.records if r.video_id not in cached]
+        changes = moved[:3]
+        if removed:
+            changes.append(f"{len(removed)} videos of the cache are no longer listed (e.g. "
+                           f"{removed[0]})")
+        if added:
+            changes.append(f"{len(added)} listed videos are not in the cache (e.g. {added[0]})")
+        return changes
 
 
 def natural_key(text: str) -> list:
@@ -131,7 +150,8 @@ def read_split_lines(path: Path) -> list[str]:
     if not path.exists():
         return []
     lines = []
-    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first class
+    for number, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -213,6 +233,27 @@ def list_classes(lines_by_split: dict[str, list[str]]) -> list[str]:
     return classes
 
 
+def explain_missing(dataset: str, root: str | os.PathLike, missing: list[str],
+                    show: int = 2) -> str:
+    """Why listed videos were not found, for the message: lines that end in a video extension
+    (split lines name '<class>/<stem>' without it), and the first paths looked for."""
+    root = str(root)
+    with_extension = [line for line in missing if line.lower().endswith(VIDEO_EXTENSIONS)]
+    hints = []
+    if with_extension:
+        hints.append(f"split lines name '<class>/<stem>' without extension, and "
+                     f"{len(with_extension)} of these end in one (e.g. {with_extension[0]!r})")
+    looked = []
+    for line in missing[:show]:
+        class_name, stem = line.split("/", 1)
+        folder = candidate_folders(dataset, root, class_name)[-1]
+        looked.append(f"{os.path.join(folder, stem)}{{{','.join(VIDEO_EXTENSIONS[:3])},...}} "
+                      "or that frame folder")
+    if looked:
+        hints.append("looked for " + "; ".join(looked))
+    return "; ".join(hints)
+
+
 class VideoLocator:
     """Finds the file or frame folder of split-list lines under a dataset root."""
 
@@ -283,7 +324,9 @@ def find_videos(
             kept += 1
     warnings += [f"cannot list {folder} ({why}): its videos count as missing"
                  for folder, why in locator.unreadable.items()]
-    return VideoList(records=records, missing=missing, classes=classes, warnings=warnings)
+    listed = {line: split for split, lines in lines_by_split.items() for line in lines}
+    return VideoList(records=records, missing=missing, classes=classes, warnings=warnings,
+                     listed=listed)
 
 
 def _unique_lines(lines_by_split: dict[str, list[str]], files: dict[str, Path]

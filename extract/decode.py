@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import stat
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -138,9 +139,17 @@ def _read_frames(folder: str, pick: Picker) -> tuple[int, Frames]:
         raise ValueError("the frame folder holds no .jpg/.png frames")
     frames = {}
     for i in pick(len(files)):
+        _check_regular(files[i])
         with Image.open(files[i]) as image:
             frames[i] = np.asarray(image.convert("RGB"))
     return len(files), frames
+
+
+def _check_regular(path: str) -> None:
+    """Refuse what is not a regular file before a decoder opens it: reading a named pipe (or a
+    device) blocks forever, and in-process decoding (workers 0) has no timeout to end it."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{path} is not a regular file (a named pipe, device or socket)")
 
 
 READERS = {"decord": _read_decord, "pyav": _read_pyav, "frames": _read_frames}
@@ -177,6 +186,8 @@ def decode_task(task: DecodeTask, method: str) -> DecodedVideo:
         plans[:] = task.plan(n)
         return sorted({i for plan in plans for i in plan.indices})
 
+    if task.kind != "frames":
+        _check_regular(task.path)
     n, frames = READERS[method](task.path, pick)
     views = crop_views(frames, plans, resize=task.resize, image_size=task.image_size,
                        interpolation=task.interpolation)

@@ -18,11 +18,12 @@ std, resize filter, default image size and resize) replaces the ImageNet constan
 Resume: rows already done are skipped, except done rows whose stored data is missing (one
 listing) or, with ``verify``, fails its checksum: those are marked not done and extracted again. A
 cache made with other backbone, weights, preprocessing, pooling, frames, image size, resize, views,
-dtype or selection of videos is refused unless ``overwrite``; a store whose creation by extract was
-interrupted is created again. ``--out`` is checked before any work, ``overwrite`` replaces only a
-cache of this tool, and the creating process holds ``<out>.lock`` for the whole run, so a second
-extract on the same path (without torchrun) is refused instead of recreating the cache under the
-first.
+dtype or selection of videos, or from split lists that changed since (a line removed or added, a
+video moved to another split: named in the message), is refused unless ``overwrite``; a store
+whose creation by extract was interrupted is created again. ``--out`` is checked before any work,
+``overwrite`` replaces only a cache of this tool, and the creating process holds ``<out>.lock``
+for the whole run, so a second extract on the same path (without torchrun) is refused instead of
+recreating the cache under the first.
 
 Scale-out (``torchrun``, or RANK / WORLD_SIZE set by hand, also across machines on a shared
 filesystem): rank k extracts rows k, k+W, k+2W ... into the same Zarr store. Rank 0 creates the
@@ -60,7 +61,13 @@ from cache.paths import writer_lock
 from cache.store import check_output, inspect_path
 from extract.backbone import FeatureExtractor, check_not_adapted_on
 from extract.backbones import Backbone
-from extract.datasets import VideoList, VideoLocator, dataset_spec, find_videos
+from extract.datasets import (
+    VideoList,
+    VideoLocator,
+    dataset_spec,
+    explain_missing,
+    find_videos,
+)
 from extract.decode import DecodedVideo, DecodeFailure, DecodePool, DecodeTask
 
 SAMPLING = "tsn-centre"
@@ -290,7 +297,8 @@ def _create(config: ExtractConfig, found: VideoList, attrs: dict, shape) -> Feat
     if not found.records:
         raise UserError(
             f"no video of the {'/'.join(config.splits)} split lists was found under "
-            f"{config.root} ({len(found.missing)} listed); check --root")
+            f"{config.root} ({len(found.missing)} listed; "
+            f"{explain_missing(config.dataset, config.root, found.missing)}); check --root")
     cache = FeatureCache.create(
         config.out, video_ids=[r.video_id for r in found.records],
         splits=[r.split for r in found.records], labels=[r.label for r in found.records],
@@ -353,6 +361,12 @@ def open_cache(config: ExtractConfig, shard: Shard, found: VideoList, attrs: dic
             raise UserError(f"{config.out} was extracted with other settings "
                             f"({'; '.join(problems)}); pass --overwrite to replace it, "
                             "or --out to write elsewhere")
+        changes = found.changes_from(cache.video_ids, cache.splits)
+        if changes:  # its rows would not be the videos the lists name now
+            cache.close()
+            raise UserError(f"{config.out}: the split lists changed since it was extracted "
+                            f"({'; '.join(changes)}); pass --overwrite to extract it again "
+                            "from the new lists, or --out to write elsewhere")
         return cache
     deadline = time.monotonic() + config.wait_timeout
     while True:
@@ -607,9 +621,10 @@ def _run_extract(config: ExtractConfig, device: torch.device, shard: Shard,
         echo(f"warning: {backbone.weights.warning}")
     channels, height, width = backbone.shape
     attrs = build_attrs(config, backbone, found)
-    if found.missing and shard.rank == 0:
-        echo(f"{len(found.missing)} listed videos are missing under {config.root} "
-             f"(skipped; full list in the cache's error report)")
+    if found.missing and found.records and shard.rank == 0:  # (none found: _create says why)
+        echo(f"{len(found.missing)} listed videos are missing under {config.root} (skipped; "
+             f"{explain_missing(config.dataset, config.root, found.missing)}; full list in the "
+             "cache's error report)")
     cache = open_cache(config, shard, found, attrs, (channels, config.frames, height, width))
     try:
         rows = shard.rows(len(cache))

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from cache import UserError
 from cache.atomic import atomic_path
+from cache.paths import claim_folder
 
 SPLITS = ("train", "val", "test")
 # The shared poses: a shape and its hue (fraction of the colour circle).
@@ -55,6 +56,9 @@ POSES = (("disc", 0.0), ("bar", 0.07), ("square", 0.15), ("frame", 0.25), ("tria
 LENGTH = 3  # poses per class
 TOYDATA_FILE = "toydata.json"
 TOYDATA_VERSION = 4
+
+MAX_SIZE = 1024  # frame side: a toy video stays a few MB in memory
+MAX_FRAMES = 1000
 
 
 def all_classes() -> list[tuple[int, ...]]:
@@ -103,6 +107,10 @@ class ToyConfig:
             raise UserError(f"toy-data has {len(all_classes())} classes at most (ordered "
                             f"sequences of {LENGTH} of {len(POSES)} poses); {sum(counts)} "
                             "were asked for")
+        if self.size > MAX_SIZE or self.frames > MAX_FRAMES:  # before any frame is allocated
+            raise UserError(f"toy-data takes --size up to {MAX_SIZE} and --frames up to "
+                            f"{MAX_FRAMES} (a toy dataset; {self.size} px x {self.frames} frames "
+                            "were asked for)")
         if self.videos_per_class < 1 or self.frames < 2 or self.size < 32 or self.size % 2:
             raise UserError("toy-data needs videos_per_class >= 1, frames >= 2 and an even "
                             "size >= 32 (4:2:0 video)")
@@ -317,6 +325,15 @@ def _complete(out: Path, cfg: ToyConfig) -> bool:
     return all((out / "videos" / f"{v}.mp4").exists() for v in saved["videos"])
 
 
+def _made_before_markers(out: Path) -> bool:
+    """A folder toy-data wrote before it left a marker: its toydata.json is this tool's."""
+    try:
+        record = json.loads((out / TOYDATA_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"version", "config", "videos"} <= set(record)
+
+
 def make_toy_dataset(out: str | os.PathLike, cfg: ToyConfig | None = None, *,
                      progress: bool = True) -> ToyDataset:
     """Write the toy dataset under ``out`` (videos/, splits/, toydata.json) and say where it is."""
@@ -328,6 +345,7 @@ def make_toy_dataset(out: str | os.PathLike, cfg: ToyConfig | None = None, *,
     plans = _plans(cfg)
     classes = {split: list(dict.fromkeys(c for c, _, _ in rows)) for split, rows in plans.items()}
     n_videos = sum(len(rows) for rows in plans.values())
+    claim_folder(out, "toy-data", "--out", legacy=_made_before_markers)  # before the work
     reused = _complete(out, cfg)
     if not reused:
         (out / TOYDATA_FILE).unlink(missing_ok=True)  # a half-written dataset is never "complete"

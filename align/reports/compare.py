@@ -56,7 +56,18 @@ def read_report(path: str) -> dict:
     if not isinstance(report, dict) or "per_class_accuracy" not in report:
         raise UserError(f"{path} is not an evaluation report (no per_class_accuracy); write one "
                         f"with `python cli.py evaluate`")
+    for key, values in (("per_class_accuracy", report["per_class_accuracy"]),
+                        ("episode_accuracy", report.get("episode_accuracy") or [])):
+        if isinstance(values, dict):
+            values = list(values.values())
+        if not isinstance(values, list) or not all(_number(v) for v in values):
+            raise UserError(f"{path}: {key} must hold numbers (an edited or damaged report); "
+                            "evaluate again to rewrite it")
     return report
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def episode_mismatch(a: dict, b: dict) -> list[str]:

@@ -4,6 +4,7 @@ pair distances."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -41,6 +42,16 @@ class EmbeddingConfig:
     episodes: int = 10
     seed: int = 0
     perplexity: float = 30.0
+
+    def check(self) -> EmbeddingConfig:
+        """Refuse numbers that cannot mean anything (one line each); returns self."""
+        for name, least in (("way", 2), ("shot", 1), ("queries", 1), ("episodes", 1)):
+            if getattr(self, name) < least:
+                option = "shots" if name == "shot" else name
+                raise UserError(f"--{option} must be at least {least}, not {getattr(self, name)}")
+        if not (math.isfinite(self.perplexity) and self.perplexity > 0):
+            raise UserError(f"--perplexity must be a positive number, not {self.perplexity}")
+        return self
 
 
 def _unit_frames(x: torch.Tensor) -> torch.Tensor:
@@ -201,7 +212,8 @@ def run_embedding(cache: FeatureCache, head, out_dir: str, cfg: EmbeddingConfig,
 
 def embedding_command(cfg: EmbeddingConfig, *, checkpoint: str | None, head_kind: str | None,
                       cache_path: str | None, shot: int | None, out_dir: str | None,
-                      device: torch.device, log=print) -> dict:
+                      device: torch.device, log=print,
+                      allow_other_features: bool = False) -> dict:
     """`analyze embedding`: resolve head and cache as `evaluate` does (and say which), then run.
 
     With neither ``checkpoint`` nor ``head_kind``: the most recent run's best.pt on its cache;
@@ -211,9 +223,10 @@ def embedding_command(cfg: EmbeddingConfig, *, checkpoint: str | None, head_kind
 
     source = resolve_head_source(checkpoint=checkpoint, kind=head_kind, cache=cache_path,
                                  shot=shot, log=log)
-    cfg = replace(cfg, shot=source.shot)
+    cfg = replace(cfg, shot=source.shot).check()
     with FeatureCache.open(source.cache) as cache:
-        head, _ = load_head_source(source, cache, seed=cfg.seed, untrained=True)
+        head, _ = load_head_source(source, cache, seed=cfg.seed, untrained=True, log=log,
+                                   allow_other_features=allow_other_features)
         if source.checkpoint is not None:
             name = f"{head.kind} {Path(source.checkpoint).name}"
         else:

@@ -268,6 +268,8 @@ class VisualizeConfig:
         pairs: "all" (every prototype with every query), "true" (each query with its own
             class), "true+predicted" (and with the class it was taken for, when wrong).
         root: the dataset folder, when it moved since extraction.
+        allow_other_features: draw a head on a cache of other features than it was trained on
+            (refused without it; see cache/features.py).
     """
 
     checkpoint: str | None = None
@@ -281,6 +283,7 @@ class VisualizeConfig:
     seed: int = 0
     pairs: str = "all"
     root: str | None = None
+    allow_other_features: bool = False
 
 
 def _pairs(kind: str, targets: np.ndarray, predicted: np.ndarray, way: int) -> list[tuple]:
@@ -329,7 +332,8 @@ def visualize(cfg: VisualizeConfig, *, device: torch.device, log=print,
                                           chance=100 / way if way else None))
     records = []
     with FeatureCache.open(cache_path) as cache:
-        head, _ = load_head_source(source, cache)
+        head, _ = load_head_source(source, cache, log=log,
+                                   allow_other_features=cfg.allow_other_features)
         head = head.to(device).eval()
         frames_of = FrameSource(cache, cfg.root)
         log(frames_of.note)

@@ -244,18 +244,21 @@ def test_resume_after_a_killed_run(tmp_path, weights_file, trunk):
                     break
         except Exception:  # not created yet
             continue
-    time.sleep(1.0)  # stuck on a/v2 (row 2): nothing more gets done
-    with FeatureCache.open(out) as cache:
-        done = cache.done
+    # Killed at once (a named pipe no longer blocks in-process decoding, issue 24: it fails as
+    # "not a regular file", so a/v2 is never done in this run); the flags are read after the kill.
     process.send_signal(signal.SIGKILL)
     process.wait()
     _release(fifo)
-    assert done.tolist() == [True, True, False, False, False], process.stdout.read()
+    with FeatureCache.open(out) as cache:
+        done = cache.done
+    assert done[:2].all() and not done[2], process.stdout.read()
     os.remove(fifo)
     shutil.copy(saved, fifo)
     resumed = run_cli(args, tmp_path)
     assert resumed.exit_code == 0, resumed.output
-    assert "extracted 3 videos" in resumed.output and "2 already done, 0 failed" in resumed.output
+    n = int(done.sum())
+    assert f"extracted {5 - n} videos" in resumed.output
+    assert f"{n} already done, 0 failed" in resumed.output
     with FeatureCache.open(out) as cache:
         assert cache.done.all()
         for row, video_id in enumerate(["a/v0", "a/v1", "a/v2", "b/v0", "b/v1"]):
