@@ -90,9 +90,9 @@ def bench_backend(backend: str, path: Path, rows: np.ndarray, drop: bool, seed: 
 
 def write_cache(path: Path, backend: str, rows: np.ndarray, checksums: bool) -> float:
     """Write ``rows`` to a new cache, with or without the row checksums; seconds taken."""
-    saved = zarr_store.ROW_COMPRESSORS, hdf5_store.ROW_CHECKSUM
+    saved = zarr_store.ROW_CHECKSUM, hdf5_store.ROW_CHECKSUM
     if not checksums:  # the layout of caches made before checksums existed
-        zarr_store.ROW_COMPRESSORS, hdf5_store.ROW_CHECKSUM = (zarr_store.COMPRESSOR,), False
+        zarr_store.ROW_CHECKSUM, hdf5_store.ROW_CHECKSUM = False, False
     try:
         n = len(rows)
         with FeatureCache.create(path, video_ids=[f"c/v{i}" for i in range(n)],
@@ -101,7 +101,7 @@ def write_cache(path: Path, backend: str, rows: np.ndarray, checksums: bool) -> 
             assert cache.checksummed == checksums
             return timed(lambda: [cache.write_row(i, rows[i]) for i in range(n)])
     finally:
-        zarr_store.ROW_COMPRESSORS, hdf5_store.ROW_CHECKSUM = saved
+        zarr_store.ROW_CHECKSUM, hdf5_store.ROW_CHECKSUM = saved
 
 
 def integrity_overhead(backend: str, folder: Path, rows: np.ndarray, repeats: int,

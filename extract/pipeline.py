@@ -54,10 +54,12 @@ import torch
 from tqdm import tqdm
 
 from cache import SPLITS, FeatureCache, UserError
+from cache.codecs import check_codec
 from cache.errors import CacheInUse, NotACache
 from cache.latest import default_cache_path, remember_cache
 from cache.paths import writer_lock
-from cache.store import check_output, inspect_path
+from cache.store import LEGACY_CODECS, check_output, inspect_path
+from cache.store_dtype import store_format
 from extract.backbone import FeatureExtractor, check_not_adapted_on
 from extract.backbones import Backbone
 from extract.datasets import VideoList, VideoLocator, dataset_spec, find_videos
@@ -68,7 +70,7 @@ _STARTED = datetime.now(UTC)
 # Attributes that decide a row's content: a cache is resumed only if they all agree.
 FINGERPRINT = ("dataset", "backbone", "weights_state_sha256", "frames", "image_size", "resize",
                "aug_views", "aug_seed", "aug_flip", "dtype", "sampling", "selection", "mean",
-               "std", "interpolation", "pool_to")
+               "std", "interpolation", "pool_to", "store_dtype")
 # What caches written before these attributes existed used (their backbones were all ResNets).
 LEGACY = {"interpolation": "bilinear"}
 DEFAULT_CUDA_WRITERS = 4
@@ -94,6 +96,8 @@ class ExtractConfig:
     aug_views: int = 0
     seed: int = 0
     dtype: str = "float16"
+    store_dtype: str | None = None  # how rows are stored (cache.store_dtype); None: dtype
+    codec: str | None = None  # row compressor (cache.codecs); None: the backend's default
     batch_size: int | None = None  # frames per forward; None: 256 on CUDA, 32 on CPU
     workers: int | None = None  # decode processes; None: see default_workers
     writers: int | None = None  # row-writing threads (zarr); None: 4 on CUDA, 1 on CPU
@@ -122,6 +126,8 @@ class ExtractConfig:
             raise UserError("--limit must be at least 1")
         if self.writers is not None and self.writers < 1:
             raise UserError("--writers must be at least 1")
+        self.codec = check_codec(self.codec, self.backend)
+        self.store_dtype = store_format(self.store_dtype, self.dtype).name
 
 
 @dataclass(frozen=True)
@@ -235,6 +241,7 @@ def build_attrs(config: ExtractConfig, backbone: Backbone, found: VideoList) -> 
         "weights_state_sha256": weights_attrs["state_sha256"],
         "frames": config.frames,
         "dtype": config.dtype,
+        "store_dtype": config.store_dtype,
         "aug_views": config.aug_views,
         "image_size": config.image_size,
         "resize": config.resize,
@@ -295,7 +302,8 @@ def _create(config: ExtractConfig, found: VideoList, attrs: dict, shape) -> Feat
         config.out, video_ids=[r.video_id for r in found.records],
         splits=[r.split for r in found.records], labels=[r.label for r in found.records],
         classes=found.classes, shape=shape, dtype=config.dtype, aug_views=config.aug_views,
-        attrs=attrs, backend=config.backend, overwrite=True)
+        attrs=attrs, backend=config.backend, overwrite=True, codec=config.codec,
+        store_dtype=config.store_dtype)
     cache.update_attrs(extract_ready=True)  # the mark other ranks wait for
     return cache
 
@@ -611,6 +619,10 @@ def _run_extract(config: ExtractConfig, device: torch.device, shard: Shard,
         echo(f"{len(found.missing)} listed videos are missing under {config.root} "
              f"(skipped; full list in the cache's error report)")
     cache = open_cache(config, shard, found, attrs, (channels, config.frames, height, width))
+    kept = cache.attrs.get("codec", LEGACY_CODECS[cache.backend])
+    if kept != config.codec and shard.rank == 0:
+        echo(f"note: {config.out} keeps the codec it was made with ({kept}); --codec "
+             f"{config.codec} applies to new caches")
     try:
         rows = shard.rows(len(cache))
         done = cache.done[rows]
