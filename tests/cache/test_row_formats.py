@@ -13,8 +13,7 @@ from click.testing import CliRunner
 import cli
 from cache import FeatureCache, UserError
 from cache.codecs import ZARR_CODECS, check_codec
-from cache.store_dtype import (dequantize_int8, from_bfloat16_bits, quantize_int8,
-                               to_bfloat16_bits)
+from cache.store_dtype import dequantize_int8, from_bfloat16_bits, quantize_int8, to_bfloat16_bits
 from cache.zarr_store import ZarrBackend
 
 

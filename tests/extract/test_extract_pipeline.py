@@ -390,3 +390,38 @@ def test_ssv2_videos_by_id_with_split_prefixed_classes_and_no_flip(dataset, weig
         expected = reference_maps(path, plans, trunk)
         for view in range(4):
             assert_close_fp16(cache.read_row(0, view=view), expected[1 + view])
+
+
+@pytest.mark.slow
+def test_int8_rows_with_another_codec_read_as_the_float16_rows_and_resume(extracted, dataset,
+                                                                         weights_file, tmp_path):
+    """--store-dtype int8 --codec lz4: every row reads back (as float16) within half a
+    quantisation step per video and channel of the float16 cache's row; a rerun resumes only
+    the rows not done, with the same bytes; another store dtype is refused on resume."""
+    _, single, _ = extracted
+    root, split_dir = dataset
+    out = tmp_path / "int8.zarr"
+    args = extract_args(root, split_dir, out, weights_file, "--store-dtype", "int8", "--codec",
+                        "lz4")
+    result = run_cli(args, tmp_path)
+    assert result.exit_code == 0, result.output
+    with FeatureCache.open(out) as small, FeatureCache.open(single) as one:
+        assert small.store_dtype == "int8" and small.attrs["codec"] == "lz4"
+        np.testing.assert_array_equal(small.done, one.done)
+        for row in one.rows():
+            x = one.read_row(row).astype(np.float32)  # (C, T, h, w)
+            got = small.read_row(row)
+            assert got.dtype == np.float16
+            step = (x.max(axis=(1, 2, 3)) - x.min(axis=(1, 2, 3)))[:, None, None, None] / 254
+            assert (np.abs(got.astype(np.float32) - x) <= step / 2 + 2 ** -11 * x + 1e-6).all()
+        before = small.read_rows(one.rows())
+    with FeatureCache.open(out, mode="r+") as cache:
+        cache.mark_not_done([0, 3])  # as a run killed before these rows were done
+    again = run_cli(args, tmp_path)
+    assert again.exit_code == 0 and "extracted 2 videos" in again.output, again.output
+    with FeatureCache.open(out) as cache:
+        np.testing.assert_array_equal(cache.read_rows(cache.rows()), before)
+    other = run_cli(extract_args(root, split_dir, out, weights_file, "--store-dtype", "bfloat16"),
+                    tmp_path)
+    assert other.exit_code == 1 and "store_dtype: cache 'int8', this run 'bfloat16'" in \
+        other.output
