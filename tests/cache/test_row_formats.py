@@ -90,6 +90,13 @@ def test_synchronous_row_writes_store_the_bytes_zarr_would(tmp_path):
     for fast in (True, False):
         with FeatureCache.open(paths[fast]) as cache:
             assert cache.done.tolist() == [r != 2 for r in range(9)]
+            # single-row reads decode in this thread what zarr decodes
+            backend = cache._backend
+            assert backend._row_writes("done") and backend._row_writes("features")
+            assert [bool(backend.read("done", r)) for r in range(9)] == [r != 2 for r in
+                                                                        range(9)]
+            np.testing.assert_array_equal(backend.read("features", 5),
+                                          backend.array("features")[5])
     assert sorted(os.listdir(paths[True] / "done" / "c")) == \
         sorted(os.listdir(paths[False] / "done" / "c"))
 
