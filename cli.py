@@ -135,7 +135,7 @@ def _check_backbone(ctx, param, value):
               help="Frames per forward pass.  [default: 256 on CUDA, 32 on CPU]")
 @click.option("--workers", type=click.IntRange(min=0),
               help="Decode processes (0: decode in the main process, no timeout).  "
-                   "[default: cores-2 on CUDA, cores/8 on CPU, at least 1]")
+                   "[default: cores-2 on CUDA; on CPU cores/8, at least 2]")
 @click.option("--writers", type=click.IntRange(min=1),
               help="Threads compressing and writing rows (zarr; hdf5 takes 1).  "
                    "[default: 4 on CUDA, 1 on CPU]")

@@ -16,7 +16,10 @@ would use (``RunPlan``: batch size, decode workers, writer threads, codec):
 - write: rows encoded and written alone (``FeatureCache.write_row``: codec, checksums, done
   flags) from the backbone's own maps, by the plan's writer threads;
 - pipeline: the whole ``run_extract`` (after a two-video warm-up run, so that worker processes and
-  the backbone are warm, as in a long run).
+  the backbone are warm, as in a long run);
+- with ``--baseline``, in the same rounds: the pipeline as it was before issue 26 (on a CPU one
+  decode worker per 8 cores and partial batches; rows written through zarr's event loop), and the
+  decode stage with its worker count, for a before / after in one run.
 
 It prints each stage's rate in frames/s and MB/s (decode: video file bytes read; backbone: maps
 made, in the cache dtype; write: raw row bytes stored), the stage that bounds, and the pipeline's
@@ -29,6 +32,7 @@ GPU, where the stages run on different hardware, >= 0.8 of the slowest stage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -48,6 +52,7 @@ sys.path.insert(0, str(BENCH))
 from extract_throughput import bare_rate, write_videos  # noqa: E402
 
 from cache import FeatureCache  # noqa: E402
+from cache.zarr_store import ZarrBackend  # noqa: E402
 from extract.backbone import FeatureExtractor  # noqa: E402
 from extract.decode import DecodedVideo, DecodePool, DecodeTask  # noqa: E402
 from extract.pipeline import ExtractConfig, RunPlan, Shard, prepare_backbone, run_extract  # noqa: E402
@@ -76,6 +81,8 @@ class Stages:
     mb_per_frame: dict[str, float]  # stage -> MB it handles per frame
     pipeline: list[float]  # frames/s per round
     row_mb_on_disk: float
+    baseline: list[float] | None = None  # the pipeline before issue 26, frames/s per round
+    baseline_decode: list[float] | None = None  # the decode stage with its workers
 
     def rate(self, stage: str) -> float:
         return float(np.median(self.rates[stage]))
@@ -97,6 +104,18 @@ class Stages:
         """Median over rounds of pipeline / bound (``of``: serial, slowest or a stage)."""
         return float(np.median(np.asarray(self.pipeline) / self._bounds(of)))
 
+    def baseline_share(self) -> dict[str, float]:
+        """The pipeline before issue 26 against the same stages (its own decode workers in the
+        serial bound), and the pipeline now over it - medians of per-round ratios."""
+        before, now = np.asarray(self.baseline), np.asarray(self.pipeline)
+        rates = {**{k: np.asarray(v) for k, v in self.rates.items()},
+                 "decode": np.asarray(self.baseline_decode)}
+        serial = 1.0 / sum(1.0 / r for r in rates.values())
+        return {"frames_per_s": float(np.median(before)),
+                "share_of_serial": float(np.median(before / serial)),
+                "share_of_backbone": float(np.median(before / rates["backbone"])),
+                "now_over_before": float(np.median(now / before))}
+
     def to_json(self) -> dict:
         return {"setup": self.setup, "videos": self.videos, "frames_per_video": self.frames,
                 "batch": self.batch, "workers": self.workers, "writers": self.writers,
@@ -110,7 +129,9 @@ class Stages:
                 "share_of_slowest": round(self.share("slowest"), 3),
                 "share_of_serial": round(self.share("serial"), 3),
                 "share_of_backbone": round(self.share("backbone"), 3),
-                "row_mb_on_disk": round(self.row_mb_on_disk, 4)}
+                "row_mb_on_disk": round(self.row_mb_on_disk, 4),
+                **({"before_issue_26": {k: round(v, 3) for k, v in self.baseline_share().items()}}
+                   if self.baseline else {})}
 
 
 def quiet(fn):
@@ -136,6 +157,30 @@ def decode_stage(tasks: list[DecodeTask], plan: RunPlan) -> tuple[float, list[De
     return seconds, sorted(decoded, key=lambda d: d.row)
 
 
+@contextlib.contextmanager
+def plan_before_issue_26():
+    """``run_extract`` as it was before issue 26: on a CPU one decode worker per 8 cores (at
+    least one) and partial batches, and every row write through zarr's event loop."""
+    make, row_writes = RunPlan.make, ZarrBackend._row_writes
+
+    def old_make(config: ExtractConfig, device: torch.device) -> RunPlan:
+        plan = make(config, device)
+        if device.type == "cuda":
+            return plan
+        workers = old_cpu_workers() if config.workers is None else config.workers
+        return replace(plan, workers=workers, partial_batches=True)
+
+    RunPlan.make, ZarrBackend._row_writes = old_make, lambda self, name: False
+    try:
+        yield
+    finally:
+        RunPlan.make, ZarrBackend._row_writes = make, row_writes
+
+
+def old_cpu_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) // 8)
+
+
 def backbone_inputs(extractor: FeatureExtractor, decoded: list[DecodedVideo],
                     batch: int) -> list[torch.Tensor]:
     crops = np.concatenate([d.views.reshape(-1, *d.views.shape[2:]) for d in decoded])
@@ -159,19 +204,14 @@ def write_stage(folder: Path, rows: np.ndarray, config: ExtractConfig,
     with FeatureCache.create(path, video_ids=[f"c/v{i}" for i in range(n)],
                              splits=["train"] * n, labels=[0] * n, classes=["c"],
                              shape=rows.shape[1:], dtype=config.dtype, backend=config.backend,
-                             overwrite=True, **codec_option(config)) as cache, \
+                             overwrite=True, codec=config.codec,
+                             store_dtype=config.store_dtype) as cache, \
             ThreadPoolExecutor(plan.writers) as pool:
         start = time.perf_counter()
         list(pool.map(lambda i: cache.write_row(i, rows[i]), range(n)))
         seconds = time.perf_counter() - start
         on_disk = cache.info()["bytes_on_disk"] / n
     return seconds, on_disk
-
-
-def codec_option(config: ExtractConfig) -> dict:
-    """The cache-creation keyword that selects ``config``'s codec, where this version has one."""
-    codec = getattr(config, "codec", None)
-    return {"codec": codec} if codec else {}
 
 
 def parse_setup(text: str, videos: int) -> tuple[str, int, int]:
@@ -188,7 +228,7 @@ def measure(backbone_name: str, size: int, root: Path, split_dir: Path, work: Pa
         dataset="custom", root=str(root), split_dir=str(split_dir), out=str(work / "run.zarr"),
         backbone=backbone_name, weights="none", frames=args.frames, image_size=size,
         resize=args.resize, batch_size=args.batch_size, workers=args.workers,
-        writers=args.writers, **({"codec": args.codec} if args.codec else {}))
+        writers=args.writers, codec=args.codec, store_dtype=args.store_dtype)
     config, backbone = prepare_backbone(config, device)
     plan = RunPlan.make(config, device)
     lines = (split_dir / "trainlist.txt").read_text().split()
@@ -202,7 +242,7 @@ def measure(backbone_name: str, size: int, root: Path, split_dir: Path, work: Pa
     warm = replace(config, out=str(work / "warm.zarr"), limit=2)
     quiet(lambda: run_extract(warm, device, Shard(), echo=lambda m: None))
     rates: dict[str, list[float]] = {"decode": [], "backbone": [], "write": []}
-    pipeline = []
+    pipeline, baseline, baseline_decode = [], [], []
     for _ in range(args.rounds):
         decode_s, decoded = decode_stage(tasks, plan)
         inputs = backbone_inputs(extractor, decoded, plan.batch_size)
@@ -214,14 +254,21 @@ def measure(backbone_name: str, size: int, root: Path, split_dir: Path, work: Pa
         if summary.frames != frames:
             raise SystemExit(f"the pipeline made {summary.frames} frames, the stages {frames}")
         pipeline.append(summary.frames / summary.seconds)
+        if args.baseline:
+            with plan_before_issue_26():
+                before = quiet(lambda r=run: run_extract(r, device, Shard(), echo=lambda m: None))
+                old = RunPlan.make(config, device)
+            baseline.append(before.frames / before.seconds)
+            baseline_decode.append(frames / decode_stage(tasks, old)[0]
+                                   if old.workers != plan.workers else rates["decode"][-1])
         rows = video_rows(extractor, inputs, config.frames)
         write_s, row_bytes = write_stage(work, rows, config, plan)
         rates["write"].append(frames / write_s)
     per_frame = {"decode": video_mb / frames, "backbone": rows.nbytes / 2**20 / frames,
                  "write": rows.nbytes / 2**20 / frames}
     return Stages(setup, len(tasks), config.frames, plan.batch_size, plan.workers, plan.writers,
-                  getattr(config, "codec", "default"), rates, per_frame, pipeline,
-                  row_bytes / 2**20)
+                  config.codec, rates, per_frame, pipeline, row_bytes / 2**20,
+                  baseline or None, baseline_decode or None)
 
 
 def goal_for(stages: Stages, device: torch.device) -> tuple[str, float]:
@@ -248,6 +295,11 @@ def report(stages: Stages, device: torch.device) -> list[str]:
               f"{stages.share('serial'):.3f}, of backbone {stages.share('backbone'):.3f}",
               f"  goal: >= {goal} of the {of if of != 'serial' else 'serial bound'}: "
               f"{share:.3f} {'met' if share >= goal else 'NOT met'}"]
+    if stages.baseline:
+        old = stages.baseline_share()
+        lines.append(f"  before issue 26: {old['frames_per_s']:.1f} frames/s, share of serial "
+                     f"bound {old['share_of_serial']:.3f}, of backbone "
+                     f"{old['share_of_backbone']:.3f}; now / before {old['now_over_before']:.3f}")
     return lines
 
 
@@ -267,6 +319,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--writers", type=int, default=None)
     parser.add_argument("--codec", default=None, help="Row codec (default: extract's).")
+    parser.add_argument("--store-dtype", default=None,
+                        help="Stored dtype of the rows (default: extract's, float16).")
+    parser.add_argument("--baseline", action="store_true",
+                        help="Also measure the pipeline as it was before issue 26, same rounds.")
     parser.add_argument("--rounds", type=int, default=3,
                         help="Rounds of every measurement (median of the per-round ratios).")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -7,9 +7,14 @@
       -> main thread: Batcher + forward         frames of several videos in one forward pass
       -> writer threads -> FeatureCache.write_row  compress + write while the next batch runs
 
-The backbone never waits while decoded frames are queued: a batch is run as soon as
-``batch_size`` frames are ready, or with whatever is ready when the queue is empty. Memory stays
-bounded whatever the dataset size (prefetch queue + one batch + a short write queue).
+On CUDA the backbone never waits while decoded frames are queued: a batch is run as soon as
+``batch_size`` frames are ready, or with whatever is ready when the queue is empty. On a CPU the
+backbone waits for a full batch (or the last videos): it shares the cores with the decoders, so
+a partial batch would hand them the cores for only one video, and small batches run at a fraction
+of a full one's rate per frame on busy cores (resnet18 @ 112 on the 2-core machine under load:
+batch 8 ran about half as fast as 32; ``bench/extract_stages.py`` measures the pipeline against
+its stages). Memory stays bounded whatever the dataset size (prefetch queue + one batch + a short
+write queue).
 
 Backbone: any name of the registry (``extract.backbones``); its library's preprocessing (mean,
 std, resize filter, default image size and resize) replaces the ImageNet constants, and
@@ -551,12 +556,13 @@ class _Writers:
 # ------------------------------------------------------------------------------ the run
 def default_workers(device: torch.device) -> int:
     """Decode processes: on CUDA all cores but the feeding one; on CPU few, as they steal cores
-    from the backbone (one decoding process keeps up with a CPU ResNet on ~8 cores)."""
+    from the backbone (one decoding process keeps up with a CPU ResNet on ~8 cores), but at
+    least two where there are two cores: while the backbone waits for a batch, both decode."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = cores or 1
     if device.type == "cuda":
         return max(1, min(cores - 2, 32))
-    return max(1, cores // 8)
+    return max(min(2, cores), cores // 8)
 
 
 @dataclass(frozen=True)
@@ -569,6 +575,7 @@ class RunPlan:
     writers: int  # threads writing rows
     nice: int  # niceness of the decode processes
     timeout: float  # seconds per video and decoder
+    partial_batches: bool = True  # run what is decoded rather than wait for a full batch
 
     @classmethod
     def make(cls, config: ExtractConfig, device: torch.device) -> RunPlan:
@@ -582,7 +589,8 @@ class RunPlan:
             config.writers or (DEFAULT_CUDA_WRITERS if cuda else 1))
         # A CPU backbone keeps every core busy: niced workers decode in the gaps instead of
         # stalling its OpenMP threads (a descheduled thread holds up the whole forward pass).
-        return cls(batch_size, workers, prefetch, writers, 0 if cuda else 10, config.timeout)
+        return cls(batch_size, workers, prefetch, writers, 0 if cuda else 10, config.timeout,
+                   partial_batches=cuda)
 
 
 def run_extract(config: ExtractConfig, device: torch.device, shard: Shard | None = None,
@@ -713,7 +721,7 @@ def _extract(tasks: list[DecodeTask], cache: FeatureCache, extractor: FeatureExt
     writer.start()
     try:
         _feed_backbone(producer, writer, extractor, Batcher(plan.batch_size), frames, summary,
-                       progress)
+                       progress, plan.partial_batches)
         writer.finish()
     finally:
         producer.shutdown()
@@ -728,15 +736,16 @@ def _extract(tasks: list[DecodeTask], cache: FeatureCache, extractor: FeatureExt
 
 
 def _feed_backbone(producer: _Producer, writer: _Writers, extractor: FeatureExtractor,
-                   batcher: Batcher, frames: int, summary: ExtractSummary, progress) -> None:
-    """The main loop: take decoded videos, run full (or, rather than wait, partial) batches,
-    hand finished videos to the writer."""
+                   batcher: Batcher, frames: int, summary: ExtractSummary, progress,
+                   partial: bool = True) -> None:
+    """The main loop: take decoded videos, run full (or, rather than wait, with ``partial``,
+    partial) batches, hand finished videos to the writer."""
     finished = False
     while not finished or batcher.queue:
         # Take what is decoded; block only when there is nothing to run the backbone on.
         while not finished and batcher.waiting < batcher.batch_size:
             try:
-                item = producer.out.get(block=batcher.waiting == 0)
+                item = producer.out.get(block=batcher.waiting == 0 or not partial)
             except queue.Empty:
                 break
             if item is _END:

@@ -4,12 +4,15 @@ splits and ids, error reports, resume after a killed run, two-rank sharding, ref
 import json
 import math
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +23,8 @@ from torchvision.transforms.v2 import functional as tvf
 
 from cache import FeatureCache, UserError
 from cli import cli
+from extract import pipeline
+from extract.decode import DecodedVideo
 from extract.pipeline import ExtractConfig, RunPlan, read_errors
 from extract.sampling import ViewPlan, plan_views
 
@@ -316,6 +321,43 @@ def test_writer_threads_default_by_device_and_backend():
                         torch.device("cpu")).writers == 2
     with pytest.raises(UserError, match="--writers must be at least 1"):
         ExtractConfig(dataset="custom", root="x", writers=0)
+
+
+def _feed(partial: bool, videos: int = 10) -> list[int]:
+    """Batch sizes of the main loop fed videos of 8 frames that arrive every 10 ms."""
+    producer = SimpleNamespace(out=queue.Queue(), error=None)
+    writer = SimpleNamespace(inbox=queue.Queue(), error=None)
+
+    def arrive():
+        for row in range(videos):
+            time.sleep(0.01)
+            producer.out.put(DecodedVideo(row, f"a/v{row}", np.zeros((1, 8, 3, 2, 2), np.uint8),
+                                          8, "decord"))
+        producer.out.put(pipeline._END)
+
+    sizes = []
+
+    def extractor(crops):
+        sizes.append(len(crops))
+        return torch.zeros(len(crops), 4, 1, 1)
+
+    thread = threading.Thread(target=arrive)
+    thread.start()
+    summary = SimpleNamespace(failed=[], fallbacks=[])
+    pipeline._feed_backbone(producer, writer, extractor, pipeline.Batcher(32), 8, summary,
+                            SimpleNamespace(update=lambda n: None), partial)
+    thread.join()
+    assert writer.inbox.qsize() == videos  # every video's row reaches the writer
+    return sizes
+
+
+def test_a_cpu_backbone_waits_for_full_batches_a_gpu_runs_what_is_decoded():
+    assert _feed(partial=False) == [32, 32, 16]
+    assert min(_feed(partial=True)) < 32 and sum(_feed(partial=True)) == 80
+    assert not RunPlan.make(ExtractConfig(dataset="custom", root="x"),
+                            torch.device("cpu")).partial_batches
+    assert RunPlan.make(ExtractConfig(dataset="custom", root="x"),
+                        torch.device("cuda")).partial_batches
 
 
 @pytest.mark.slow
