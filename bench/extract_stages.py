@@ -29,7 +29,6 @@ cores, resnet50 >= 0.9 of its backbone alone and resnet18 @ 112 >= 0.9 of the se
 GPU, where the stages run on different hardware, >= 0.8 of the slowest stage.
 """
 
-from __future__ import annotations
 
 import argparse
 import contextlib
