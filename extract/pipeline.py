@@ -590,7 +590,7 @@ class RunPlan:
         # A CPU backbone keeps every core busy: niced workers decode in the gaps instead of
         # stalling its OpenMP threads (a descheduled thread holds up the whole forward pass).
         return cls(batch_size, workers, prefetch, writers, 0 if cuda else 10, config.timeout,
-                   partial_batches=cuda)
+                   partial_batches=cuda or workers == 0)  # inline decoding: no waiting
 
 
 def run_extract(config: ExtractConfig, device: torch.device, shard: Shard | None = None,
