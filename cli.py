@@ -27,6 +27,8 @@ from tqdm import tqdm  # noqa: E402
 from align.models import head_names  # noqa: E402
 from align.options import click_type  # noqa: E402
 from cache import FeatureCache, UserError, format_info  # noqa: E402
+from cache.codecs import CODECS  # noqa: E402
+from cache.store_dtype import STORE_DTYPES  # noqa: E402
 from demo import DemoConfig  # noqa: E402
 from extract.backbones import PREFIXES, REGISTERED  # noqa: E402
 from extract.datasets import DATASETS  # noqa: E402
@@ -129,11 +131,17 @@ def _check_backbone(ctx, param, value):
               help="Seed of the augmented views (and of --weights none).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="Dtype of the stored maps.")
+@click.option("--store-dtype", type=click.Choice(STORE_DTYPES),
+              help="How rows are stored: int8 (one scale per video and channel) or bfloat16 "
+                   "halve float16's size; every reader gets --dtype rows back (see README "
+                   "'Compact caches' for the accuracy cost).  [default: --dtype]")
+@click.option("--codec", type=click.Choice(CODECS),
+              help="Row compressor (zarr; hdf5 takes gzip).  [default: zstd for zarr]")
 @click.option("--batch-size", type=click.IntRange(min=1),
               help="Frames per forward pass.  [default: 256 on CUDA, 32 on CPU]")
 @click.option("--workers", type=click.IntRange(min=0),
               help="Decode processes (0: decode in the main process, no timeout).  "
-                   "[default: cores-2 on CUDA, cores/8 on CPU, at least 1]")
+                   "[default: cores-2 on CUDA; on CPU cores/8, at least 2]")
 @click.option("--writers", type=click.IntRange(min=1),
               help="Threads compressing and writing rows (zarr; hdf5 takes 1).  "
                    "[default: 4 on CUDA, 1 on CPU]")
@@ -147,8 +155,8 @@ def _check_backbone(ctx, param, value):
                    "fail); without it only done rows with no stored data are redone.")
 @click.option("--device", type=DEVICE_CHOICES, default="auto", show_default=True)
 def extract(dataset, root, split_dir, splits, limit, out, backend, backbone, weights, frames,
-            image_size, resize, pool_to, aug_views, seed, dtype, batch_size, workers, writers,
-            timeout, overwrite, verify, device):
+            image_size, resize, pool_to, aug_views, seed, dtype, store_dtype, codec, batch_size,
+            workers, writers, timeout, overwrite, verify, device):
     """Phase one: decode videos, sample T frames, run the frozen backbone, write the cache.
 
     Under torchrun (RANK / WORLD_SIZE set) each process extracts a disjoint shard of the rows
@@ -161,8 +169,8 @@ def extract(dataset, root, split_dir, splits, limit, out, backend, backbone, wei
         splits=tuple(s.strip() for s in splits.split(",") if s.strip()), limit=limit, out=out,
         backend=backend, backbone=backbone, weights=weights, frames=frames,
         image_size=image_size, resize=resize, pool_to=pool_to, aug_views=aug_views, seed=seed,
-        dtype=dtype, batch_size=batch_size, workers=workers, writers=writers, timeout=timeout,
-        overwrite=overwrite, verify=verify)
+        dtype=dtype, store_dtype=store_dtype, codec=codec, batch_size=batch_size,
+        workers=workers, writers=writers, timeout=timeout, overwrite=overwrite, verify=verify)
     shard = Shard.from_env()
     torch_device = pick_device(device)
     if torch_device.type == "cuda" and torch_device.index is None:

@@ -1,7 +1,15 @@
 """Benchmark the feature cache at the real row shape (2048 x 8 x 7 x 7, float16).
 
     python bench/cache_io.py [--rows 200] [--dir /tmp/cache-bench] [--writers 1,2,4]
-                             [--only-writers]
+                             [--only-writers] [--only-codecs] [--only-store-dtypes]
+
+Row writes against their codec (issue 26; ``--only-codecs``): for every ``--codec``, numcodecs'
+raw encode speed on one core (Blosc's own threads off) next to one writer thread's
+``FeatureCache.write_row`` (codec, CRC32C, done flags, files) on the same rows, in alternating
+rounds; the median of the per-round ratios is printed, with bytes per row on disk, and the same
+for zarr's own ``array[row] = value`` path that rows took before the synchronous writes. Then
+the stored dtypes (``--only-store-dtypes``): int8 symmetric vs affine and bfloat16 error, bytes
+per row, and read rates of the whole split and of random rows for each.
 
 First it writes the same rows with 1, 2, 4 threads (``extract --writers``) and prints the zarr
 write rate of each and its ratio to one thread.
@@ -30,12 +38,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import google_crc32c
+import numcodecs
 import numpy as np
-from numcodecs import Blosc, Zstd
+from numcodecs import LZ4, Blosc, Zstd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cache import FeatureCache, hdf5_store, zarr_store  # noqa: E402
+from cache.codecs import ZARR_CODECS  # noqa: E402
 from cache.store import fill_rows  # noqa: E402
+from cache.store_dtype import STORE_DTYPES, dequantize_int8, quantize_int8  # noqa: E402
+
+# numcodecs' own form of each --codec: the raw speed a writer is measured against
+RAW_CODECS = {"zstd": Zstd(1), "blosc-zstd": Blosc("zstd", 1, Blosc.SHUFFLE), "lz4": LZ4(),
+              "blosc-lz4": Blosc("lz4", 5, Blosc.SHUFFLE), "none": None}
 
 SHAPE = (2048, 8, 7, 7)
 
@@ -90,9 +105,9 @@ def bench_backend(backend: str, path: Path, rows: np.ndarray, drop: bool, seed: 
 
 def write_cache(path: Path, backend: str, rows: np.ndarray, checksums: bool) -> float:
     """Write ``rows`` to a new cache, with or without the row checksums; seconds taken."""
-    saved = zarr_store.ROW_COMPRESSORS, hdf5_store.ROW_CHECKSUM
+    saved = zarr_store.ROW_CHECKSUM, hdf5_store.ROW_CHECKSUM
     if not checksums:  # the layout of caches made before checksums existed
-        zarr_store.ROW_COMPRESSORS, hdf5_store.ROW_CHECKSUM = (zarr_store.COMPRESSOR,), False
+        zarr_store.ROW_CHECKSUM, hdf5_store.ROW_CHECKSUM = False, False
     try:
         n = len(rows)
         with FeatureCache.create(path, video_ids=[f"c/v{i}" for i in range(n)],
@@ -101,7 +116,7 @@ def write_cache(path: Path, backend: str, rows: np.ndarray, checksums: bool) -> 
             assert cache.checksummed == checksums
             return timed(lambda: [cache.write_row(i, rows[i]) for i in range(n)])
     finally:
-        zarr_store.ROW_COMPRESSORS, hdf5_store.ROW_CHECKSUM = saved
+        zarr_store.ROW_CHECKSUM, hdf5_store.ROW_CHECKSUM = saved
 
 
 def integrity_overhead(backend: str, folder: Path, rows: np.ndarray, repeats: int,
@@ -204,6 +219,98 @@ def compare_compressors(rows: np.ndarray) -> None:
           f"rows, {100 * checksum_s / default_decode_s:.1f}% of their decode time")
 
 
+def new_cache(path: Path, n: int, **options) -> FeatureCache:
+    return FeatureCache.create(path, video_ids=[f"c/v{i}" for i in range(n)],
+                               splits=["train"] * n, labels=[0] * n, classes=["c"], shape=SHAPE,
+                               backend="zarr", overwrite=True, **options)
+
+
+def raw_encode(codec, rows: np.ndarray) -> float:
+    """Seconds for numcodecs to encode ``rows`` one by one (CRC32C for codec None)."""
+    if codec is None:
+        return timed(lambda: [google_crc32c.value(r.tobytes()) for r in rows])
+    return timed(lambda: [codec.encode(r) for r in rows])
+
+
+def write_with(path: Path, rows: np.ndarray, codec: str, zarr_path: bool) -> tuple[float, float]:
+    """Seconds for one thread to write ``rows`` into a fresh cache, and bytes per row on disk;
+    ``zarr_path``: through zarr's ``array[row] = value`` instead of the synchronous row writes."""
+    with new_cache(path, len(rows), codec=codec) as cache:
+        if zarr_path:
+            cache._backend._sync_rows = {"features": False, "done": False}
+        seconds = timed(lambda: [cache.write_row(i, rows[i]) for i in range(len(rows))])
+        return seconds, cache._backend.array("features").nbytes_stored() / len(rows)
+
+
+def codec_table(folder: Path, rows: np.ndarray, rounds: int) -> list[dict]:
+    """Per codec: raw encode MB/s, writer MB/s (synchronous and zarr's path), their ratios
+    (median of per-round ratios: each round times all three back to back), bytes per row."""
+    numcodecs.blosc.use_threads = False  # one core, as in a writer thread
+    mb = rows.nbytes / 2**20
+    results = []
+    for name in ZARR_CODECS:
+        raw, sync, own, size = [], [], [], 0.0
+        for _ in range(rounds):
+            raw.append(raw_encode(RAW_CODECS[name], rows))
+            seconds, size = write_with(folder / f"{name}.zarr", rows, name, zarr_path=False)
+            sync.append(seconds)
+            own.append(write_with(folder / f"{name}-zarr.zarr", rows, name, zarr_path=True)[0])
+        raw, sync, own = (np.asarray(v) for v in (raw, sync, own))
+        results.append({
+            "backend": name, "raw MB/s": mb / float(np.median(raw)),
+            "writer MB/s": mb / float(np.median(sync)),
+            "writer/raw": float(np.median(raw / sync)),
+            "zarr path MB/s": mb / float(np.median(own)),
+            "zarr path/raw": float(np.median(raw / own)),
+            "MB/row on disk": size / 2**20, "ratio": rows[0].nbytes / size})
+    crc = min(timed(lambda: [google_crc32c.value(r.tobytes()) for r in rows]) for _ in range(3))
+    print(f"\nCRC32C alone: {mb / crc:.0f} MB/s (numcodecs' codecs: one core, Blosc threads off; "
+          f"'none' raw = CRC32C)")
+    return results
+
+
+def quantisation_error(rows: np.ndarray) -> None:
+    """int8 symmetric vs affine (one (offset, scale) per video and channel) and bfloat16 on the
+    same rows: error relative to each channel's range, and to the float16 values."""
+    from cache.store_dtype import from_bfloat16_bits, to_bfloat16_bits
+
+    x = rows.astype(np.float32)
+    span = (x.max(axis=(2, 3, 4)) - x.min(axis=(2, 3, 4)))[..., None, None, None]
+    norm = float(np.sqrt((x ** 2).mean()))
+    print(f"\n{'stored as':<18}{'max |err| / range':>19}{'rms err / rms x':>17}")
+    for mode in ("symmetric", "affine"):
+        back = dequantize_int8(*quantize_int8(x, mode), "float32")
+        err = np.abs(back - x)
+        print(f"{'int8 ' + mode:<18}{float((err / np.where(span > 0, span, 1)).max()):>19.5f}"
+              f"{float(np.sqrt((err ** 2).mean())) / norm:>17.5f}")
+    err = np.abs(from_bfloat16_bits(to_bfloat16_bits(x), "float32") - x)
+    print(f"{'bfloat16':<18}{float((err / np.where(span > 0, span, 1)).max()):>19.5f}"
+          f"{float(np.sqrt((err ** 2).mean())) / norm:>17.5f}")
+
+
+def store_dtype_table(folder: Path, rows: np.ndarray, seed: int) -> list[dict]:
+    """Per stored dtype (default codec): write rate, bytes per row, and the read rates of the
+    whole split and of random rows (MB/s of the float16 rows readers get)."""
+    n, mb = len(rows), rows.nbytes / 2**20
+    picks = np.random.default_rng(seed).integers(0, n, size=min(n, 100))
+    results = []
+    for name in STORE_DTYPES:
+        if name == "float32":
+            continue
+        path = folder / f"dtype-{name}.zarr"
+        with new_cache(path, n, store_dtype=name) as cache:
+            write_s = timed(lambda c=cache: [c.write_row(i, rows[i]) for i in range(n)])
+        with FeatureCache.open(path) as cache:
+            load_s = timed(lambda c=cache: c.load_split("train"))
+            random_s = timed(lambda c=cache: [c.read_row(int(i)) for i in picks])
+            size = sum(cache._backend.array(a).nbytes_stored() for a in cache._row_arrays()) / n
+        results.append({"backend": name, "write MB/s": mb / write_s,
+                        "load split MB/s": mb / load_s,
+                        "random row MB/s": len(picks) * rows[0].nbytes / 2**20 / random_s,
+                        "MB/row on disk": size / 2**20})
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=200)
@@ -216,6 +323,12 @@ def main() -> None:
                         help="Comma-separated writer thread counts to compare (zarr).")
     parser.add_argument("--only-writers", action="store_true",
                         help="Run only the writer-thread comparison.")
+    parser.add_argument("--only-codecs", action="store_true",
+                        help="Run only the codec comparison (raw encode vs writer).")
+    parser.add_argument("--only-store-dtypes", action="store_true",
+                        help="Run only the stored-dtype comparison (error, size, read rates).")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="Rounds of the codec comparison (median ratio).")
     args = parser.parse_args()
 
     rows = synthetic_rows(args.rows, args.seed)
@@ -227,6 +340,14 @@ def main() -> None:
     try:
         print(f"{args.rows} rows of {SHAPE} float16 = {rows.nbytes / 2**20:.0f} MB "
               f"uncompressed, {rows[0].nbytes / 2**20:.2f} MB per row")
+        if args.only_codecs or args.only_store_dtypes:
+            if args.only_codecs:
+                print("\nrow writes (one thread) against the codec's raw encode speed")
+                print_table(codec_table(work, rows, args.rounds))
+            if args.only_store_dtypes:
+                quantisation_error(rows)
+                print_table(store_dtype_table(work, rows, args.seed))
+            return
         print(f"\nzarr writes by N threads ({os.cpu_count()} CPUs; extract --writers N)")
         print_table(writer_scaling(work, rows, [int(c) for c in args.writers.split(",")]))
         if args.only_writers:

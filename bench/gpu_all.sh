@@ -26,12 +26,15 @@ if [ $DRY = 1 ]; then
            --resize 72 --workers 0)
   SPEED=(--channels 16 --size 4 --train-episodes 1 --eval-episodes 4 --batch-episodes 4
          --test-episodes 5000)
+  STAGES=(--small --baseline)
   LIMIT=300
 else
   DEVICE=cuda
   EXTRACT=(--videos 160 --video-frames 48 --size 320x240)
   SPEED=(--channels 2048 --size 7 --train-episodes 60 --warmup 5 --eval-episodes 5000
          --batch-episodes 64 --test-episodes 5000)
+  # UCF101-like clips (175 frames); each stage alone and the whole pipeline, before and after
+  STAGES=(--setups resnet50@224:320 --video-frames 175 --rounds 1 --baseline)
   LIMIT=300
 fi
 
@@ -51,6 +54,8 @@ print(json.dumps({"gpu": gpu, "torch": torch.__version__, "python": platform.pyt
 PYEOF
 part extract "$PY" bench/extract_throughput.py --device $DEVICE "${EXTRACT[@]}" \
   --json "$OUT/extract.json"
+part stages "$PY" bench/extract_stages.py --device $DEVICE "${STAGES[@]}" \
+  --json "$OUT/stages.json"
 part speed "$PY" bench/train_eval_speed.py --device $DEVICE "${SPEED[@]}" \
   --json "$OUT/speed.json"
 "$PY" bench/gpu_table.py "$OUT" | tee "$OUT/table.md"

@@ -33,6 +33,22 @@ def rows(out: Path) -> list[tuple[str, str, str]]:
         ]
     else:
         table.append(("extraction", status(out, "extract"), ""))
+    stages = read(out, "stages")
+    for setup in (stages or {}).get("setups", []):
+        rates = setup["stage_frames_per_s"]
+        table.append((f"extraction stages, {setup['setup']}",
+                      ", ".join(f"{k} {v:.0f}" for k, v in rates.items()) + " frames/s",
+                      f"bound by {setup['bound_by']}; {setup['videos']} videos, "
+                      f"{setup['workers']} decode workers, {setup['writers']} writers, codec "
+                      f"{setup['codec']}"))
+        goal = setup["goal"]
+        table.append((f"pipeline / {goal['of']}, {setup['setup']}",
+                      f"{setup['pipeline_frames_per_s']:.0f} frames/s: {goal['share']:.3f}",
+                      f"goal >= {goal['at_least']}"
+                      + (f"; before issue 26 {setup['before_issue_26']['frames_per_s']:.0f} "
+                         f"frames/s" if "before_issue_26" in setup else "")))
+    if stages is None:
+        table.append(("extraction stages", status(out, "stages"), ""))
     speed = read(out, "speed")
     if speed:
         for r in speed:

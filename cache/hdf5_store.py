@@ -145,16 +145,16 @@ class HDF5Backend:
     @staticmethod
     def _create_dataset(file: h5py.File, name: str, spec: dict) -> None:
         dtype = h5py.string_dtype("utf-8") if spec["dtype"] == "str" else spec["dtype"]
-        floating = spec["dtype"] in ("float16", "float32")
+        rows = "codec" in spec  # a row array: chunked by row, gzip-1 + shuffle, checksummed
         dataset = file.create_dataset(
             name,
             shape=spec["shape"],
             dtype=dtype,
-            chunks=tuple(spec["chunks"]) if floating else None,
-            compression="gzip" if floating else None,
-            compression_opts=1 if floating else None,
-            shuffle=floating,
-            fletcher32=floating and ROW_CHECKSUM,
+            chunks=tuple(spec["chunks"]) if rows else None,
+            compression="gzip" if rows else None,
+            compression_opts=1 if rows else None,
+            shuffle=rows,
+            fletcher32=rows and ROW_CHECKSUM,
             fillvalue=spec.get("fill_value"),
         )
         if spec.get("data") is not None and spec["shape"][0]:

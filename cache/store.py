@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cache import store_dtype as row_formats
+from cache.codecs import check_codec
 from cache.errors import DamagedChunk, NotACache, UserError
 from cache.hdf5_store import HDF5_SUFFIXES, HDF5Backend
 from cache.paths import Found, check_writable
@@ -41,12 +43,14 @@ SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
 DTYPES = ("float16", "float32")
 ROW_ARRAYS = ("features", "aug_features")  # per-row feature maps: checksummed, verified on read
-CACHE_ARRAYS = (*ROW_ARRAYS, "video_id", "split", "label", "done")
+CACHE_ARRAYS = (*ROW_ARRAYS, "video_id", "split", "label", "done",
+                "features_quant", "aug_features_quant")  # int8 rows' scales (cache.store_dtype)
 REQUIRED_ARRAYS = ("features", "video_id", "split", "label", "done")
 # Only what cannot be derived from the arrays is required (dtype, C, T, H, W and V can).
 REQUIRED_ATTRS = ("schema_version", "classes")
 BACKENDS = {"zarr": ZarrBackend, "hdf5": HDF5Backend}
 CHECKSUM_NAMES = {"zarr": "CRC32C", "hdf5": "Fletcher-32"}
+LEGACY_CODECS = {"zarr": "blosc-zstd", "hdf5": "gzip"}  # caches made before attribute codec
 VERIFY_BATCH = 16  # rows per read when verifying a whole cache (bounded memory)
 MAX_ROWS = 10**8  # videos in one cache: far above any dataset (Kinetics-700: 650k)
 MAX_ROW_BYTES = 2**30  # one row's maps (all views): 1.6 MB for ResNet-50, C x T x 7 x 7
@@ -153,7 +157,10 @@ class FeatureCache:
         self.writable = writable
         self.path = backend.path
         self._index = index
-        self.attrs = self._complete_attrs(backend.attrs)
+        stored = backend.attrs
+        self._format = row_formats.stored_format(
+            stored, np.dtype(backend.array("features").dtype).name)
+        self.attrs = self._complete_attrs(stored)
 
     # ----------------------------------------------------------------- create / open / close
     @classmethod
@@ -171,6 +178,8 @@ class FeatureCache:
         attrs: dict | None = None,
         backend: str | None = None,
         overwrite: bool = False,
+        codec: str | None = None,
+        store_dtype: str | None = None,
     ) -> FeatureCache:
         """Create a cache of ``len(video_ids)`` rows of ``shape`` = (C, T, H, W), none done yet.
 
@@ -185,17 +194,24 @@ class FeatureCache:
             overwrite: replace the cache at ``path``. Only a cache of this tool (recognised by
                 its schema_version attribute) is ever replaced, and only its own entries are
                 deleted; any other file or folder is refused.
+            codec: the row compressor (``cache.codecs``; None: the backend's default).
+            store_dtype: how rows are stored (``cache.store_dtype``: float16, float32,
+                bfloat16 or int8; None: ``dtype``); they always read back as ``dtype``.
         """
         path = str(path)
         labels = _checked_rows(video_ids, splits, labels, classes, dtype)
         store_cls = _backend_for(path, backend)
         c, t, h, w = (int(v) for v in shape)
+        codec = check_codec(codec, store_cls.name)
+        fmt = row_formats.store_format(store_dtype, dtype)
         arrays = _array_specs(video_ids, splits, labels, (c, t, h, w), dtype, aug_views)
+        _store_rows_as(arrays, fmt, codec)
         all_attrs = dict(attrs or {})
         all_attrs.update(schema_version=SCHEMA_VERSION, classes=list(classes), channels=c,
                          frames=t, height=h, width=w, dtype=dtype, aug_views=int(aug_views),
                          generation=uuid.uuid4().hex,  # readers notice a rebuild by it
-                         index_sha256=_index_digests(video_ids, splits, labels))
+                         index_sha256=_index_digests(video_ids, splits, labels),
+                         codec=codec, store_dtype=fmt.name)
         found = refuse_non_cache(path, store_cls.name, what="path")
         check_writable(path, "file" if store_cls is HDF5Backend else "folder", what="cache")
         if found.state == "cache":
@@ -278,7 +294,7 @@ class FeatureCache:
     def _derived(self) -> dict:
         c, t, h, w = self.shape
         return {"dtype": self.dtype, "channels": c, "frames": t, "height": h, "width": w,
-                "aug_views": self.aug_views}
+                "aug_views": self.aug_views, "store_dtype": self.store_dtype}
 
     def _complete_attrs(self, stored: dict) -> dict:
         """The stored attributes, plus those derivable from the arrays where a cache written by
@@ -296,8 +312,16 @@ class FeatureCache:
 
     @property
     def dtype(self) -> str:
-        """The stored dtype of the maps, from the features array itself."""
+        """The dtype rows are read as: the stored float dtype, or for bfloat16 / int8 rows the
+        maps' dtype they are converted back to (attribute ``dtype``)."""
+        if self._format.converted:
+            return str(self._backend.attrs.get("dtype", "float16"))
         return np.dtype(self._backend.array("features").dtype).name
+
+    @property
+    def store_dtype(self) -> str:
+        """How the rows are stored: float16, float32, bfloat16 or int8 (``cache.store_dtype``)."""
+        return self._format.name
 
     @property
     def classes(self) -> list[str]:
@@ -353,7 +377,11 @@ class FeatureCache:
         return np.flatnonzero(keep)
 
     def _row_arrays(self) -> tuple[str, ...]:
-        return ROW_ARRAYS if self.has_aug else ROW_ARRAYS[:1]
+        """The per-row arrays to verify: the maps, and the int8 rows' (offset, scale) arrays."""
+        arrays = ROW_ARRAYS if self.has_aug else ROW_ARRAYS[:1]
+        if self._format.quantized:
+            arrays = (*arrays, *(a + row_formats.QUANT_SUFFIX for a in arrays))
+        return arrays
 
     # ----------------------------------------------------------------- writing
     def _require_writable(self) -> None:
@@ -369,15 +397,21 @@ class FeatureCache:
                              f"the cache holds {self.shape}")
         if self._backend.read("done", row):
             self._backend.write("done", row, False)  # never leave a done flag over stale data
-        dtype = self.dtype
-        self._backend.write("features", row, features.astype(dtype, copy=False))
+        self._write_stored("features", row, features)
         if aug is not None:
             if not self.has_aug:
                 raise ValueError("this cache was created without aug_features")
-            self._backend.write("aug_features", row, np.asarray(aug).astype(dtype, copy=False))
+            self._write_stored("aug_features", row, np.asarray(aug))
         self._backend.flush()
         self._backend.write("done", row, True)
         self._backend.flush()
+
+    def _write_stored(self, array: str, row: int, maps: np.ndarray) -> None:
+        """Write one row of ``array`` in the cache's stored form (int8: its scales first)."""
+        stored, params = row_formats.encode(maps.astype(self.dtype, copy=False), self._format)
+        if params is not None:
+            self._backend.write(array + row_formats.QUANT_SUFFIX, row, params)
+        self._backend.write(array, row, stored)
 
     def mark_not_done(self, rows: Sequence[int]) -> None:
         """Clear the done flags of ``rows`` (rows found damaged: they are to be written again)."""
@@ -436,10 +470,17 @@ class FeatureCache:
                         "and rerunning extract with --verify redoes them")
 
     def _read_verified(self, array: str, start: int, stop: int, index=None) -> np.ndarray:
+        """Rows [start, stop) of ``array`` (or ``index`` within one row), checked, as float
+        maps of the cache's dtype whatever their stored form."""
         block, damaged = self._scan(array, start, stop, index)
+        params = None
+        if self._format.quantized:
+            params, damaged_params = self._scan(array + row_formats.QUANT_SUFFIX, start, stop,
+                                                index)
+            damaged = {**damaged_params, **damaged}
         if damaged:
             self._raise_damaged(array, damaged)
-        return block
+        return row_formats.decode(block, params, self._format, self.dtype)
 
     def read_row(self, row: int, view: int | None = None) -> np.ndarray:
         """One done row's (C, T, H, W) map: the cached view, or augmented view ``view``."""
@@ -466,7 +507,7 @@ class FeatureCache:
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         source = self._backend.array(array)
-        out = np.empty((len(rows), *source.shape[1:]), dtype=dtype or source.dtype)
+        out = np.empty((len(rows), *source.shape[1:]), dtype=dtype or self.dtype)
         for start, stop, offset in _contiguous_runs(sorted_rows):
             out[order[offset:offset + stop - start]] = self._read_verified(array, start, stop)
         return out
@@ -555,6 +596,8 @@ class FeatureCache:
             "classes": len(self.classes),
             "shape": [c, t, h, w],
             "dtype": self.dtype,
+            "store_dtype": self.store_dtype,
+            "codec": self.attrs.get("codec", LEGACY_CODECS[self.backend]),
             "aug_views": self.aug_views,
             "bytes_on_disk": stored,
             "raw_bytes_done": raw,
@@ -601,6 +644,21 @@ def _array_specs(video_ids, splits, labels: np.ndarray, shape: tuple[int, int, i
         arrays["aug_features"] = dict(shape=(n, aug_views, *shape), chunks=(1, aug_views, *shape),
                                       dtype=dtype, fill_value=np.nan)
     return arrays
+
+
+def _store_rows_as(arrays: dict[str, dict], fmt, codec: str) -> None:
+    """Give the row arrays of ``arrays`` the stored dtype, fill value and codec of ``fmt`` and
+    ``codec``; int8 rows get their (offset, scale) companion arrays (``cache.store_dtype``)."""
+    for name in ROW_ARRAYS:
+        if name not in arrays:
+            continue
+        spec = arrays[name]
+        spec.update(dtype=fmt.array_dtype, fill_value=fmt.fill_value, codec=codec)
+        if fmt.quantized:
+            per_channel = (*spec["shape"][:-3], 2)  # (N, [V,] C, 2)
+            arrays[name + row_formats.QUANT_SUFFIX] = dict(
+                shape=per_channel, chunks=(1, *per_channel[1:]), dtype="float32",
+                fill_value=np.nan, codec=codec)
 
 
 # ------------------------------------------------------------------------------ open-time checks
@@ -673,7 +731,14 @@ def _check_derived_attrs(store, attrs: dict) -> None:
     """Attributes that restate the arrays (dtype, C, T, H, W, V) must agree with them."""
     features = store.array("features")
     dtype = np.dtype(features.dtype).name
-    if dtype not in (*DTYPES, "float64"):
+    fmt = row_formats.stored_format(attrs, dtype)
+    if fmt.converted:  # bfloat16 / int8 rows: stored as integers, read as attribute dtype
+        if dtype != fmt.array_dtype or attrs.get("dtype") not in DTYPES:
+            raise UserError(f"{store.path}: {fmt.name} rows are stored as {fmt.array_dtype} and "
+                            f"read as float16 or float32, but features are {dtype} and dtype "
+                            f"says {attrs.get('dtype')!r} (edited attributes?)")
+        dtype = attrs["dtype"]
+    elif dtype not in (*DTYPES, "float64"):
         raise UserError(f"{store.path}: features are {dtype}; a cache holds floating-point maps")
     _, c, t, h, w = (int(v) for v in features.shape)
     views = int(store.array("aug_features").shape[1]) if store.has("aug_features") else 0
@@ -735,6 +800,9 @@ def format_info(info: dict) -> str:
         f"rows       {info['rows']} ({info['done']} done, {info['not_done']} not done)",
         f"features   C={c} T={t} H={h} W={w} {info['dtype']}"
         + (f", {info['aug_views']} augmented views" if info["aug_views"] else ""),
+        f"stored     {info['store_dtype']}"
+        + (f" (read as {info['dtype']})" if info["store_dtype"] != info["dtype"] else "")
+        + f", codec {info['codec']}",
         f"classes    {info['classes']}",
     ]
     for split, s in info["splits"].items():

@@ -8,6 +8,21 @@ rewrite the same object. The path may be a local folder or any fsspec URL zarr u
 Integrity: feature chunks end in a CRC32C checksum (zarr's ``crc32c`` codec, part of the v3
 spec), checked whenever a chunk is decoded, and their fill value is NaN, so a row whose chunk is
 missing reads as NaN rather than as plausible zeros. ``stored_rows`` lists which rows have a chunk.
+The row codec before the checksum is chosen per cache (``cache.codecs``).
+
+Row writes (and single-row reads of ``read``, the done flags): a whole row of an array chunked
+one row per chunk is encoded in the writing thread
+with the array's own codecs and stored with the store's synchronous ``set_sync`` (zarr's
+``SupportsSyncCodec`` / ``SupportsSetSync`` protocols) - the same bytes under the same key as
+``array[row] = value``, without a round trip through zarr's event loop and its codec thread pool
+per call, which cost a writer thread about half its codec's speed (``bench/cache_io.py``). Stores
+without the synchronous protocol (fsspec URLs) and other layouts take zarr's own path.
+
+Durability: zarr writes every chunk to a temporary file and renames it into place (no fsync), so
+a killed process never leaves a half-written chunk, and the done flag is written after the row.
+Nothing is fsynced: after an operating-system crash or power loss a chunk may be lost or empty,
+which reads as missing (NaN fill) or fails its checksum - extract redoes missing rows on resume,
+and ``--verify`` finds and redoes damaged ones.
 
 This module also owns what a path holds (``inspect``) and the only deletion the tool does:
 ``remove`` deletes a recognisable cache's own entries and refuses anything else.
@@ -22,17 +37,19 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.abc.codec import SupportsSyncCodec
+from zarr.abc.store import SupportsDeleteSync, SupportsGetSync, SupportsSetSync
+from zarr.codecs import Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
+from cache.codecs import DEFAULT_CODEC, zarr_row_compressors
 from cache.errors import DamagedChunk, NotACache, UserError
 from cache.paths import Found, is_url
 
-COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")  # bench/cache_io.py
 # Row chunks: compressed, then a CRC32C of the compressed bytes appended (cost: bench/cache_io.py)
-ROW_COMPRESSORS = (COMPRESSOR, Crc32cCodec())
+ROW_CHECKSUM = True
 # What decoding a damaged chunk raises: the CRC32C codec a ValueError, blosc a RuntimeError.
 DECODE_ERRORS = (ValueError, RuntimeError, OSError)
 
@@ -43,6 +60,20 @@ async def _list_keys(store, prefix: str) -> list[str]:
 
 async def _list_dir(store, prefix: str) -> list[str]:
     return [key async for key in store.list_dir(prefix)]
+
+
+def _all_fill(chunk: np.ndarray, fill) -> bool:
+    """Whether every value of ``chunk`` is the fill value (NaN counts as equal to NaN)."""
+    if fill is None:
+        return False
+    nan = isinstance(fill, float | np.floating) and np.isnan(fill)
+
+    def is_fill(values: np.ndarray) -> np.ndarray:
+        return np.isnan(values) if nan else values == fill
+
+    flat = chunk.reshape(-1)
+    # a few sampled values rule out almost every real row before the full pass
+    return bool(is_fill(flat[::max(1, flat.size // 64)]).all() and is_fill(flat).all())
 
 
 def _storage_options(path: str) -> dict | None:
@@ -90,6 +121,7 @@ class ZarrBackend:
         self.group = group
         self.path = path
         self._arrays: dict[str, Any] = {}
+        self._sync_rows: dict[str, bool] = {}
 
     # ----------------------------------------------------------------- what is at a path
     @classmethod
@@ -151,13 +183,14 @@ class ZarrBackend:
                 f"{path} already exists; open it, or pass overwrite to replace it"
             ) from None
         for name, spec in arrays.items():
-            floating = spec["dtype"] in ("float16", "float32")
+            rows = "codec" in spec  # a row array: the cache's codec and the checksum
             array = group.create_array(
                 name,
                 shape=spec["shape"],
                 chunks=spec["chunks"],
                 dtype=str if spec["dtype"] == "str" else spec["dtype"],
-                compressors=ROW_COMPRESSORS if floating else "auto",
+                compressors=zarr_row_compressors(spec["codec"] or DEFAULT_CODEC, ROW_CHECKSUM)
+                if rows else "auto",
                 fill_value=spec.get("fill_value"),
                 # read_done relies on chunks equal to the fill value not being stored
                 config={"write_empty_chunks": False},
@@ -254,7 +287,29 @@ class ZarrBackend:
         return [str(s) for s in self.array(name)[:]]
 
     def read(self, name: str, index) -> np.ndarray:
+        if isinstance(index, int | np.integer) and self._row_writes(name):
+            return self._read_row(name, int(index))
         return np.asarray(self.array(name)[index])
+
+    def _read_row(self, name: str, row: int) -> np.ndarray:
+        """Row ``row`` of ``name`` from its one chunk, decoded in this thread with the array's
+        codecs in reverse (the fill value where no chunk is stored): one flag read costs a file
+        read instead of a round trip through zarr's event loop."""
+        array = self.array(name)
+        meta = array.metadata
+        coords = (row, *(0,) * (array.ndim - 1))
+        prototype = default_buffer_prototype()
+        raw = array.store.get_sync(f"{array.path}/{meta.encode_chunk_key(coords)}",
+                                   prototype=prototype)
+        if raw is None:
+            return np.full(array.shape[1:], array.fill_value, dtype=meta.dtype.to_native_dtype())
+        specs = [meta.get_chunk_spec(coords, array._async_array.config, prototype)]
+        for codec in meta.codecs[:-1]:
+            specs.append(codec.resolve_metadata(specs[-1]))
+        decoded = raw
+        for codec, spec in zip(reversed(meta.codecs), reversed(specs)):
+            decoded = codec._decode_sync(decoded, spec)
+        return decoded.as_numpy_array()[0]
 
     def read_data(self, name: str, index) -> np.ndarray:
         """Feature data; a chunk that fails to decode raises ``DamagedChunk``."""
@@ -265,7 +320,48 @@ class ZarrBackend:
                                f"cannot decode: {e or type(e).__name__}") from None
 
     def write(self, name: str, index, value) -> None:
-        self.array(name)[index] = value
+        if isinstance(index, int | np.integer) and self._row_writes(name):
+            self._write_row(name, int(index), value)
+        else:
+            self.array(name)[index] = value
+
+    def _row_writes(self, name: str) -> bool:
+        """Whether whole rows of ``name`` can be written and read synchronously: one row per
+        chunk, no sharding, a store and codecs with the synchronous protocols."""
+        if name not in self._sync_rows:
+            array = self.array(name)
+            self._sync_rows[name] = (
+                array.shards is None and array.chunks[0] == 1
+                and tuple(array.chunks[1:]) == tuple(array.shape[1:])
+                and isinstance(array.store, SupportsGetSync)
+                and isinstance(array.store, SupportsSetSync)
+                and isinstance(array.store, SupportsDeleteSync)
+                and all(isinstance(c, SupportsSyncCodec) for c in array.metadata.codecs))
+        return self._sync_rows[name]
+
+    def _write_row(self, name: str, row: int, value) -> None:
+        """Encode row ``row`` of ``name`` with the array's codecs, as zarr's codec pipeline does
+        (each codec gets the spec its predecessor resolved), and store it under its chunk key;
+        a row equal to the fill value is deleted instead (``write_empty_chunks`` False)."""
+        array = self.array(name)
+        meta = array.metadata
+        dtype = meta.dtype.to_native_dtype()
+        value = np.asarray(value, dtype=dtype)
+        if value.shape != array.shape[1:]:  # a scalar (done flags)
+            value = np.broadcast_to(value, array.shape[1:])
+        chunk = np.ascontiguousarray(value)[None]  # (1, ...)
+        coords = (row, *(0,) * (array.ndim - 1))
+        key = f"{array.path}/{meta.encode_chunk_key(coords)}"
+        if _all_fill(chunk, array.fill_value):
+            array.store.delete_sync(key)
+            return
+        prototype = default_buffer_prototype()
+        spec = meta.get_chunk_spec(coords, array._async_array.config, prototype)
+        encoded = prototype.nd_buffer.from_numpy_array(chunk)
+        for codec in meta.codecs:
+            encoded = codec._encode_sync(encoded, spec)
+            spec = codec.resolve_metadata(spec)
+        array.store.set_sync(key, encoded)
 
     # ----------------------------------------------------------------- attributes, size
     @property

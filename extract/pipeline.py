@@ -7,9 +7,14 @@
       -> main thread: Batcher + forward         frames of several videos in one forward pass
       -> writer threads -> FeatureCache.write_row  compress + write while the next batch runs
 
-The backbone never waits while decoded frames are queued: a batch is run as soon as
-``batch_size`` frames are ready, or with whatever is ready when the queue is empty. Memory stays
-bounded whatever the dataset size (prefetch queue + one batch + a short write queue).
+On CUDA the backbone never waits while decoded frames are queued: a batch is run as soon as
+``batch_size`` frames are ready, or with whatever is ready when the queue is empty. On a CPU the
+backbone waits for a full batch (or the last videos): it shares the cores with the decoders, so
+a partial batch would hand them the cores for only one video, and small batches run at a fraction
+of a full one's rate per frame on busy cores (resnet18 @ 112 on the 2-core machine under load:
+batch 8 ran about half as fast as 32; ``bench/extract_stages.py`` measures the pipeline against
+its stages). Memory stays bounded whatever the dataset size (prefetch queue + one batch + a short
+write queue).
 
 Backbone: any name of the registry (``extract.backbones``); its library's preprocessing (mean,
 std, resize filter, default image size and resize) replaces the ImageNet constants, and
@@ -55,10 +60,12 @@ import torch
 from tqdm import tqdm
 
 from cache import SPLITS, FeatureCache, UserError
+from cache.codecs import check_codec
 from cache.errors import CacheInUse, NotACache
 from cache.latest import default_cache_path, remember_cache
 from cache.paths import writer_lock
-from cache.store import check_output, inspect_path
+from cache.store import LEGACY_CODECS, check_output, inspect_path
+from cache.store_dtype import store_format
 from extract.backbone import FeatureExtractor, check_not_adapted_on
 from extract.backbones import Backbone
 from extract.datasets import (
@@ -75,7 +82,7 @@ _STARTED = datetime.now(UTC)
 # Attributes that decide a row's content: a cache is resumed only if they all agree.
 FINGERPRINT = ("dataset", "backbone", "weights_state_sha256", "frames", "image_size", "resize",
                "aug_views", "aug_seed", "aug_flip", "dtype", "sampling", "selection", "mean",
-               "std", "interpolation", "pool_to")
+               "std", "interpolation", "pool_to", "store_dtype")
 # What caches written before these attributes existed used (their backbones were all ResNets).
 LEGACY = {"interpolation": "bilinear"}
 DEFAULT_CUDA_WRITERS = 4
@@ -101,6 +108,8 @@ class ExtractConfig:
     aug_views: int = 0
     seed: int = 0
     dtype: str = "float16"
+    store_dtype: str | None = None  # how rows are stored (cache.store_dtype); None: dtype
+    codec: str | None = None  # row compressor (cache.codecs); None: the backend's default
     batch_size: int | None = None  # frames per forward; None: 256 on CUDA, 32 on CPU
     workers: int | None = None  # decode processes; None: see default_workers
     writers: int | None = None  # row-writing threads (zarr); None: 4 on CUDA, 1 on CPU
@@ -129,6 +138,8 @@ class ExtractConfig:
             raise UserError("--limit must be at least 1")
         if self.writers is not None and self.writers < 1:
             raise UserError("--writers must be at least 1")
+        self.codec = check_codec(self.codec, self.backend)
+        self.store_dtype = store_format(self.store_dtype, self.dtype).name
 
 
 @dataclass(frozen=True)
@@ -242,6 +253,7 @@ def build_attrs(config: ExtractConfig, backbone: Backbone, found: VideoList) -> 
         "weights_state_sha256": weights_attrs["state_sha256"],
         "frames": config.frames,
         "dtype": config.dtype,
+        "store_dtype": config.store_dtype,
         "aug_views": config.aug_views,
         "image_size": config.image_size,
         "resize": config.resize,
@@ -303,7 +315,8 @@ def _create(config: ExtractConfig, found: VideoList, attrs: dict, shape) -> Feat
         config.out, video_ids=[r.video_id for r in found.records],
         splits=[r.split for r in found.records], labels=[r.label for r in found.records],
         classes=found.classes, shape=shape, dtype=config.dtype, aug_views=config.aug_views,
-        attrs=attrs, backend=config.backend, overwrite=True)
+        attrs=attrs, backend=config.backend, overwrite=True, codec=config.codec,
+        store_dtype=config.store_dtype)
     cache.update_attrs(extract_ready=True)  # the mark other ranks wait for
     return cache
 
@@ -557,12 +570,13 @@ class _Writers:
 # ------------------------------------------------------------------------------ the run
 def default_workers(device: torch.device) -> int:
     """Decode processes: on CUDA all cores but the feeding one; on CPU few, as they steal cores
-    from the backbone (one decoding process keeps up with a CPU ResNet on ~8 cores)."""
+    from the backbone (one decoding process keeps up with a CPU ResNet on ~8 cores), but at
+    least two where there are two cores: while the backbone waits for a batch, both decode."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = cores or 1
     if device.type == "cuda":
         return max(1, min(cores - 2, 32))
-    return max(1, cores // 8)
+    return max(min(2, cores), cores // 8)
 
 
 @dataclass(frozen=True)
@@ -575,6 +589,7 @@ class RunPlan:
     writers: int  # threads writing rows
     nice: int  # niceness of the decode processes
     timeout: float  # seconds per video and decoder
+    partial_batches: bool = True  # run what is decoded rather than wait for a full batch
 
     @classmethod
     def make(cls, config: ExtractConfig, device: torch.device) -> RunPlan:
@@ -588,7 +603,8 @@ class RunPlan:
             config.writers or (DEFAULT_CUDA_WRITERS if cuda else 1))
         # A CPU backbone keeps every core busy: niced workers decode in the gaps instead of
         # stalling its OpenMP threads (a descheduled thread holds up the whole forward pass).
-        return cls(batch_size, workers, prefetch, writers, 0 if cuda else 10, config.timeout)
+        return cls(batch_size, workers, prefetch, writers, 0 if cuda else 10, config.timeout,
+                   partial_batches=cuda or workers == 0)  # inline decoding: no waiting
 
 
 def run_extract(config: ExtractConfig, device: torch.device, shard: Shard | None = None,
@@ -626,6 +642,10 @@ def _run_extract(config: ExtractConfig, device: torch.device, shard: Shard,
              f"{explain_missing(config.dataset, config.root, found.missing)}; full list in the "
              "cache's error report)")
     cache = open_cache(config, shard, found, attrs, (channels, config.frames, height, width))
+    kept = cache.attrs.get("codec", LEGACY_CODECS[cache.backend])
+    if kept != config.codec and shard.rank == 0:
+        echo(f"note: {config.out} keeps the codec it was made with ({kept}); --codec "
+             f"{config.codec} applies to new caches")
     try:
         rows = shard.rows(len(cache))
         done = cache.done[rows]
@@ -716,7 +736,7 @@ def _extract(tasks: list[DecodeTask], cache: FeatureCache, extractor: FeatureExt
     writer.start()
     try:
         _feed_backbone(producer, writer, extractor, Batcher(plan.batch_size), frames, summary,
-                       progress)
+                       progress, plan.partial_batches)
         writer.finish()
     finally:
         producer.shutdown()
@@ -731,15 +751,16 @@ def _extract(tasks: list[DecodeTask], cache: FeatureCache, extractor: FeatureExt
 
 
 def _feed_backbone(producer: _Producer, writer: _Writers, extractor: FeatureExtractor,
-                   batcher: Batcher, frames: int, summary: ExtractSummary, progress) -> None:
-    """The main loop: take decoded videos, run full (or, rather than wait, partial) batches,
-    hand finished videos to the writer."""
+                   batcher: Batcher, frames: int, summary: ExtractSummary, progress,
+                   partial: bool = True) -> None:
+    """The main loop: take decoded videos, run full (or, rather than wait, with ``partial``,
+    partial) batches, hand finished videos to the writer."""
     finished = False
     while not finished or batcher.queue:
         # Take what is decoded; block only when there is nothing to run the backbone on.
         while not finished and batcher.waiting < batcher.batch_size:
             try:
-                item = producer.out.get(block=batcher.waiting == 0)
+                item = producer.out.get(block=batcher.waiting == 0 or not partial)
             except queue.Empty:
                 break
             if item is _END:

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 import cli
 from cache import FeatureCache, UserError
+from cache.codecs import zarr_row_compressors
 from cache.store import fill_rows
-from cache.zarr_store import COMPRESSOR
 
 
 def filled(cache_path, backend, rows=range(6), n=9):
@@ -152,7 +152,8 @@ def foreign_zarr(path, *, done_rows, old_style=False):
     video_ids, splits, labels = make_rows()
     n = len(video_ids)
     group = zarr.open_group(path, mode="w-", attributes=documented_attrs())
-    kwargs = (dict(chunks=(1, *SHAPE), compressors=COMPRESSOR, fill_value=0,
+    kwargs = (dict(chunks=(1, *SHAPE), compressors=zarr_row_compressors("blosc-zstd", False),
+                   fill_value=0,
                    chunk_key_encoding={"name": "default", "separator": "/"}) if old_style
               else {})
     features = group.create_array("features", shape=(n, *SHAPE), dtype="float16", **kwargs)

@@ -4,12 +4,15 @@ splits and ids, error reports, resume after a killed run, two-rank sharding, ref
 import json
 import math
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +23,8 @@ from torchvision.transforms.v2 import functional as tvf
 
 from cache import FeatureCache, UserError
 from cli import cli
+from extract import pipeline
+from extract.decode import DecodedVideo
 from extract.pipeline import ExtractConfig, RunPlan, read_errors
 from extract.sampling import ViewPlan, plan_views
 
@@ -321,6 +326,43 @@ def test_writer_threads_default_by_device_and_backend():
         ExtractConfig(dataset="custom", root="x", writers=0)
 
 
+def _feed(partial: bool, videos: int = 10) -> list[int]:
+    """Batch sizes of the main loop fed videos of 8 frames that arrive every 10 ms."""
+    producer = SimpleNamespace(out=queue.Queue(), error=None)
+    writer = SimpleNamespace(inbox=queue.Queue(), error=None)
+
+    def arrive():
+        for row in range(videos):
+            time.sleep(0.01)
+            producer.out.put(DecodedVideo(row, f"a/v{row}", np.zeros((1, 8, 3, 2, 2), np.uint8),
+                                          8, "decord"))
+        producer.out.put(pipeline._END)
+
+    sizes = []
+
+    def extractor(crops):
+        sizes.append(len(crops))
+        return torch.zeros(len(crops), 4, 1, 1)
+
+    thread = threading.Thread(target=arrive)
+    thread.start()
+    summary = SimpleNamespace(failed=[], fallbacks=[])
+    pipeline._feed_backbone(producer, writer, extractor, pipeline.Batcher(32), 8, summary,
+                            SimpleNamespace(update=lambda n: None), partial)
+    thread.join()
+    assert writer.inbox.qsize() == videos  # every video's row reaches the writer
+    return sizes
+
+
+def test_a_cpu_backbone_waits_for_full_batches_a_gpu_runs_what_is_decoded():
+    assert _feed(partial=False) == [32, 32, 16]
+    assert min(_feed(partial=True)) < 32 and sum(_feed(partial=True)) == 80
+    assert not RunPlan.make(ExtractConfig(dataset="custom", root="x"),
+                            torch.device("cpu")).partial_batches
+    assert RunPlan.make(ExtractConfig(dataset="custom", root="x"),
+                        torch.device("cuda")).partial_batches
+
+
 @pytest.mark.slow
 def test_hdf5_backend_works_for_one_process_and_refuses_several(dataset, weights_file,
                                                                  tmp_path, monkeypatch):
@@ -393,3 +435,38 @@ def test_ssv2_videos_by_id_with_split_prefixed_classes_and_no_flip(dataset, weig
         expected = reference_maps(path, plans, trunk)
         for view in range(4):
             assert_close_fp16(cache.read_row(0, view=view), expected[1 + view])
+
+
+@pytest.mark.slow
+def test_int8_rows_with_another_codec_read_as_the_float16_rows_and_resume(extracted, dataset,
+                                                                         weights_file, tmp_path):
+    """--store-dtype int8 --codec lz4: every row reads back (as float16) within half a
+    quantisation step per video and channel of the float16 cache's row; a rerun resumes only
+    the rows not done, with the same bytes; another store dtype is refused on resume."""
+    _, single, _ = extracted
+    root, split_dir = dataset
+    out = tmp_path / "int8.zarr"
+    args = extract_args(root, split_dir, out, weights_file, "--store-dtype", "int8", "--codec",
+                        "lz4")
+    result = run_cli(args, tmp_path)
+    assert result.exit_code == 0, result.output
+    with FeatureCache.open(out) as small, FeatureCache.open(single) as one:
+        assert small.store_dtype == "int8" and small.attrs["codec"] == "lz4"
+        np.testing.assert_array_equal(small.done, one.done)
+        for row in one.rows():
+            x = one.read_row(row).astype(np.float32)  # (C, T, h, w)
+            got = small.read_row(row)
+            assert got.dtype == np.float16
+            step = (x.max(axis=(1, 2, 3)) - x.min(axis=(1, 2, 3)))[:, None, None, None] / 254
+            assert (np.abs(got.astype(np.float32) - x) <= step / 2 + 2 ** -11 * x + 1e-6).all()
+        before = small.read_rows(one.rows())
+    with FeatureCache.open(out, mode="r+") as cache:
+        cache.mark_not_done([0, 3])  # as a run killed before these rows were done
+    again = run_cli(args, tmp_path)
+    assert again.exit_code == 0 and "extracted 2 videos" in again.output, again.output
+    with FeatureCache.open(out) as cache:
+        np.testing.assert_array_equal(cache.read_rows(cache.rows()), before)
+    other = run_cli(extract_args(root, split_dir, out, weights_file, "--store-dtype", "bfloat16"),
+                    tmp_path)
+    assert other.exit_code == 1 and "store_dtype: cache 'int8', this run 'bfloat16'" in \
+        other.output
