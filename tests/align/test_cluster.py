@@ -178,6 +178,21 @@ def test_an_unreachable_scheduler_is_one_line(tmp_path, monkeypatch, make_synth)
             f"tcp://127.0.0.1:{free_port()}")), log=lambda line: None)
 
 
+def test_the_cluster_docs_commands_parse():
+    """docs/cluster.md's `python cli.py` lines name options that exist (as README's do)."""
+    from tests.test_readme import parse
+
+    text = (ROOT / "docs" / "cluster.md").read_text().replace("\\\n", " ")
+    commands = re.findall(r"python cli\.py ([^#`\n]+)", text)
+    assert len(commands) >= 4 and any("--scheduler local:4" in c for c in commands)
+    for command in commands:
+        args = shlex.split(command)
+        if len(args) == 1:  # a mention in prose: "`python cli.py sweep`"
+            assert args[0] in cli.cli.commands
+        else:
+            parse(args)
+
+
 def free_port() -> int:
     import socket
 
