@@ -22,6 +22,7 @@ module owns:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -104,10 +105,8 @@ def connect(scheduler: str) -> Iterator:
                 n_workers=workers, threads_per_worker=1, processes=True, memory_limit=0,
                 host="127.0.0.1", dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
             client = distributed.Client(cluster)
-        elif address.endswith(".json"):
-            client = distributed.Client(scheduler_file=address, timeout=CONNECT_TIMEOUT_S)
         else:
-            client = distributed.Client(address, timeout=CONNECT_TIMEOUT_S)
+            client = distributed.Client(_address(address), timeout=CONNECT_TIMEOUT_S)
     except (OSError, TimeoutError, ValueError) as e:
         if cluster is not None:
             cluster.close()
@@ -120,6 +119,20 @@ def connect(scheduler: str) -> Iterator:
             client.close(timeout=5)
         if cluster is not None:
             cluster.close(timeout=10)
+
+
+def _address(scheduler: str) -> str:
+    """An address, or the one in a scheduler file (read here: Dask's client would wait for a
+    missing file forever)."""
+    if not scheduler.endswith(".json"):
+        return scheduler
+    try:
+        return json.loads(Path(scheduler).read_text())["address"]
+    except OSError as e:
+        raise UserError(f"cannot read the scheduler file {scheduler} ({e.strerror}); is the "
+                        f"scheduler running?") from None
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{scheduler} is not a Dask scheduler file (no address)") from None
 
 
 @contextmanager
@@ -252,15 +265,16 @@ class Progress:
         self.tags = {p.index: p.tag for p in plans}
         self.total, self.log = len(plans), log
         self.running: dict[int, str] = {}  # run index -> worker address
-        self.finished = 0
+        self.finished: set[int] = set()
 
     def counts(self) -> str:
-        queued = self.total - self.finished - len(self.running)
-        return f"{self.finished} finished, {len(self.running)} running, {queued} queued"
+        queued = self.total - len(self.finished) - len(self.running)
+        return f"{len(self.finished)} finished, {len(self.running)} running, {queued} queued"
 
     def run_event(self, msg: dict) -> None:
         """A line a run logged on its worker."""
-        self.running[msg["index"]] = msg["worker"]
+        if msg["index"] not in self.finished:  # (a late line must not revive a finished run)
+            self.running[msg["index"]] = msg["worker"]
         self.log(f"{msg['line']} at {msg['worker']} ({msg['host']}, pid {msg['pid']})")
 
     def worker_left(self, address: str) -> None:
@@ -275,7 +289,7 @@ class Progress:
 
     def done(self, index: int) -> None:
         self.running.pop(index, None)
-        self.finished += 1
+        self.finished.add(index)
 
 
 def run_on_cluster(plans: list[RunPlan], cfg: SweepConfig, log: Callable) -> list[dict]:

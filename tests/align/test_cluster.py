@@ -173,9 +173,15 @@ def test_an_unreachable_scheduler_is_one_line(tmp_path, monkeypatch, make_synth)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(align.cluster, "CONNECT_TIMEOUT_S", 1.0)
     cache = make_synth(tmp_path / "tiny.zarr")
+
+    def sweep(scheduler):
+        run_sweep(parse_spec(SPEC, "test"), config(cache, tmp_path / "s", scheduler=scheduler),
+                  log=lambda line: None)
+
     with pytest.raises(UserError, match=r"cannot reach the Dask scheduler at tcp://127\.0\.0"):
-        run_sweep(parse_spec(SPEC, "test"), config(cache, tmp_path / "s", scheduler=(
-            f"tcp://127.0.0.1:{free_port()}")), log=lambda line: None)
+        sweep(f"tcp://127.0.0.1:{free_port()}")
+    with pytest.raises(UserError, match=r"cannot read the scheduler file .*gone\.json \(No such"):
+        sweep(str(tmp_path / "gone.json"))
 
 
 def test_the_cluster_docs_commands_parse():
