@@ -422,6 +422,10 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
               help="torch threads per run (fixed, so results do not depend on --jobs).")
 @click.option("--out", default=None, help="Sweep folder [default: runs/sweep-<preset or file>-"
               "<cache name>]; rerunning into it skips finished runs.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run the runs on a Dask cluster: tcp://HOST:PORT, a scheduler file (.json) "
+                   "or local:N (N worker processes here); the cache and --out must be on a "
+                   "filesystem every worker shares (see docs/cluster.md).")
 def sweep(source, cache_path, shots, seeds, heads, assignments, devices, out, **options):
     """A paper table in one command: every run of a preset (table3, table4, heads, table2,
     shots) or sweep file (TOML / JSON), per seed, on the same saved test episodes, with paired
@@ -432,7 +436,9 @@ def sweep(source, cache_path, shots, seeds, heads, assignments, devices, out, **
     names = [d.strip() for d in devices.split(",") if d.strip()]
     cfg = SweepConfig(cache=cache_path, out=out, seeds=_int_list(seeds, "--seeds"),
                       shots=_int_list(shots, "--shots"), overrides=parse_assignments(assignments),
-                      devices=tuple(str(pick_device(d)) for d in names), **options)
+                      # on a cluster each worker resolves the device (align/cluster.py)
+                      devices=(tuple(names) if options["scheduler"] else
+                               tuple(str(pick_device(d)) for d in names)), **options)
     summary = sweep_command(source, cfg, log=click.echo,
                             heads=None if heads is None else [h.strip() for h in heads.split(",")])
     click.echo(format_sweep(summary))

@@ -15,7 +15,8 @@ This module owns:
   (``train(resume=...)``), and refuses a run whose recorded options differ, naming the difference;
 * **parallelism** through joblib: a run's result is a function of its config alone (seeded
   episodes, seeded init, fixed torch threads), so serial, ``--jobs N`` processes and one process
-  per ``--devices`` entry give the same numbers;
+  per ``--devices`` entry give the same numbers; with ``scheduler`` the runs are tasks on a Dask
+  cluster instead (align/cluster.py);
 * the **outputs**: sweep.csv (a line per run and seed), sweep.md (the paper-style table, with
   mean +- std over seeds and the paired test of each row against its reference, align/stats.py),
   sweep.json; the bar chart is drawn by the ``draw`` callback (align/reports/sweep.py).
@@ -303,6 +304,9 @@ class SweepConfig:
         threads: torch threads per run, fixed so that results do not depend on ``jobs``.
         backend: the joblib backend ("loky" for local processes; "dask" / "ray" inside their
             clients spread the runs over a cluster).
+        scheduler: a Dask scheduler (tcp://HOST:PORT, a scheduler file) or local:N: the runs
+            are tasks on its workers (align/cluster.py); devices then names one device, which
+            each worker resolves for itself.
     """
 
     cache: str | None = None
@@ -319,6 +323,7 @@ class SweepConfig:
     jobs: int = 1
     threads: int = 1
     backend: str = "loky"
+    scheduler: str | None = None
 
 
 @dataclass
@@ -602,6 +607,10 @@ def dispatch(plans: list[RunPlan], cfg: SweepConfig, log: Callable) -> list[dict
     per device; returns their results (in completion order)."""
     if not plans:
         return []
+    if cfg.scheduler is not None:
+        from align.cluster import run_on_cluster
+
+        return run_on_cluster(plans, cfg, log)
     devices = list(cfg.devices)
     if len(devices) == 1 and cfg.jobs == 1:
         results = []
@@ -625,6 +634,8 @@ def dispatch(plans: list[RunPlan], cfg: SweepConfig, log: Callable) -> list[dict
 
 
 def describe_workers(cfg: SweepConfig) -> str:
+    if cfg.scheduler is not None:
+        return f"the Dask cluster {cfg.scheduler} ({cfg.devices[0]} on each worker)"
     if len(cfg.devices) > 1:
         return f"one {cfg.backend} process per device ({', '.join(cfg.devices)})"
     if cfg.jobs > 1:
@@ -692,6 +703,10 @@ def _check_config(cfg: SweepConfig) -> None:
         raise UserError("--episodes must be at least 2 (a paired test needs pairs)")
     if cfg.jobs < 1 or cfg.threads < 1:
         raise UserError("--jobs and --threads must be at least 1")
+    if cfg.scheduler is not None:
+        from align.cluster import check_cluster_config
+
+        check_cluster_config(cfg)
     if cfg.jobs > 1 and len(cfg.devices) > 1:
         raise UserError("give --jobs (processes on one device) or several --devices (one "
                         "process each), not both")

@@ -7,9 +7,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def extras() -> dict[str, list[str]]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+
 def pyproject_pins() -> set[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return set(project["dependencies"]) | set(project["optional-dependencies"]["test"])
+    return set(project["dependencies"]).union(*extras().values())
 
 
 def conda_pins() -> tuple[str, set[str]]:
@@ -23,6 +27,13 @@ def test_environment_yml_agrees_with_pyproject():
     python, pins = conda_pins()
     assert python == "3.11"
     assert pins == pyproject_pins()
+
+
+def test_make_test_installs_every_extra():
+    """CI runs `make test`: the tests of an optional extra (the Dask cluster's) run there."""
+    makefile = (ROOT / "Makefile").read_text()
+    install = re.search(r'pip install --quiet -e "\.\[([a-z,]+)\]"', makefile)
+    assert install and set(install.group(1).split(",")) == set(extras())
 
 
 def test_torch_pins_are_the_local_wheel_versions():
