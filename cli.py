@@ -355,7 +355,8 @@ ALLOW_OTHER_FEATURES_HELP = ("Score a checkpoint on a cache of other features th
 @click.option("--episodes", type=click.IntRange(min=1), default=5000, show_default=True)
 @click.option("--shots", type=click.IntRange(min=1),
               default=None, help="[default: the run's K, else 5]")
-@click.option("--way", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("--way", type=click.IntRange(min=2), default=None,
+              help="[default: the run's way, else 5]")
 @click.option("--queries", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--split", default="test", show_default=True,
               type=click.Choice(["train", "val", "test"]))
@@ -373,13 +374,14 @@ ALLOW_OTHER_FEATURES_HELP = ("Score a checkpoint on a cache of other features th
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 on CUDA.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
 @click.option("--allow-other-features", is_flag=True, help=ALLOW_OTHER_FEATURES_HELP)
-def evaluate(checkpoint, head_kind, cache_path, shots, device, report, allow_other_features,
+def evaluate(checkpoint, head_kind, cache_path, shots, way, device, report, allow_other_features,
              **options):
     """Evaluate a head on test episodes: accuracy with its 95% confidence interval."""
     from align.evaluate import EvalConfig, evaluate_command
 
     result = evaluate_command(EvalConfig(**options), checkpoint=checkpoint, head_kind=head_kind,
-                              cache_path=cache_path, shot=shots, device=pick_device(device),
+                              cache_path=cache_path, shot=shots, way=way,
+                              device=pick_device(device),
                               report=report, log=click.echo,
                               allow_other_features=allow_other_features)
     click.echo(result["summary"])
@@ -499,7 +501,8 @@ def analyze_misalignment(cache_path, out_dir, split, readout, folds, seed, weigh
 @click.option("--split", default="test", show_default=True,
               type=click.Choice(["train", "val", "test"]))
 @click.option("--episodes", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--way", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("--way", type=click.IntRange(min=2), default=None,
+              help="[default: the run's way, else 5]")
 @click.option("--shots", type=click.IntRange(min=1), default=None,
               help="[default: the run's K, else 5]")
 @click.option("--queries", type=click.IntRange(min=1), default=5, show_default=True,
@@ -509,15 +512,15 @@ def analyze_misalignment(cache_path, out_dir, split, readout, folds, seed, weigh
               show_default=True, help="t-SNE perplexity.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
 @click.option("--allow-other-features", is_flag=True, help=ALLOW_OTHER_FEATURES_HELP)
-def analyze_embedding(cache_path, checkpoint, head_kind, out_dir, shots, device,
+def analyze_embedding(cache_path, checkpoint, head_kind, out_dir, shots, way, device,
                       allow_other_features, **options):
     """t-SNE of queries and prototypes before / after alignment (paper Fig. 8)."""
     from align.reports.embedding import EmbeddingConfig, embedding_command, format_embedding
 
     summary = embedding_command(EmbeddingConfig(**options), checkpoint=checkpoint,
                                 head_kind=head_kind, cache_path=cache_path, shot=shots,
-                                out_dir=out_dir, device=pick_device(device), log=click.echo,
-                                allow_other_features=allow_other_features)
+                                way=way, out_dir=out_dir, device=pick_device(device),
+                                log=click.echo, allow_other_features=allow_other_features)
     click.echo(format_embedding(summary))
 
 
@@ -615,7 +618,8 @@ def toy_data(out, **options):
               help="Draw the first episodes of a saved episode list (evaluate --save-episodes).")
 @click.option("--split", default="test", show_default=True,
               type=click.Choice(["train", "val", "test"]))
-@click.option("--way", default=5, show_default=True)
+@click.option("--way", type=click.IntRange(min=2), default=None,
+              help="[default: the run's way, else 5]")
 @click.option("--queries", default=1, show_default=True, help="Queries per class.")
 @click.option("--seed", default=0, show_default=True,
               help="Same seed as evaluate: the same first episodes.")

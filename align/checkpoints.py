@@ -81,6 +81,13 @@ def load_head_checkpoint(path: str | os.PathLike, map_location="cpu", *,
         if "iteration" in ckpt:
             extra["iteration"] = ckpt["iteration"]
     _check_finite(state, path)
+    trained_shot = stored.get("shot") if ours else None
+    if trained_shot not in (None, cfg.shot) and not any(k.startswith("shots.") for k in state) \
+            and any(k.startswith("shots.") for k in head.state_dict()):
+        # a 1-shot TA2N file holds no multi-shot weights: say so, not which keys are missing
+        raise UserError(f"{path}: this checkpoint is {trained_shot}-shot and holds no "
+                        f"{cfg.shot}-shot weights; use --shots {trained_shot} (or train with "
+                        f"--shots {cfg.shot})")
     _load_state(head, state, path)
     if isinstance(map_location, str | torch.device):
         head = head.to(map_location)

@@ -355,16 +355,18 @@ def evaluate(head, cache: FeatureCache, cfg: EvalConfig, *, device: torch.device
 # ------------------------------------------------------------------------------ the command
 def evaluate_command(cfg: EvalConfig, *, checkpoint: str | None, head_kind: str | None,
                      cache_path: str | None, shot: int | None, device: torch.device,
+                     way: int | None = None,
                      report: str | None, log=print, progress: bool = True,
                      allow_other_features: bool = False) -> dict:
     """`python cli.py evaluate`: resolve the defaults (and say which), load the head, evaluate.
 
     With neither ``checkpoint`` nor ``head_kind``, the most recent run's best.pt on that run's
-    cache and shots; a training-free ``head_kind`` (protonet, otam) needs no checkpoint.
+    cache, shots and way (``way`` None: the run's, else 5); a training-free ``head_kind``
+    (protonet, otam) needs no checkpoint.
     """
     source = resolve_head_source(checkpoint=checkpoint, kind=head_kind, cache=cache_path,
-                                 shot=shot, episodes_from=cfg.episodes_from, log=log)
-    requested, cfg = cfg, replace(cfg, shot=source.shot)
+                                 shot=shot, way=way, episodes_from=cfg.episodes_from, log=log)
+    requested, cfg = cfg, replace(cfg, shot=source.shot, way=source.way)
     with FeatureCache.open(source.cache) as cache:
         head, facts = load_head_source(source, cache, allow_other_features=allow_other_features,
                                        log=log)

@@ -34,6 +34,7 @@ from cache.latest import latest_cache
 RUNS_ROOT = Path("runs")
 LATEST_RUN = RUNS_ROOT / "latest.json"
 DEFAULT_SHOT = 5  # K when neither the command, an episode file nor a run says otherwise
+DEFAULT_WAY = 5  # N likewise: a run's own way wins over it (runs/latest.json, its config.json)
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_acc", "val_ci95", "best_val_acc",
                  "epoch_time_s", "episodes_per_s")
 
@@ -63,10 +64,11 @@ def remember_run(record: dict) -> None:
     write_json(LATEST_RUN, record)
 
 
-def latest_run() -> dict:
+def latest_run(alternatives: str = "--checkpoint or --head") -> dict:
+    """runs/latest.json's record; ``alternatives`` names the options the command offers instead."""
     if not LATEST_RUN.exists():
         raise UserError("no --checkpoint given and no run trained yet: run "
-                        "`python cli.py train-heads` first, or pass --checkpoint or --head")
+                        f"`python cli.py train-heads` first, or pass {alternatives}")
     try:
         record = json.loads(LATEST_RUN.read_text())
         record["checkpoint"]
@@ -102,6 +104,7 @@ class HeadSource:
         kind: the head to build when there is no checkpoint.
         cache: the feature cache to run on.
         shot: K of the episodes (and of the head).
+        way: N of the episodes.
         train: the training config of the checkpoint's run ({} when unknown).
     """
 
@@ -110,19 +113,22 @@ class HeadSource:
     cache: str
     shot: int
     train: dict = field(default_factory=dict)
+    way: int = DEFAULT_WAY
 
 
 def resolve_head_source(*, checkpoint: str | None = None, kind: str | None = None,
                         cache: str | None = None, shot: int | None = None,
-                        episodes_from: str | None = None, log=print) -> HeadSource:
+                        way: int | None = None, episodes_from: str | None = None,
+                        head_option: bool = True, log=print) -> HeadSource:
     """Fill in what the user left out, saying which: no checkpoint and no ``kind`` -> the latest
-    run's best.pt; no cache -> the run's, else the most recently written one; K -> the episode
-    file's, else the one asked for, else the run's, else ``DEFAULT_SHOT``."""
+    run's best.pt; no cache -> the run's, else the most recently written one; K (and N) -> the
+    episode file's, else the one asked for, else the run's, else ``DEFAULT_SHOT`` (``DEFAULT_WAY``).
+    ``head_option``: whether the command offers --head (named in the no-run error)."""
     if checkpoint and kind:
         raise UserError("give --checkpoint or --head, not both")
     latest = {}
     if checkpoint is None and kind is None:
-        latest = latest_run()
+        latest = latest_run("--checkpoint or --head" if head_option else "--checkpoint")
         checkpoint = latest["checkpoint"]
         log(f"checkpoint {checkpoint} (best.pt of the most recent run)")
     train = {}
@@ -139,9 +145,12 @@ def resolve_head_source(*, checkpoint: str | None = None, kind: str | None = Non
         cache, dataset = latest_cache()
         log(f"cache      {cache} (the most recently written one, {dataset})")
     if episodes_from:
-        shot = int(episode_file_header(episodes_from)["shot"])
+        header = episode_file_header(episodes_from)
+        shot, way = int(header["shot"]), int(header["way"])
     shot = shot or latest.get("shot") or train.get("shot") or DEFAULT_SHOT
-    return HeadSource(checkpoint=checkpoint, kind=kind, cache=cache, shot=int(shot), train=train)
+    way = way or latest.get("way") or train.get("way") or DEFAULT_WAY
+    return HeadSource(checkpoint=checkpoint, kind=kind, cache=cache, shot=int(shot), train=train,
+                      way=int(way))
 
 
 def load_head_source(source: HeadSource, cache: FeatureCache, *, seed: int = 0,

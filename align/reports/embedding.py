@@ -212,7 +212,7 @@ def run_embedding(cache: FeatureCache, head, out_dir: str, cfg: EmbeddingConfig,
 
 def embedding_command(cfg: EmbeddingConfig, *, checkpoint: str | None, head_kind: str | None,
                       cache_path: str | None, shot: int | None, out_dir: str | None,
-                      device: torch.device, log=print,
+                      device: torch.device, way: int | None = None, log=print,
                       allow_other_features: bool = False) -> dict:
     """`analyze embedding`: resolve head and cache as `evaluate` does (and say which), then run.
 
@@ -222,8 +222,8 @@ def embedding_command(cfg: EmbeddingConfig, *, checkpoint: str | None, head_kind
     from align.runs import load_head_source, resolve_head_source
 
     source = resolve_head_source(checkpoint=checkpoint, kind=head_kind, cache=cache_path,
-                                 shot=shot, log=log)
-    cfg = replace(cfg, shot=source.shot).check()
+                                 shot=shot, way=way, log=log)
+    cfg = replace(cfg, shot=source.shot, way=source.way).check()
     with FeatureCache.open(source.cache) as cache:
         head, _ = load_head_source(source, cache, seed=cfg.seed, untrained=True, log=log,
                                    allow_other_features=allow_other_features)

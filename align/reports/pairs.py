@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -278,7 +278,7 @@ class VisualizeConfig:
     episodes: int = 1
     episodes_from: str | None = None
     split: str = "test"
-    way: int = 5
+    way: int | None = None  # None: the run's way, else 5
     queries: int = 1
     seed: int = 0
     pairs: str = "all"
@@ -316,8 +316,9 @@ def visualize(cfg: VisualizeConfig, *, device: torch.device, log=print,
     """
     if cfg.pairs not in PAIR_CHOICES:
         raise UserError(f"--pairs must be one of {', '.join(PAIR_CHOICES)}")
-    source = resolve_head_source(checkpoint=cfg.checkpoint, cache=cfg.cache,
-                                 episodes_from=cfg.episodes_from, log=log)
+    source = resolve_head_source(checkpoint=cfg.checkpoint, cache=cfg.cache, way=cfg.way,
+                                 episodes_from=cfg.episodes_from, head_option=False, log=log)
+    cfg = replace(cfg, way=source.way)
     checkpoint, cache_path, shot = source.checkpoint, source.cache, source.shot
     out = Path(cfg.out or Path(checkpoint).parent / "figures")
     check_writable(out, "folder", "--out")
