@@ -319,7 +319,7 @@ def test_save_and_load_round_trip(tmp_path):
     # overrides: a 2-shot head also serves 1-shot episodes; a 1-shot one has no 2-shot weights
     assert load_head(path, shot=1).shots is None
     save_head(build_head("ta2n", channels=8, shot=1), tmp_path / "one.pt")
-    with pytest.raises(UserError, match="missing"):
+    with pytest.raises(UserError, match="this checkpoint is 1-shot .*use --shots 1"):
         load_head(tmp_path / "one.pt", shot=2)
 
 
