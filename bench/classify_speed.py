@@ -31,8 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eval_speed import seeded_head  # noqa: E402  (a sibling script, as backbones.py does)
+
 from align.evaluate import sync  # noqa: E402
-from align.models import build_head  # noqa: E402
 from cache import FeatureCache  # noqa: E402
 from cache.synthetic import SynthConfig, generate_synthetic  # noqa: E402
 from classify.scoring import class_logits  # noqa: E402
@@ -52,16 +53,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--cache", default=None, help="use this cache's test split")
     return p.parse_args(argv)
-
-
-def seeded_head(args):
-    head = build_head("ta2n", channels=args.channels, frames=args.frames, height=args.size,
-                      width=args.size, shot=args.shot, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for last in (head.ttm.locnet[-2], head.sc.mvnet[-2]):
-            last.weight.copy_(torch.randn(last.weight.shape, generator=gen) * 0.5)
-    return head.eval()
 
 
 def support_and_queries(cache: FeatureCache, args) -> tuple[np.ndarray, np.ndarray]:
@@ -97,12 +88,11 @@ def main(argv=None) -> None:
             unique, inverse = np.unique(query_rows, return_inverse=True)
             query = torch.from_numpy(cache.read_rows(unique))[torch.from_numpy(inverse)]
             shape = cache.shape
-    head = seeded_head(args).to(device)
+    head = seeded_head(args, "maps").eval().to(device)  # eval: BatchNorm on running stats
     members = [list(range(c * args.shot, (c + 1) * args.shot)) for c in range(args.classes)]
     way = args.classes
 
     # the script's way: one episode per query through the head's direct maps path
-    head.set_path("maps")
     baseline = query[:args.baseline_queries]
     maps = support.to(device).float()
     with torch.inference_mode():
