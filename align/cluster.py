@@ -45,6 +45,7 @@ POLL_S = 0.5  # how often the console is brought up to date while runs go on
 CLUSTER_DEVICES = ("auto", "cpu", "cuda")  # resolved on each worker: it alone sees its GPUs
 PROBE = ".cluster-probe-"  # the shared-filesystem check's files in the sweep folder (removed)
 _LOCAL = re.compile(r"local:(\d+)")
+NANNY_ENV = "distributed.nanny.pre-spawn-environ"  # what nannies set before a worker starts
 
 
 # ------------------------------------------------------------------------------ options
@@ -100,10 +101,7 @@ def connect(scheduler: str) -> Iterator:
     cluster = None
     try:
         if workers is not None:
-            # memory_limit=0: Dask never kills a run for its memory, as the loky backend does not
-            cluster = distributed.LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, memory_limit=0,
-                host="127.0.0.1", dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
+            cluster = _local_cluster(distributed, workers)
             client = distributed.Client(cluster)
         else:
             client = distributed.Client(_address(address), timeout=CONNECT_TIMEOUT_S)
@@ -119,6 +117,26 @@ def connect(scheduler: str) -> Iterator:
             client.close(timeout=5)
         if cluster is not None:
             cluster.close(timeout=10)
+
+
+def _local_cluster(distributed, workers: int):
+    """``local:N``: N worker processes of one thread each, as a run in one process would be.
+
+    Dask's nannies set ``MALLOC_TRIM_THRESHOLD_=65536`` in the workers they start
+    (``distributed.nanny.pre-spawn-environ``). Setting it at all switches off glibc's dynamic
+    mmap threshold, so every allocation above 128 KiB - most tensors of a run - is mmapped
+    and unmapped again: page faults that cost a TA2N run about 1.3 s of system CPU here
+    (docs/cluster.md). ``None`` drops it from what the nannies set (a value in this process's
+    environment still goes through, as Dask's precedence says); their OMP_NUM_THREADS=1
+    stays, and each run sets its torch threads itself (``--threads``).
+    ``memory_limit=0``: Dask never kills a run for its memory, as the loky backend does not.
+    """
+    import dask.config  # (installed with distributed)
+
+    with dask.config.set({f"{NANNY_ENV}.MALLOC_TRIM_THRESHOLD_": None}):
+        return distributed.LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, memory_limit=0,
+            host="127.0.0.1", dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
 
 
 def _address(scheduler: str) -> str:

@@ -229,6 +229,39 @@ def test_local_cluster_from_the_command_line_gives_the_serial_csv(serial, monkey
                                                       if r["run"] == "protonet"]
 
 
+def worker_memory_and_threads() -> dict:
+    """On a worker: its allocator setting, page faults per 1 MiB array allocated and freed,
+    and torch's threads."""
+    import resource
+
+    import numpy as np
+    import torch
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(100):
+        np.ones(1 << 17)  # 1 MiB: above glibc's initial mmap threshold (128 KiB)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 100
+    return {"trim": os.environ.get("MALLOC_TRIM_THRESHOLD_"), "faults": faults,
+            "threads": torch.get_num_threads()}
+
+
+@pytest.mark.slow
+def test_local_workers_keep_the_allocator_and_one_thread_each(monkeypatch):
+    """``local:N`` workers run as one process would: Dask's MALLOC_TRIM_THRESHOLD_=65536
+    (which switches off glibc's dynamic mmap threshold: ~256 page faults for every 1 MiB
+    allocation, +1.3 s of system CPU per TA2N run here) is not set in them, and each has one
+    torch thread, as two runs on two cores should."""
+    for name in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS"):
+        monkeypatch.setenv(name, "")  # (so that the nannies' leak into this process is undone)
+        monkeypatch.delenv(name)
+    with align.cluster.connect("local:2") as client:
+        answers = client.run(worker_memory_and_threads)
+    assert len(answers) == 2
+    for answer in answers.values():
+        assert answer["trim"] is None and answer["threads"] == 1, answer
+        assert answer["faults"] < 16, answer  # (257 per allocation with Dask's setting)
+
+
 # ------------------------------------------------------------------------------ a cluster
 @pytest.mark.slow
 def test_workers_that_cannot_see_the_files_are_named(serial, cluster):
