@@ -5,7 +5,8 @@
     decode.py           decord (PyAV fallback, frame folders) in killable worker processes -> crops
     backbones.py        the backbone registry: names -> builder, preprocessing, weights
     backbone.py         torchvision ResNet trunk; what every backbone shares (weights records,
-                        the "none" weights and its warning, preprocessing, the runner that turns uint8 crops into maps)
+                        the "none" weights and its warning, preprocessing, the runner that
+                        turns uint8 crops into maps)
     timm_backbone.py    timm models as backbones (``timm:<name>``)
     clip_backbone.py    open_clip image towers as backbones (``clip:<arch>/<tag>``)
     producer.py         what extract and adapt-backbone share: the decode Producer thread,
