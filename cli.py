@@ -182,7 +182,7 @@ def extract(dataset, root, split_dir, splits, limit, out, backend, backbone, wei
 # ------------------------------------------------------------------------------------ adapt
 @cli.command("adapt-backbone")
 @click.option("--dataset", required=True,
-              type=click.Choice(["ucf101", "hmdb51", "ssv2", "ssv2-cmn", "kinetics", "custom"]),
+              type=click.Choice(list(DATASETS)),
               help="Which split lists to use (custom: --split-dir). Only the train list is "
                    "trained on.")
 @click.option("--root", type=click.Path(), help="Dataset folder.  [default: data/<dataset>]")

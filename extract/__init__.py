@@ -5,11 +5,15 @@
     decode.py           decord (PyAV fallback, frame folders) in killable worker processes -> crops
     backbones.py        the backbone registry: names -> builder, preprocessing, weights
     backbone.py         torchvision ResNet trunk; what every backbone shares (weights records,
-                        preprocessing, the runner that turns uint8 crops into maps)
+                        the "none" weights and its warning, preprocessing, the runner that
+                        turns uint8 crops into maps)
     timm_backbone.py    timm models as backbones (``timm:<name>``)
     clip_backbone.py    open_clip image towers as backbones (``clip:<arch>/<tag>``)
+    producer.py         what extract and adapt-backbone share: the decode Producer thread,
+                        the Batcher of forward batches, the Writers threads, default_workers
     pipeline.py         parallel decode -> batched forward -> cache rows; resume; rank sharding
-    adapt.py            adapt-backbone: train the backbone on the train split's classes, once, first
+    adapt.py            adapt-backbone: train the backbone on the train split's classes, once,
+                        first; its per-dataset recipes (an unknown dataset is an error)
     frames.py           the one public frame reader phase two's figures use
     toydata.py          the generated toy video dataset of ``make demo``
 

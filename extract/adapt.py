@@ -70,7 +70,8 @@ from extract.datasets import (
     split_list_files,
 )
 from extract.decode import DecodedVideo, DecodeFailure, DecodePool, DecodeTask
-from extract.pipeline import _END, Shard, _Producer, code_version, default_workers
+from extract.pipeline import Shard, code_version
+from extract.producer import END, Producer, default_workers
 from extract.sampling import ViewPlan, plan_views, random_view, view_rng
 
 # This tool's default recipes, per dataset (not the paper's: TA2N fine-tunes episodically). SGD
@@ -90,6 +91,15 @@ RECIPES = {
                    batch_size=16, warmup=1.0),
 }
 OPTIMIZERS = ("sgd", "adamw")
+
+
+def adaptation_recipe(dataset: str) -> dict:
+    """The default adaptation recipe of ``dataset``; an unknown name is an error (it once fell
+    back silently to the custom recipe, training with AdamW where SGD was meant)."""
+    if dataset not in RECIPES:
+        raise UserError(f"unknown dataset {dataset!r} for adapt-backbone; choose one of "
+                        f"{', '.join(RECIPES)}")
+    return RECIPES[dataset]
 # Independent random streams of one run, each seeded by (seed, stream, ...).
 ORDER_STREAM, HELD_OUT_STREAM, VIEW_STREAM, INIT_STREAM = 1, 2, 3, 4
 # Options that decide the trained weights: a resumed run must agree on all of them.
@@ -151,7 +161,7 @@ class AdaptConfig:
         if self.out is None:
             name = self.backbone.replace(":", "-").replace("/", "-")
             self.out = os.path.join("weights", f"{self.dataset}-{name}-base.pt")
-        for key, value in RECIPES.get(self.dataset, RECIPES["custom"]).items():
+        for key, value in adaptation_recipe(self.dataset).items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         if self.optimizer not in OPTIMIZERS:
@@ -251,7 +261,7 @@ class OrderedViews:
 
     def __init__(self, tasks: list[ViewTask], workers: int, timeout: float, nice: int):
         pool = DecodePool(workers=workers, timeout=timeout, nice=nice)
-        self.producer = _Producer(pool, tasks, capacity=max(8, 4 * max(workers, 1)))
+        self.producer = Producer(pool, tasks, capacity=max(8, 4 * max(workers, 1)))
         self.waiting: dict[int, DecodedVideo | DecodeFailure] = {}
         self.next = 0
 
@@ -271,7 +281,7 @@ class OrderedViews:
                 self.next += 1
                 continue
             item = self.producer.out.get()
-            if item is _END:
+            if item is END:
                 raise self.producer.error or RuntimeError("the decode pool stopped early")
             self.waiting[item.row] = item
         return out

@@ -50,6 +50,18 @@ TRUNK_PARTS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", 
 TA2N_PREFIXES = ("resnet.module.", "resnet.")
 
 
+# The spellings of a family's own published weights (torchvision's ImageNet, timm's, open_clip's).
+PRETRAINED = ("imagenet", "pretrained")
+RANDOM_INIT_WARNING = ("--weights none: the backbone is randomly initialised, its features are "
+                       "meaningless (use it for trying the pipeline only)")
+
+
+def random_init(seed: int) -> tuple[str, str, str, None, str]:
+    """(source, description, format, sha256, warning) of ``--weights none``, the same record and
+    warning in every backbone family."""
+    return "none", f"random initialisation (seed {seed})", "random init", None, RANDOM_INIT_WARNING
+
+
 @dataclass(frozen=True)
 class WeightsInfo:
     """What was loaded into the backbone (stored as the cache attribute ``weights``)."""
@@ -322,15 +334,12 @@ def load_backbone(arch: str = "resnet50", weights: str = "imagenet",
         torch.manual_seed(seed)
         trunk = ResNetTrunk(arch)
     warning = None
-    if weights in ("imagenet", "pretrained"):
+    if weights in PRETRAINED:
         state, description, sha = _imagenet_state(arch)
         _fit(trunk, state, "the ImageNet weights")
         source, fmt = "imagenet", "torchvision weights"
     elif weights == "none":
-        source, fmt, sha = "none", "random init", None
-        description = f"random initialisation (seed {seed})"
-        warning = ("--weights none: the backbone is randomly initialised, its features are "
-                   "meaningless (use it for trying the pipeline only)")
+        source, description, fmt, sha, warning = random_init(seed)
     else:
         state, fmt = unwrap_checkpoint(_load_file(weights))
         _fit(trunk, state, f"the weights in {weights} ({fmt})")

@@ -31,7 +31,14 @@ from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from torch import nn
 
 from cache import UserError
-from extract.backbone import Preprocessing, WeightsInfo, file_sha256, state_sha256
+from extract.backbone import (
+    PRETRAINED,
+    Preprocessing,
+    WeightsInfo,
+    file_sha256,
+    random_init,
+    state_sha256,
+)
 
 
 class ClipFeatures(nn.Module):
@@ -121,11 +128,8 @@ def load_clip(arch: str, tag: str | None, weights: str, seed: int,
     check_name(arch, tag)
     warning, checkpoint = None, None
     if weights == "none":
-        source, fmt, sha = "none", "random init", None
-        description = f"random initialisation (seed {seed})"
-        warning = ("--weights none: the backbone is randomly initialised, its features are "
-                   "meaningless (use it for trying the pipeline only)")
-    elif weights in ("pretrained", "imagenet"):
+        source, description, fmt, sha, warning = random_init(seed)
+    elif weights in PRETRAINED:
         checkpoint = _pretrained_file(arch, tag)
         source, fmt, sha = "pretrained", f"open_clip {arch}/{tag}", file_sha256(checkpoint)
         description = f"open_clip {arch}/{tag} ({checkpoint})"

@@ -59,8 +59,9 @@ class DatasetSpec:
 
 # The table of datasets' layouts: a new dataset is a line here plus its lists under splits/;
 # what else is keyed by the same name (not yet one record, see issue 25): align/train.py's
-# PAPER_RECIPES, extract/adapt.py's RECIPES, extract/backbone.py's VIDEO_FAMILY and the CLI's
-# --dataset choices (read from this table).
+# PAPER_RECIPES, extract/adapt.py's RECIPES (a test checks it has every name here),
+# extract/backbone.py's VIDEO_FAMILY and the CLI's --dataset choices of extract and
+# adapt-backbone (read from this table).
 DATASETS = {spec.name: spec for spec in (
     DatasetSpec("ucf101", "ucf_ARN"),
     DatasetSpec("hmdb51", "hmdb_ARN"),

@@ -32,7 +32,14 @@ from torch import nn
 
 from cache import UserError
 from cache.torch_files import load_tensors
-from extract.backbone import Preprocessing, WeightsInfo, file_sha256, state_sha256
+from extract.backbone import (
+    PRETRAINED,
+    Preprocessing,
+    WeightsInfo,
+    file_sha256,
+    random_init,
+    state_sha256,
+)
 
 
 class TimmFeatures(nn.Module):
@@ -166,11 +173,8 @@ def load_timm(name: str, weights: str, seed: int, image_size: int) -> tuple[nn.M
     warning = None
     if weights == "none":
         model = _create(name, image_size, seed, pretrained=False)
-        source, fmt, sha = "none", "random init", None
-        description = f"random initialisation (seed {seed})"
-        warning = ("--weights none: the backbone is randomly initialised, its features are "
-                   "meaningless (use it for trying the pipeline only)")
-    elif weights in ("pretrained", "imagenet"):
+        source, description, fmt, sha, warning = random_init(seed)
+    elif weights in PRETRAINED:
         where, _ = _pretrained_location(name)
         try:
             model = _create(name, image_size, seed, pretrained=True)

@@ -19,9 +19,10 @@ from extract_testing import build_dataset, decode_all
 
 from cache import FeatureCache, UserError
 from cli import cli
-from extract.adapt import AdaptConfig, base_data, lr_at, run_adapt
+from extract.adapt import RECIPES, AdaptConfig, base_data, lr_at, run_adapt
 from extract.backbone import file_sha256, sidecar_path
 from extract.backbones import Backbone
+from extract.datasets import DATASETS
 from extract.pipeline import ExtractConfig, Shard, run_extract
 from extract.sampling import plan_views
 
@@ -198,6 +199,17 @@ def test_refusals(data, tmp_path):
         adapt(config(data, tmp_path / "w.pt", batch_size=12, micro_batch=12))
     with pytest.raises(UserError, match="nothing to continue"):
         adapt(config(data, tmp_path / "w.pt", resume=True))
+
+
+def test_an_unknown_dataset_is_an_error_naming_the_known_ones(data, tmp_path):
+    # It once fell back silently to the custom recipe (AdamW, batch 16) for any unknown name.
+    with pytest.raises(UserError, match=r"unknown dataset 'ucf-101'.*ucf101, hmdb51.*custom"):
+        config(data, tmp_path / "w.pt", dataset="ucf-101", optimizer=None, lr=None)
+
+
+def test_every_dataset_has_an_adaptation_recipe():
+    # adapt-backbone's --dataset choices are the datasets table's names: each needs a recipe.
+    assert set(RECIPES) == set(DATASETS)
 
 
 def test_learning_rate_warms_up_then_decays():

@@ -26,6 +26,7 @@ from cli import cli
 from extract import pipeline
 from extract.decode import DecodedVideo
 from extract.pipeline import ExtractConfig, RunPlan, read_errors
+from extract.producer import END, Batcher
 from extract.sampling import ViewPlan, plan_views
 
 REPO = Path(__file__).resolve().parents[2]
@@ -339,7 +340,7 @@ def _feed(partial: bool, videos: int = 10) -> list[int]:
             time.sleep(0.01)
             producer.out.put(DecodedVideo(row, f"a/v{row}", np.zeros((1, 8, 3, 2, 2), np.uint8),
                                           8, "decord"))
-        producer.out.put(pipeline._END)
+        producer.out.put(END)
 
     sizes = []
 
@@ -350,7 +351,7 @@ def _feed(partial: bool, videos: int = 10) -> list[int]:
     thread = threading.Thread(target=arrive)
     thread.start()
     summary = SimpleNamespace(failed=[], fallbacks=[])
-    pipeline._feed_backbone(producer, writer, extractor, pipeline.Batcher(32), 8, summary,
+    pipeline._feed_backbone(producer, writer, extractor, Batcher(32), 8, summary,
                             SimpleNamespace(update=lambda n: None), partial)
     thread.join()
     assert writer.inbox.qsize() == videos  # every video's row reaches the writer
