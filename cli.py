@@ -25,9 +25,10 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from align.models import head_names  # noqa: E402
-from align.options import click_type  # noqa: E402
+from align.train import TrainConfig  # noqa: E402
 from cache import FeatureCache, UserError, format_info  # noqa: E402
 from cache.codecs import CODECS  # noqa: E402
+from cache.options import options_from  # noqa: E402
 from cache.store_dtype import STORE_DTYPES  # noqa: E402
 from demo import DemoConfig  # noqa: E402
 from extract.backbones import PREFIXES, REGISTERED  # noqa: E402
@@ -255,82 +256,20 @@ HEAD_CHOICES = click.Choice(head_names())
 @cli.command("train-heads")
 @click.option("--cache", "cache_path", default=None,
               help="Feature cache [default: the most recently extracted one].")
-@click.option("--head", default="ta2n", show_default=True, type=HEAD_CHOICES)
+@options_from(TrainConfig)
 @click.option("--ttm/--no-ttm", default=True, show_default=True, help="Temporal transform.")
 @click.option("--tc/--no-tc", default=True, show_default=True, help="Temporal coordination.")
 @click.option("--sc/--no-sc", default=True, show_default=True, help="Spatial coordination.")
 @click.option("--sc-mode", default="mask", show_default=True,
               type=click.Choice(["mask", "grid", "enumerate"]))
-@click.option("--shots", type=click_type("shot"),
-              default=5, show_default=True, help="K support videos per class.")
-@click.option("--way", type=click_type("way"),
-              default=5, show_default=True, help="N classes per episode.")
-@click.option("--queries", type=click_type("queries"),
-              default=5, show_default=True, help="Q query videos per class.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--recipe", default="fast", show_default=True,
-              type=click.Choice(["fast", "paper"]),
-              help="Defaults for the options below: fast (Adam, early stopping; any dataset) or "
-                   "paper (the authors' SGD schedule for the cache's dataset).")
-@click.option("--optimizer", default=None, type=click.Choice(["sgd", "adam", "adamw"]),
-              help="[default: recipe]")
-@click.option("--lr", type=click_type("lr"),
-              default=None, help="Peak learning rate [default: recipe].")
-@click.option("--schedule", default=None, type=click.Choice(["step", "cosine", "constant"]),
-              help="lr schedule after the warm-up [default: recipe; --lr-step implies step].")
-@click.option("--warmup", type=click_type("warmup"), default=None,
-              help="Episodes of linear lr warm-up [default: recipe].")
-@click.option("--lr-step", type=click_type("lr_step"), default=None,
-              help="Epochs per lr decay of the step schedule [default: paper recipe].")
-@click.option("--lr-gamma", type=click_type("lr_gamma"), default=None,
-              help="lr factor per step of the step schedule [default: paper recipe].")
-@click.option("--momentum", type=click_type("momentum"),
-              default=None, help="SGD only [default: paper recipe].")
-@click.option("--weight-decay", type=click_type("weight_decay"),
-              default=None, help="[default: recipe]")
-@click.option("--epochs", type=click_type("epochs"), default=None,
-              help="Budget; cosine decays over it [default: recipe].")
-@click.option("--episodes-per-epoch", type=click_type("episodes_per_epoch"), default=200,
-              show_default=True)
-@click.option("--tasks-per-batch", type=click_type("tasks_per_batch"), default=None,
-              help="Episodes whose gradients are accumulated per optimizer step "
-                   "[default: recipe; the authors: 16].")
-@click.option("--dropout", type=click_type("dropout"), default=None,
-              help="On the input maps in training [default: recipe].")
-@click.option("--patience", type=click_type("patience"), default=None,
-              help="Stop after N validations without a better val accuracy; 0: never "
-                   "[default: recipe].")
-@click.option("--decay-every", type=click_type("decay_every"), default=40, show_default=True,
-              help="Epochs between decays of the SC perturbation.")
-@click.option("--val-every", type=click_type("val_every"),
-              default=None, help="Epochs between validations "
-              "[default: recipe].")
-@click.option("--val-episodes", type=click_type("val_episodes"),
-              default=500, show_default=True, help="0: no validation.")
-@click.option("--val-queries", type=click_type("val_queries"), default=1, show_default=True)
-@click.option("--batch-episodes", type=click_type("batch_episodes"), default=16,
-              show_default=True,
-              help="Validation episodes per scoring call.")
-@click.option("--micro-batch", type=click_type("micro_batch"), default=None,
-              help="Training episodes per forward/backward pass (never across an SGD step; "
-                   "same gradients).  [default: auto: as many as fit in half the free GPU "
-                   "memory, up to --tasks-per-batch; 1 on the CPU]")
-@click.option("--compile", is_flag=True, help="torch.compile the head (same results).")
-@click.option("--preload", default="auto", show_default=True, type=PRELOAD_CHOICES,
-              help="Hold the split in RAM / on the device, or stream it.")
-@click.option("--workers", type=click_type("workers"),
-              default=4, show_default=True, help="Reader threads when streaming.")
-@click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 on CUDA.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
-@click.option("--out", default=None,
-              help="Run directory [default: runs/<dataset>-<head>-<K>shot-<timestamp>].")
 @click.option("--resume", default=None, metavar="RUN_DIR",
               help="Continue a killed or interrupted run exactly (its saved config is used).")
-def train_heads(cache_path, head, shots, device, resume, **options):
+def train_heads(cache_path, device, resume, **options):
     """Phase two: train the alignment heads episodically from a cache."""
-    from align.train import TrainConfig, format_summary, train
+    from align.train import format_summary, train
 
-    cfg = TrainConfig(cache=cache_path, head=head, shot=shots, **options)
+    cfg = TrainConfig(cache=cache_path, **options)
     summary = train(None if resume else cfg, device=pick_device(device), resume=resume,
                     log=click.echo)
     click.echo(format_summary(summary))
