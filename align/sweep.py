@@ -109,7 +109,7 @@ def normalise_options(raw: dict, where: str) -> dict:
                         f"{', '.join(SC_MODES)}")
     if "shot" in options and (not isinstance(options["shot"], int) or options["shot"] < 1):
         raise UserError(f"{where}: shots must be a positive integer, got {options['shot']!r}")
-    check_ranges(TrainConfig, options, where)  # the ranges train-heads' CLI enforces, from one declaration
+    check_ranges(TrainConfig, options, where)  # train-heads' ranges, from one declaration
     return options
 
 
