@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from align.episodes import Episode, EpisodeSampler, Stream, load_episodes, save_episodes
 from align.feed import Feeder, available_ram
+from align.options import DEFAULT_SHOT, DEFAULT_WAY
 from align.runs import RUNS_ROOT, load_head_source, resolve_head_source
 from cache import FeatureCache, UserError
 from cache.atomic import write_json
@@ -59,8 +60,8 @@ class EvalConfig:
     """
 
     split: str = "test"
-    way: int = 5
-    shot: int = 1
+    way: int = DEFAULT_WAY
+    shot: int = DEFAULT_SHOT
     queries: int = 1
     episodes: int = 5000
     seed: int = 0

@@ -95,7 +95,7 @@ class TrainConfig:
     """
 
     cache: str | None = None
-    head: str = option("ta2n", choices=head_names())
+    head: str = option("ta2n", choices=head_names)
     ttm: bool = True
     tc: bool = True
     sc: bool = True

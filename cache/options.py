@@ -26,6 +26,7 @@ imports click only inside ``options_from``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 
 from cache.errors import UserError
@@ -67,7 +68,8 @@ class Declaration:
     Args:
         help: the option's help text (the one description of the field).
         range: the values a number takes (None: any).
-        choices: the values a string takes (None: any).
+        choices: the values a string takes (None: any); a function returning them where
+            the set grows at run time (a registry: heads registered after import).
         flag: the long flag (None: ``--field-name``); aliases: short ones, e.g. ("-T",).
         kind: the value's type for click: int, float, str or bool (None: from the default).
         negatable: a bool shown as ``--x/--no-x`` (else a plain ``--x`` flag that sets True).
@@ -77,7 +79,7 @@ class Declaration:
 
     help: str | None = None
     range: Range | None = None
-    choices: tuple[str, ...] | None = None
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
     flag: str | None = None
     aliases: tuple[str, ...] = ()
     kind: type | None = None
@@ -88,6 +90,10 @@ class Declaration:
     def flag_of(self, name: str) -> str:
         return self.flag or f"--{name.replace('_', '-')}"
 
+    def choices_now(self) -> tuple[str, ...] | None:
+        """The choices as of now (a registry's are read when asked)."""
+        return tuple(self.choices()) if callable(self.choices) else self.choices
+
 
 def option(default=None, *, help: str | None = None, range: Range | None = None,
            choices=None, flag: str | None = None, aliases: tuple[str, ...] = (),
@@ -96,7 +102,8 @@ def option(default=None, *, help: str | None = None, range: Range | None = None,
     """A dataclass field whose default, help, range and choices are its CLI option's
     (``Declaration`` describes the arguments)."""
     declared = Declaration(help=help, range=range,
-                           choices=None if choices is None else tuple(choices), flag=flag,
+                           choices=choices if choices is None or callable(choices)
+                           else tuple(choices), flag=flag,
                            aliases=tuple(aliases), kind=kind, negatable=negatable,
                            metavar=metavar, show_default=show_default)
     return field(default=default, metadata={OPTION: declared})
@@ -118,8 +125,8 @@ def check_ranges(config_class, values: dict, where: str = "") -> None:
                 and isinstance(value, int | float):
             why = declared.range.refusal(declared.flag_of(f.name), value)
         elif declared.choices is not None and value is not None \
-                and value not in declared.choices:
-            why = f"{declared.flag_of(f.name)} must be one of {', '.join(declared.choices)}"
+                and value not in declared.choices_now():
+            why = f"{declared.flag_of(f.name)} must be one of {', '.join(declared.choices_now())}"
         if why:
             raise UserError(f"{where}: {why}" if where else why)
 
@@ -130,7 +137,7 @@ def click_type(declared: Declaration, default):
 
     kind = declared.kind or (type(default) if default is not None else str)
     if declared.choices is not None:
-        return click.Choice(declared.choices)
+        return click.Choice(declared.choices_now())
     if declared.range is None:
         return kind
     span = declared.range

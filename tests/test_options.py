@@ -47,9 +47,9 @@ def disagreements(command: click.Command, config_class) -> list[str]:
             if span != wanted:
                 found.append(f"{f.name}: option range {span}, field {wanted}")
         if declared.choices is not None and \
-                tuple(getattr(param.type, "choices", ())) != declared.choices:
+                tuple(getattr(param.type, "choices", ())) != declared.choices_now():
             found.append(f"{f.name}: option choices {getattr(param.type, 'choices', None)}, "
-                         f"field {declared.choices}")
+                         f"field {declared.choices_now()}")
     return found
 
 

@@ -16,6 +16,7 @@ from matplotlib.lines import Line2D
 from tqdm import tqdm
 
 from align.models.layers import frame_cosine_distance
+from align.options import DEFAULT_SHOT, DEFAULT_WAY
 from align.reports.common import default_out
 from cache import FeatureCache, UserError
 from cache.atomic import write_json
@@ -36,8 +37,8 @@ class EmbeddingConfig:
     """
 
     split: str = "test"
-    way: int = 5
-    shot: int = 1
+    way: int = DEFAULT_WAY
+    shot: int = DEFAULT_SHOT
     queries: int = 5
     episodes: int = 10
     seed: int = 0
