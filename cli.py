@@ -24,7 +24,9 @@ import click  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from align.evaluate import EvalConfig  # noqa: E402
 from align.models import head_names  # noqa: E402
+from align.options import DEFAULT_SHOT, DEFAULT_WAY  # noqa: E402
 from align.train import TrainConfig  # noqa: E402
 from cache import FeatureCache, UserError, format_info  # noqa: E402
 from cache.codecs import CODECS  # noqa: E402
@@ -291,32 +293,19 @@ ALLOW_OTHER_FEATURES_HELP = ("Score a checkpoint on a cache of other features th
               help="A training-free baseline instead of a checkpoint.")
 @click.option("--cache", "cache_path", default=None,
               help="[default: the checkpoint's run's cache, else the latest extracted one]")
-@click.option("--episodes", type=click.IntRange(min=1), default=5000, show_default=True)
 @click.option("--shots", type=click.IntRange(min=1),
-              default=None, help="[default: the run's K, else 5]")
+              default=None, help=f"[default: the run's K, else {DEFAULT_SHOT}]")
 @click.option("--way", type=click.IntRange(min=2), default=None,
-              help="[default: the run's way, else 5]")
-@click.option("--queries", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--split", default="test", show_default=True,
-              type=click.Choice(["train", "val", "test"]))
-@click.option("--seed", default=0, show_default=True)
-@click.option("--save-episodes", default=None, metavar="FILE", help="Write the episode list.")
-@click.option("--episodes-from", default=None, metavar="FILE",
-              help="Replay an episode list (its split, way, shots and queries win).")
+              help=f"[default: the run's way, else {DEFAULT_WAY}]")
+@options_from(EvalConfig)
 @click.option("--report", default=None, metavar="FILE",
               help="JSON report [default: next to the checkpoint, or under runs/].")
-@click.option("--batch-episodes", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Episodes per scoring call (after the per-video precompute).")
-@click.option("--compile", is_flag=True, help="torch.compile the head (same results).")
-@click.option("--preload", default="auto", show_default=True, type=PRELOAD_CHOICES)
-@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True)
-@click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 on CUDA.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
 @click.option("--allow-other-features", is_flag=True, help=ALLOW_OTHER_FEATURES_HELP)
 def evaluate(checkpoint, head_kind, cache_path, shots, way, device, report, allow_other_features,
              **options):
     """Evaluate a head on test episodes: accuracy with its 95% confidence interval."""
-    from align.evaluate import EvalConfig, evaluate_command
+    from align.evaluate import evaluate_command
 
     result = evaluate_command(EvalConfig(**options), checkpoint=checkpoint, head_kind=head_kind,
                               cache_path=cache_path, shot=shots, way=way,
@@ -394,13 +383,9 @@ def analyze():
 
 
 def _analysis_cache(cache_path: str | None) -> str:
-    if cache_path is not None:
-        return cache_path
-    from cache.latest import latest_cache
+    from cache.latest import resolve_cache
 
-    path, dataset = latest_cache()
-    click.echo(f"cache      {path} (the most recently written one, {dataset})")
-    return path
+    return resolve_cache(cache_path, click.echo, label="cache      ")
 
 
 @analyze.command("misalignment")

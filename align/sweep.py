@@ -48,7 +48,7 @@ from align.stats import PAIRED_EPISODES, PAIRED_SEEDS, format_p, paired_test, se
 from align.train import TrainConfig, check_ranges, train
 from cache import FeatureCache, UserError
 from cache.atomic import atomic_path, write_json, write_text
-from cache.latest import latest_cache
+from cache.latest import resolve_cache
 from cache.paths import MARKER, claim_folder
 
 RUN_FILE = "sweep-run.json"  # in each run directory: what the sweep asked for, and its result
@@ -652,10 +652,7 @@ def run_sweep(spec: SweepSpec, cfg: SweepConfig, *, log: Callable = print,
     start = time.perf_counter()
     _check_config(cfg)
     references = resolve_reference(spec, cfg)
-    cache_path = cfg.cache
-    if cache_path is None:
-        cache_path, dataset = latest_cache()
-        log(f"cache  {cache_path} (the most recently written one, {dataset})")
+    cache_path = resolve_cache(cfg.cache, log)
     with FeatureCache.open(cache_path) as cache:
         out = Path(cfg.out or RUNS_ROOT / f"sweep-{slug(spec.title)}-"
                    f"{Path(str(cache_path).rstrip('/')).stem}")

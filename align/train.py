@@ -47,7 +47,7 @@ from align.runs import (
 from cache import FeatureCache, UserError
 from cache.atomic import write_json
 from cache.features import check_same_features, feature_fingerprint
-from cache.latest import latest_cache
+from cache.latest import resolve_cache
 from cache.options import Range, check_ranges, option
 from cache.paths import check_writable, claim_folder, remove_if_unused, writer_lock
 from cache.store import human_bytes
@@ -450,10 +450,7 @@ def open_run(cfg: TrainConfig | None, resume: str | None, log) -> tuple:
         log(f"resuming {run_dir} at epoch {state['epoch'] + 1}, episode {state['episode']}")
     else:
         requested = cfg
-    if cfg.cache is None:
-        cache_path, dataset = latest_cache()
-        cfg = replace(cfg, cache=cache_path)
-        log(f"cache  {cfg.cache} (the most recently written one, {dataset})")
+    cfg = replace(cfg, cache=resolve_cache(cfg.cache, log))
     cache = FeatureCache.open(cfg.cache)
     cfg, notes = cfg.resolve(cache.attrs.get("dataset", "unknown"))
     for note in notes:

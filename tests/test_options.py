@@ -7,12 +7,13 @@ import click
 import click.testing
 import pytest
 
+from align.evaluate import EvalConfig
 from align.train import TrainConfig
 from cache.options import OPTION, Range, declared_fields, option, options_from
 from cli import cli
 
 # (command path, its config class): every command whose options are generated from a config
-GENERATED = [(("train-heads",), TrainConfig)]
+GENERATED = [(("train-heads",), TrainConfig), (("evaluate",), EvalConfig)]
 
 
 def command_at(path):
