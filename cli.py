@@ -27,6 +27,7 @@ from tqdm import tqdm  # noqa: E402
 from align.evaluate import EvalConfig  # noqa: E402
 from align.models import head_names  # noqa: E402
 from align.options import DEFAULT_SHOT, DEFAULT_WAY  # noqa: E402
+from align.reports.configs import EmbeddingConfig, MisalignmentConfig  # noqa: E402
 from align.train import TrainConfig  # noqa: E402
 from cache import FeatureCache, UserError, format_info  # noqa: E402
 from cache.codecs import CODECS  # noqa: E402
@@ -392,23 +393,15 @@ def _analysis_cache(cache_path: str | None) -> str:
 @click.argument("cache_path", metavar="[CACHE]", required=False)
 @click.option("--out", "out_dir", default=None,
               help="Output folder [default: runs/analyze-<cache name>].")
-@click.option("--split", default="all", show_default=True,
-              type=click.Choice(["all", "train", "val", "test"]), help="Videos to analyse.")
-@click.option("--readout", default="frame", show_default=True,
-              type=click.Choice(["frame", "online"]),
-              help="p_t from frame t alone, or from frames 0..t (order-defined classes).")
-@click.option("--folds", default=5, show_default=True, help="k-fold split by video.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the folds.")
-@click.option("--weight-decay", default=1e-2, show_default=True, help="L2 of the classifier.")
+@options_from(MisalignmentConfig)
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
-def analyze_misalignment(cache_path, out_dir, split, readout, folds, seed, weight_decay, device):
+def analyze_misalignment(cache_path, out_dir, device, **options):
     """Action start times and AEM score of a cache (paper Fig. 2, Table 1)."""
     from align.reports.common import default_out
-    from align.reports.misalignment import MisalignmentConfig, format_misalignment, run_misalignment
+    from align.reports.misalignment import format_misalignment, run_misalignment
 
     cache_path = _analysis_cache(cache_path)
-    cfg = MisalignmentConfig(split=split, readout=readout, folds=folds, seed=seed,
-                             weight_decay=weight_decay)
+    cfg = MisalignmentConfig(**options)
     summary = run_misalignment(cache_path, out_dir or default_out(cache_path), cfg,
                                pick_device(device))
     click.echo(format_misalignment(summary))
@@ -422,24 +415,17 @@ def analyze_misalignment(cache_path, out_dir, split, readout, folds, seed, weigh
               help="An untrained head instead of a checkpoint (protonet: after = before).")
 @click.option("--out", "out_dir", default=None,
               help="Output folder [default: runs/analyze-<cache name>].")
-@click.option("--split", default="test", show_default=True,
-              type=click.Choice(["train", "val", "test"]))
-@click.option("--episodes", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--way", type=click.IntRange(min=2), default=None,
-              help="[default: the run's way, else 5]")
+              help=f"[default: the run's way, else {DEFAULT_WAY}]")
 @click.option("--shots", type=click.IntRange(min=1), default=None,
-              help="[default: the run's K, else 5]")
-@click.option("--queries", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Queries per class.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the episodes and t-SNE.")
-@click.option("--perplexity", type=click.FloatRange(min=0, min_open=True), default=30.0,
-              show_default=True, help="t-SNE perplexity.")
+              help=f"[default: the run's K, else {DEFAULT_SHOT}]")
+@options_from(EmbeddingConfig)
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
 @click.option("--allow-other-features", is_flag=True, help=ALLOW_OTHER_FEATURES_HELP)
 def analyze_embedding(cache_path, checkpoint, head_kind, out_dir, shots, way, device,
                       allow_other_features, **options):
     """t-SNE of queries and prototypes before / after alignment (paper Fig. 8)."""
-    from align.reports.embedding import EmbeddingConfig, embedding_command, format_embedding
+    from align.reports.embedding import embedding_command, format_embedding
 
     summary = embedding_command(EmbeddingConfig(**options), checkpoint=checkpoint,
                                 head_kind=head_kind, cache_path=cache_path, shot=shots,

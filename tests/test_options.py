@@ -8,12 +8,16 @@ import click.testing
 import pytest
 
 from align.evaluate import EvalConfig
+from align.reports.embedding import EmbeddingConfig
+from align.reports.misalignment import MisalignmentConfig
 from align.train import TrainConfig
 from cache.options import OPTION, Range, declared_fields, option, options_from
 from cli import cli
 
 # (command path, its config class): every command whose options are generated from a config
-GENERATED = [(("train-heads",), TrainConfig), (("evaluate",), EvalConfig)]
+GENERATED = [(("train-heads",), TrainConfig), (("evaluate",), EvalConfig),
+             (("analyze", "embedding"), EmbeddingConfig),
+             (("analyze", "misalignment"), MisalignmentConfig)]
 
 
 def command_at(path):
