@@ -24,10 +24,14 @@ import click  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from align.evaluate import EvalConfig  # noqa: E402
 from align.models import head_names  # noqa: E402
-from align.options import click_type  # noqa: E402
+from align.options import DEFAULT_SHOT, DEFAULT_WAY  # noqa: E402
+from align.reports.configs import EmbeddingConfig, MisalignmentConfig  # noqa: E402
+from align.train import TrainConfig  # noqa: E402
 from cache import FeatureCache, UserError, format_info  # noqa: E402
 from cache.codecs import CODECS  # noqa: E402
+from cache.options import options_from  # noqa: E402
 from cache.store_dtype import STORE_DTYPES  # noqa: E402
 from demo import DemoConfig  # noqa: E402
 from extract.backbones import PREFIXES, REGISTERED  # noqa: E402
@@ -255,82 +259,20 @@ HEAD_CHOICES = click.Choice(head_names())
 @cli.command("train-heads")
 @click.option("--cache", "cache_path", default=None,
               help="Feature cache [default: the most recently extracted one].")
-@click.option("--head", default="ta2n", show_default=True, type=HEAD_CHOICES)
+@options_from(TrainConfig)
 @click.option("--ttm/--no-ttm", default=True, show_default=True, help="Temporal transform.")
 @click.option("--tc/--no-tc", default=True, show_default=True, help="Temporal coordination.")
 @click.option("--sc/--no-sc", default=True, show_default=True, help="Spatial coordination.")
 @click.option("--sc-mode", default="mask", show_default=True,
               type=click.Choice(["mask", "grid", "enumerate"]))
-@click.option("--shots", type=click_type("shot"),
-              default=5, show_default=True, help="K support videos per class.")
-@click.option("--way", type=click_type("way"),
-              default=5, show_default=True, help="N classes per episode.")
-@click.option("--queries", type=click_type("queries"),
-              default=5, show_default=True, help="Q query videos per class.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--recipe", default="fast", show_default=True,
-              type=click.Choice(["fast", "paper"]),
-              help="Defaults for the options below: fast (Adam, early stopping; any dataset) or "
-                   "paper (the authors' SGD schedule for the cache's dataset).")
-@click.option("--optimizer", default=None, type=click.Choice(["sgd", "adam", "adamw"]),
-              help="[default: recipe]")
-@click.option("--lr", type=click_type("lr"),
-              default=None, help="Peak learning rate [default: recipe].")
-@click.option("--schedule", default=None, type=click.Choice(["step", "cosine", "constant"]),
-              help="lr schedule after the warm-up [default: recipe; --lr-step implies step].")
-@click.option("--warmup", type=click_type("warmup"), default=None,
-              help="Episodes of linear lr warm-up [default: recipe].")
-@click.option("--lr-step", type=click_type("lr_step"), default=None,
-              help="Epochs per lr decay of the step schedule [default: paper recipe].")
-@click.option("--lr-gamma", type=click_type("lr_gamma"), default=None,
-              help="lr factor per step of the step schedule [default: paper recipe].")
-@click.option("--momentum", type=click_type("momentum"),
-              default=None, help="SGD only [default: paper recipe].")
-@click.option("--weight-decay", type=click_type("weight_decay"),
-              default=None, help="[default: recipe]")
-@click.option("--epochs", type=click_type("epochs"), default=None,
-              help="Budget; cosine decays over it [default: recipe].")
-@click.option("--episodes-per-epoch", type=click_type("episodes_per_epoch"), default=200,
-              show_default=True)
-@click.option("--tasks-per-batch", type=click_type("tasks_per_batch"), default=None,
-              help="Episodes whose gradients are accumulated per optimizer step "
-                   "[default: recipe; the authors: 16].")
-@click.option("--dropout", type=click_type("dropout"), default=None,
-              help="On the input maps in training [default: recipe].")
-@click.option("--patience", type=click_type("patience"), default=None,
-              help="Stop after N validations without a better val accuracy; 0: never "
-                   "[default: recipe].")
-@click.option("--decay-every", type=click_type("decay_every"), default=40, show_default=True,
-              help="Epochs between decays of the SC perturbation.")
-@click.option("--val-every", type=click_type("val_every"),
-              default=None, help="Epochs between validations "
-              "[default: recipe].")
-@click.option("--val-episodes", type=click_type("val_episodes"),
-              default=500, show_default=True, help="0: no validation.")
-@click.option("--val-queries", type=click_type("val_queries"), default=1, show_default=True)
-@click.option("--batch-episodes", type=click_type("batch_episodes"), default=16,
-              show_default=True,
-              help="Validation episodes per scoring call.")
-@click.option("--micro-batch", type=click_type("micro_batch"), default=None,
-              help="Training episodes per forward/backward pass (never across an SGD step; "
-                   "same gradients).  [default: auto: as many as fit in half the free GPU "
-                   "memory, up to --tasks-per-batch; 1 on the CPU]")
-@click.option("--compile", is_flag=True, help="torch.compile the head (same results).")
-@click.option("--preload", default="auto", show_default=True, type=PRELOAD_CHOICES,
-              help="Hold the split in RAM / on the device, or stream it.")
-@click.option("--workers", type=click_type("workers"),
-              default=4, show_default=True, help="Reader threads when streaming.")
-@click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 on CUDA.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
-@click.option("--out", default=None,
-              help="Run directory [default: runs/<dataset>-<head>-<K>shot-<timestamp>].")
 @click.option("--resume", default=None, metavar="RUN_DIR",
               help="Continue a killed or interrupted run exactly (its saved config is used).")
-def train_heads(cache_path, head, shots, device, resume, **options):
+def train_heads(cache_path, device, resume, **options):
     """Phase two: train the alignment heads episodically from a cache."""
-    from align.train import TrainConfig, format_summary, train
+    from align.train import format_summary, train
 
-    cfg = TrainConfig(cache=cache_path, head=head, shot=shots, **options)
+    cfg = TrainConfig(cache=cache_path, **options)
     summary = train(None if resume else cfg, device=pick_device(device), resume=resume,
                     log=click.echo)
     click.echo(format_summary(summary))
@@ -352,32 +294,19 @@ ALLOW_OTHER_FEATURES_HELP = ("Score a checkpoint on a cache of other features th
               help="A training-free baseline instead of a checkpoint.")
 @click.option("--cache", "cache_path", default=None,
               help="[default: the checkpoint's run's cache, else the latest extracted one]")
-@click.option("--episodes", type=click.IntRange(min=1), default=5000, show_default=True)
 @click.option("--shots", type=click.IntRange(min=1),
-              default=None, help="[default: the run's K, else 5]")
+              default=None, help=f"[default: the run's K, else {DEFAULT_SHOT}]")
 @click.option("--way", type=click.IntRange(min=2), default=None,
-              help="[default: the run's way, else 5]")
-@click.option("--queries", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--split", default="test", show_default=True,
-              type=click.Choice(["train", "val", "test"]))
-@click.option("--seed", default=0, show_default=True)
-@click.option("--save-episodes", default=None, metavar="FILE", help="Write the episode list.")
-@click.option("--episodes-from", default=None, metavar="FILE",
-              help="Replay an episode list (its split, way, shots and queries win).")
+              help=f"[default: the run's way, else {DEFAULT_WAY}]")
+@options_from(EvalConfig)
 @click.option("--report", default=None, metavar="FILE",
               help="JSON report [default: next to the checkpoint, or under runs/].")
-@click.option("--batch-episodes", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Episodes per scoring call (after the per-video precompute).")
-@click.option("--compile", is_flag=True, help="torch.compile the head (same results).")
-@click.option("--preload", default="auto", show_default=True, type=PRELOAD_CHOICES)
-@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True)
-@click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 on CUDA.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
 @click.option("--allow-other-features", is_flag=True, help=ALLOW_OTHER_FEATURES_HELP)
 def evaluate(checkpoint, head_kind, cache_path, shots, way, device, report, allow_other_features,
              **options):
     """Evaluate a head on test episodes: accuracy with its 95% confidence interval."""
-    from align.evaluate import EvalConfig, evaluate_command
+    from align.evaluate import evaluate_command
 
     result = evaluate_command(EvalConfig(**options), checkpoint=checkpoint, head_kind=head_kind,
                               cache_path=cache_path, shot=shots, way=way,
@@ -455,36 +384,24 @@ def analyze():
 
 
 def _analysis_cache(cache_path: str | None) -> str:
-    if cache_path is not None:
-        return cache_path
-    from cache.latest import latest_cache
+    from cache.latest import resolve_cache
 
-    path, dataset = latest_cache()
-    click.echo(f"cache      {path} (the most recently written one, {dataset})")
-    return path
+    return resolve_cache(cache_path, click.echo, label="cache      ")
 
 
 @analyze.command("misalignment")
 @click.argument("cache_path", metavar="[CACHE]", required=False)
 @click.option("--out", "out_dir", default=None,
               help="Output folder [default: runs/analyze-<cache name>].")
-@click.option("--split", default="all", show_default=True,
-              type=click.Choice(["all", "train", "val", "test"]), help="Videos to analyse.")
-@click.option("--readout", default="frame", show_default=True,
-              type=click.Choice(["frame", "online"]),
-              help="p_t from frame t alone, or from frames 0..t (order-defined classes).")
-@click.option("--folds", default=5, show_default=True, help="k-fold split by video.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the folds.")
-@click.option("--weight-decay", default=1e-2, show_default=True, help="L2 of the classifier.")
+@options_from(MisalignmentConfig)
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
-def analyze_misalignment(cache_path, out_dir, split, readout, folds, seed, weight_decay, device):
+def analyze_misalignment(cache_path, out_dir, device, **options):
     """Action start times and AEM score of a cache (paper Fig. 2, Table 1)."""
     from align.reports.common import default_out
-    from align.reports.misalignment import MisalignmentConfig, format_misalignment, run_misalignment
+    from align.reports.misalignment import format_misalignment, run_misalignment
 
     cache_path = _analysis_cache(cache_path)
-    cfg = MisalignmentConfig(split=split, readout=readout, folds=folds, seed=seed,
-                             weight_decay=weight_decay)
+    cfg = MisalignmentConfig(**options)
     summary = run_misalignment(cache_path, out_dir or default_out(cache_path), cfg,
                                pick_device(device))
     click.echo(format_misalignment(summary))
@@ -498,24 +415,17 @@ def analyze_misalignment(cache_path, out_dir, split, readout, folds, seed, weigh
               help="An untrained head instead of a checkpoint (protonet: after = before).")
 @click.option("--out", "out_dir", default=None,
               help="Output folder [default: runs/analyze-<cache name>].")
-@click.option("--split", default="test", show_default=True,
-              type=click.Choice(["train", "val", "test"]))
-@click.option("--episodes", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--way", type=click.IntRange(min=2), default=None,
-              help="[default: the run's way, else 5]")
+              help=f"[default: the run's way, else {DEFAULT_WAY}]")
 @click.option("--shots", type=click.IntRange(min=1), default=None,
-              help="[default: the run's K, else 5]")
-@click.option("--queries", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Queries per class.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the episodes and t-SNE.")
-@click.option("--perplexity", type=click.FloatRange(min=0, min_open=True), default=30.0,
-              show_default=True, help="t-SNE perplexity.")
+              help=f"[default: the run's K, else {DEFAULT_SHOT}]")
+@options_from(EmbeddingConfig)
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
 @click.option("--allow-other-features", is_flag=True, help=ALLOW_OTHER_FEATURES_HELP)
 def analyze_embedding(cache_path, checkpoint, head_kind, out_dir, shots, way, device,
                       allow_other_features, **options):
     """t-SNE of queries and prototypes before / after alignment (paper Fig. 8)."""
-    from align.reports.embedding import EmbeddingConfig, embedding_command, format_embedding
+    from align.reports.embedding import embedding_command, format_embedding
 
     summary = embedding_command(EmbeddingConfig(**options), checkpoint=checkpoint,
                                 head_kind=head_kind, cache_path=cache_path, shot=shots,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from align.options import DEFAULT_SHOT, DEFAULT_WAY
 from cache import FeatureCache, UserError
 from cache.atomic import write_json
 
@@ -87,7 +88,8 @@ class EpisodeSampler:
         aug_views: when > 0, every video also gets a random view index in [0, aug_views).
     """
 
-    def __init__(self, cache: FeatureCache, split: str, *, way: int = 5, shot: int = 1,
+    def __init__(self, cache: FeatureCache, split: str, *, way: int = DEFAULT_WAY,
+                 shot: int = DEFAULT_SHOT,
                  queries: int = 1, seed: int = 0, stream: int = 0, aug_views: int = 0):
         if way < 2 or shot < 1 or queries < 1:
             raise UserError(f"an episode needs way >= 2, shot >= 1, queries >= 1 "

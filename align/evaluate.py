@@ -27,11 +27,13 @@ import torch
 from tqdm import tqdm
 
 from align.episodes import Episode, EpisodeSampler, Stream, load_episodes, save_episodes
-from align.feed import Feeder, available_ram
+from align.feed import PRELOAD_CHOICES, Feeder, available_ram
+from align.options import DEFAULT_SHOT, DEFAULT_WAY
 from align.runs import RUNS_ROOT, load_head_source, resolve_head_source
 from cache import FeatureCache, UserError
 from cache.atomic import write_json
 from cache.features import feature_fingerprint
+from cache.options import Range, option
 from cache.paths import check_writable
 from cache.store import human_bytes
 
@@ -44,33 +46,28 @@ STATE_SHARE = 0.5  # states are kept whole when they take at most this share of 
 class EvalConfig:
     """One evaluation.
 
-    Args:
-        split: the split whose episodes are scored ("test" reports, "val" selects).
-        way, shot, queries: N-way K-shot with Q queries per class (the authors: Q = 1).
-        episodes: number of episodes (the paper: 5000).
-        seed: draws the episodes.
-        batch_episodes: episodes per scoring call (per forward pass for heads that do not
-            precompute).
-        preload, workers: how rows reach the device (see align/feed.py).
-        amp: bfloat16 autocast on CUDA.
-        compile: torch.compile the head's batched entry points.
-        episodes_from: replay this episode file instead of sampling (its split/way/shot win).
-        save_episodes: write the episodes scored to this file.
+    Each field's meaning, default and range is its ``option(...)`` declaration, the text
+    ``python cli.py evaluate --help`` shows (cache/options.py). way, shot: N-way K-shot (the
+    command's --way / --shots default to the run's, else these); the paper: 5000 episodes, Q = 1.
     """
 
-    split: str = "test"
-    way: int = 5
-    shot: int = 1
-    queries: int = 1
-    episodes: int = 5000
-    seed: int = 0
-    batch_episodes: int = 16
-    preload: str = "auto"
-    workers: int = 4
-    amp: bool = True
-    compile: bool = False
-    episodes_from: str | None = None
-    save_episodes: str | None = None
+    way: int = DEFAULT_WAY
+    shot: int = DEFAULT_SHOT
+    episodes: int = option(5000, range=Range(1))
+    queries: int = option(1, range=Range(1))
+    split: str = option("test", choices=("train", "val", "test"))
+    seed: int = option(0)
+    save_episodes: str | None = option(None, metavar="FILE", help="Write the episode list.")
+    episodes_from: str | None = option(None, metavar="FILE",
+                                       help="Replay an episode list (its split, way, shots and "
+                                            "queries win).")
+    batch_episodes: int = option(16, range=Range(1),
+                                 help="Episodes per scoring call (after the per-video "
+                                      "precompute).")
+    compile: bool = option(False, help="torch.compile the head (same results).")
+    preload: str = option("auto", choices=PRELOAD_CHOICES)
+    workers: int = option(4, range=Range(0))
+    amp: bool = option(True, negatable=True, help="bfloat16 on CUDA.")
 
 
 # ------------------------------------------------------------------------------ running episodes

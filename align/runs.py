@@ -26,15 +26,14 @@ from pathlib import Path
 from align.checkpoints import load_head_checkpoint
 from align.episodes import episode_header, read_episode_file
 from align.models import Head, build_head, head_class
+from align.options import DEFAULT_SHOT, DEFAULT_WAY
 from cache import FeatureCache, UserError
 from cache.atomic import atomic_path, write_json
 from cache.features import check_same_features, feature_fingerprint
-from cache.latest import latest_cache
+from cache.latest import resolve_cache
 
 RUNS_ROOT = Path("runs")
 LATEST_RUN = RUNS_ROOT / "latest.json"
-DEFAULT_SHOT = 5  # K when neither the command, an episode file nor a run says otherwise
-DEFAULT_WAY = 5  # N likewise: a run's own way wins over it (runs/latest.json, its config.json)
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_acc", "val_ci95", "best_val_acc",
                  "epoch_time_s", "episodes_per_s")
 
@@ -141,9 +140,8 @@ def resolve_head_source(*, checkpoint: str | None = None, kind: str | None = Non
     if cache is None and run_cache is not None:
         cache = run_cache
         log(f"cache      {cache} (the run's)")
-    elif cache is None:
-        cache, dataset = latest_cache()
-        log(f"cache      {cache} (the most recently written one, {dataset})")
+    else:
+        cache = resolve_cache(cache, log, label="cache      ")
     if episodes_from:
         header = episode_file_header(episodes_from)
         shot, way = int(header["shot"]), int(header["way"])

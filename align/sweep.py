@@ -42,12 +42,13 @@ from align.episodes import EpisodeSampler, Stream, save_episodes
 from align.evaluate import EvalConfig, evaluate
 from align.models import HEADS, head_class, head_names
 from align.models.acm import SC_MODES
+from align.options import DEFAULT_SHOT, DEFAULT_WAY
 from align.runs import RUNS_ROOT, HeadSource, load_head_source
 from align.stats import PAIRED_EPISODES, PAIRED_SEEDS, format_p, paired_test, seed_spread
 from align.train import TrainConfig, check_ranges, train
 from cache import FeatureCache, UserError
 from cache.atomic import atomic_path, write_json, write_text
-from cache.latest import latest_cache
+from cache.latest import resolve_cache
 from cache.paths import MARKER, claim_folder
 
 RUN_FILE = "sweep-run.json"  # in each run directory: what the sweep asked for, and its result
@@ -109,7 +110,7 @@ def normalise_options(raw: dict, where: str) -> dict:
                         f"{', '.join(SC_MODES)}")
     if "shot" in options and (not isinstance(options["shot"], int) or options["shot"] < 1):
         raise UserError(f"{where}: shots must be a positive integer, got {options['shot']!r}")
-    check_ranges(options, where)  # the ranges train-heads' CLI enforces, from one declaration
+    check_ranges(TrainConfig, options, where)  # train-heads' ranges, from one declaration
     return options
 
 
@@ -150,7 +151,7 @@ class SweepSpec:
 
     title: str
     runs: list[RunSpec]
-    shots: list[int] = field(default_factory=lambda: [1])
+    shots: list[int] = field(default_factory=lambda: [DEFAULT_SHOT])
     reference: str | None = None
 
 
@@ -247,7 +248,7 @@ def parse_spec(payload: dict, where: str) -> SweepSpec:
     runs = [_parse_run(entry, i, defaults, where) for i, entry in enumerate(entries)]
     _check_names(runs, where)
     spec = SweepSpec(title=str(payload.get("title") or "sweep"), runs=runs,
-                     shots=_shots(payload.get("shots", 1), where),
+                     shots=_shots(payload.get("shots", DEFAULT_SHOT), where),
                      reference=payload.get("reference"))
     names = [r.name for r in runs]
     for target, whose in [(spec.reference, "reference")] + [(r.vs, f"run {r.name!r}: vs")
@@ -314,7 +315,7 @@ class SweepConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     shots: tuple[int, ...] | None = None
     episodes: int = 5000
-    way: int = 5
+    way: int = DEFAULT_WAY
     queries: int = 1
     split: str = "test"
     overrides: dict = field(default_factory=dict)
@@ -651,10 +652,7 @@ def run_sweep(spec: SweepSpec, cfg: SweepConfig, *, log: Callable = print,
     start = time.perf_counter()
     _check_config(cfg)
     references = resolve_reference(spec, cfg)
-    cache_path = cfg.cache
-    if cache_path is None:
-        cache_path, dataset = latest_cache()
-        log(f"cache  {cache_path} (the most recently written one, {dataset})")
+    cache_path = resolve_cache(cfg.cache, log)
     with FeatureCache.open(cache_path) as cache:
         out = Path(cfg.out or RUNS_ROOT / f"sweep-{slug(spec.title)}-"
                    f"{Path(str(cache_path).rstrip('/')).stem}")

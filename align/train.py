@@ -35,9 +35,9 @@ from tqdm import tqdm
 from align.checkpoints import load_head_checkpoint, save_head
 from align.episodes import EpisodeSampler, Stream
 from align.evaluate import autocast, compact_attrs, run_episodes, score
-from align.feed import Feeder
-from align.models import build_head
-from align.options import OPTION_RANGES, check_ranges  # noqa: F401 (re-exported)
+from align.feed import PRELOAD_CHOICES, Feeder
+from align.models import build_head, head_names
+from align.options import DEFAULT_SHOT, DEFAULT_WAY
 from align.runs import (
     check_head_fits,
     default_run_dir,
@@ -47,7 +47,8 @@ from align.runs import (
 from cache import FeatureCache, UserError
 from cache.atomic import write_json
 from cache.features import check_same_features, feature_fingerprint
-from cache.latest import latest_cache
+from cache.latest import resolve_cache
+from cache.options import Range, check_ranges, option
 from cache.paths import check_writable, claim_folder, remove_if_unused, writer_lock
 from cache.store import human_bytes
 
@@ -87,66 +88,77 @@ SCHEDULES = ("step", "cosine", "constant")
 class TrainConfig:
     """Everything that decides a training run; saved as config.json in the run directory.
 
-    Args:
-        cache: path of the feature cache (None: the most recently extracted one).
-        head: "ta2n" | "protonet" | "otam"; ttm, tc, sc, sc_mode: the ablation switches.
-        way, shot, queries: N-way K-shot, Q queries per class in training (the authors: 5).
-        seed: every random choice of the run derives from it.
-        recipe: "fast" | "paper": where the options left at None come from.
-        optimizer: "sgd" | "adam" | "adamw"; lr, weight_decay; momentum: SGD's only.
-        schedule: "step" (lr x lr_gamma every lr_step epochs) | "cosine" (to 0 at the end of
-            the budget) | "constant"; warmup: episodes of linear warm-up before it.
-        epochs, episodes_per_epoch: the budget (the paper: 200 episodes per epoch).
-        tasks_per_batch: episodes whose gradients are accumulated per optimizer step.
-        dropout: dropout on the input maps in training.
-        decay_every: epochs between calls of the head's ``decay()`` (SC perturbation).
-        val_every: epochs between validations; val_episodes, val_queries: the fixed validation
-            episodes (0 episodes: no validation).
-        patience: stop after this many validations without a new best (0: never).
-        batch_episodes: validation episodes per scoring call.
-        micro_batch: training episodes per forward / backward pass (they never straddle an SGD
-            step); None = auto (``micro_batch_size``).
-        compile: torch.compile the head's batched entry points.
-        preload, workers: how rows reach the device (align/feed.py).
-        amp: bfloat16 autocast on CUDA.
-        out: the run directory (None: runs/<dataset>-<head>-<K>shot-<timestamp>).
+    Each field's meaning, default and range is its ``option(...)`` declaration below, the one
+    text ``python cli.py train-heads --help`` shows (cache/options.py). The fields left at None
+    are filled from the recipe by ``resolve``; ttm, tc, sc, sc_mode are TA2N's ablation
+    switches; dataset is the cache's, recorded by ``resolve``.
     """
 
     cache: str | None = None
-    head: str = "ta2n"
+    head: str = option("ta2n", choices=head_names)
     ttm: bool = True
     tc: bool = True
     sc: bool = True
     sc_mode: str = "mask"
-    way: int = 5
-    shot: int = 5
-    queries: int = 5
-    seed: int = 0
-    recipe: str = "fast"
-    optimizer: str | None = None
-    epochs: int | None = None
-    lr: float | None = None
-    schedule: str | None = None
-    warmup: int | None = None
-    lr_step: int | None = None
-    lr_gamma: float | None = None
-    momentum: float | None = None
-    weight_decay: float | None = None
-    episodes_per_epoch: int = 200
-    tasks_per_batch: int | None = None
-    dropout: float | None = None
-    decay_every: int = 40
-    val_every: int | None = None
-    val_episodes: int = 500
-    val_queries: int = 1
-    patience: int | None = None
-    batch_episodes: int = 16
-    micro_batch: int | None = None
-    compile: bool = False
-    preload: str = "auto"
-    workers: int = 4
-    amp: bool = True
-    out: str | None = None
+    way: int = option(DEFAULT_WAY, help="N classes per episode.", range=Range(2))
+    shot: int = option(DEFAULT_SHOT, help="K support videos per class.", range=Range(1),
+                       flag="--shots")
+    queries: int = option(5, help="Q query videos per class.", range=Range(1))
+    seed: int = option(0)
+    recipe: str = option("fast", choices=RECIPE_NAMES,
+                         help="Defaults for the options below: fast (Adam, early stopping; any "
+                              "dataset) or paper (the authors' SGD schedule for the cache's "
+                              "dataset).")
+    optimizer: str | None = option(None, choices=OPTIMIZERS, help="[default: recipe]")
+    epochs: int | None = option(None, range=Range(1), kind=int,
+                                help="Budget; cosine decays over it [default: recipe].")
+    lr: float | None = option(None, range=Range(0, low_open=True), kind=float,
+                              help="Peak learning rate [default: recipe].")
+    schedule: str | None = option(None, choices=SCHEDULES,
+                                  help="lr schedule after the warm-up [default: recipe; "
+                                       "--lr-step implies step].")
+    warmup: int | None = option(None, range=Range(0), kind=int,
+                                help="Episodes of linear lr warm-up [default: recipe].")
+    lr_step: int | None = option(None, range=Range(1), kind=int,
+                                 help="Epochs per lr decay of the step schedule "
+                                      "[default: paper recipe].")
+    lr_gamma: float | None = option(None, range=Range(0), kind=float,
+                                    help="lr factor per step of the step schedule "
+                                         "[default: paper recipe].")
+    momentum: float | None = option(None, range=Range(0, 1), kind=float,
+                                    help="SGD only [default: paper recipe].")
+    weight_decay: float | None = option(None, range=Range(0), kind=float,
+                                        help="[default: recipe]")
+    episodes_per_epoch: int = option(200, range=Range(1))
+    tasks_per_batch: int | None = option(None, range=Range(1), kind=int,
+                                         help="Episodes whose gradients are accumulated per "
+                                              "optimizer step [default: recipe; the authors: "
+                                              "16].")
+    dropout: float | None = option(None, range=Range(0, 1, high_open=True), kind=float,
+                                   help="On the input maps in training [default: recipe].")
+    decay_every: int = option(40, range=Range(1),
+                              help="Epochs between decays of the SC perturbation.")
+    val_every: int | None = option(None, range=Range(1), kind=int,
+                                   help="Epochs between validations [default: recipe].")
+    val_episodes: int = option(500, range=Range(0), help="0: no validation.")
+    val_queries: int = option(1, range=Range(1))
+    patience: int | None = option(None, range=Range(0), kind=int,
+                                  help="Stop after N validations without a better val "
+                                       "accuracy; 0: never [default: recipe].")
+    batch_episodes: int = option(16, range=Range(1),
+                                 help="Validation episodes per scoring call.")
+    micro_batch: int | None = option(None, range=Range(1), kind=int,
+                                     help="Training episodes per forward/backward pass (never "
+                                          "across an SGD step; same gradients).  [default: "
+                                          "auto: as many as fit in half the free GPU memory, "
+                                          "up to --tasks-per-batch; 1 on the CPU]")
+    compile: bool = option(False, help="torch.compile the head (same results).")
+    preload: str = option("auto", choices=PRELOAD_CHOICES,
+                          help="Hold the split in RAM / on the device, or stream it.")
+    workers: int = option(4, range=Range(0), help="Reader threads when streaming.")
+    amp: bool = option(True, negatable=True, help="bfloat16 on CUDA.")
+    out: str | None = option(None, help="Run directory [default: "
+                                        "runs/<dataset>-<head>-<K>shot-<timestamp>].")
     dataset: str | None = None
 
     def resolve(self, dataset: str) -> tuple[TrainConfig, list[str]]:
@@ -182,7 +194,7 @@ class TrainConfig:
 
     def _check(self) -> None:
         """Refuse combinations that cannot mean what was asked (one line each), and values out
-        of their declared range (OPTION_RANGES)."""
+        of their declared range (the fields' ``option`` declarations)."""
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -210,7 +222,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise UserError(f"--{name.replace('_', '-')} must be a number >= 0, not {value}")
-        check_ranges(asdict(self))
+        check_ranges(TrainConfig, asdict(self))
 
     @classmethod
     def from_json(cls, payload: dict, where: str = "config.json") -> TrainConfig:
@@ -438,10 +450,7 @@ def open_run(cfg: TrainConfig | None, resume: str | None, log) -> tuple:
         log(f"resuming {run_dir} at epoch {state['epoch'] + 1}, episode {state['episode']}")
     else:
         requested = cfg
-    if cfg.cache is None:
-        cache_path, dataset = latest_cache()
-        cfg = replace(cfg, cache=cache_path)
-        log(f"cache  {cfg.cache} (the most recently written one, {dataset})")
+    cfg = replace(cfg, cache=resolve_cache(cfg.cache, log))
     cache = FeatureCache.open(cfg.cache)
     cfg, notes = cfg.resolve(cache.attrs.get("dataset", "unknown"))
     for note in notes:

@@ -1,13 +1,15 @@
 """Remembers the most recently written cache, so that `train-heads` works with no arguments.
 
-`extract` (and `synth`) call ``remember_cache`` when they finish; `train-heads` calls
-``latest_cache`` when no ``--cache`` is given. The record is a small JSON file,
+`extract` (and `synth`) call ``remember_cache`` when they finish; every command that reads a cache
+(train-heads, evaluate, sweep, analyze) calls ``resolve_cache`` when no ``--cache`` is given: the
+one place the latest cache is looked up and announced. The record is a small JSON file,
 ``caches/latest.json`` under the working directory.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from cache.atomic import write_json
@@ -34,3 +36,14 @@ def latest_cache() -> tuple[str, str]:
         )
     record = json.loads(LATEST_FILE.read_text())
     return record["path"], record["dataset"]
+
+
+def resolve_cache(path: str | None, log: Callable[[str], None], label: str = "cache  ") -> str:
+    """``path`` if given, else the most recently extracted cache, announced through ``log`` as
+    "<label><path> (the most recently written one, <dataset>)"; refused in one line when there
+    is none (``latest_cache``)."""
+    if path is not None:
+        return path
+    path, dataset = latest_cache()
+    log(f"{label}{path} (the most recently written one, {dataset})")
+    return path

@@ -4,8 +4,7 @@ pair distances."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import matplotlib
@@ -17,41 +16,10 @@ from tqdm import tqdm
 
 from align.models.layers import frame_cosine_distance
 from align.reports.common import default_out
+from align.reports.configs import EmbeddingConfig  # noqa: F401 (its config, re-exported)
 from cache import FeatureCache, UserError
 from cache.atomic import write_json
 from cache.paths import check_writable
-
-
-@dataclass
-class EmbeddingConfig:
-    """Which episodes `analyze embedding` draws and how it embeds them.
-
-    Args:
-        split: the split the episodes come from.
-        way, shot, queries: N-way K-shot with Q queries per class.
-        episodes: how many episodes (every one adds way*queries circles and way triangles).
-        seed: draws the episodes (the evaluation stream: the same episodes as the first ones of
-            `evaluate --seed`) and seeds t-SNE.
-        perplexity: t-SNE perplexity (capped for small point sets).
-    """
-
-    split: str = "test"
-    way: int = 5
-    shot: int = 1
-    queries: int = 5
-    episodes: int = 10
-    seed: int = 0
-    perplexity: float = 30.0
-
-    def check(self) -> EmbeddingConfig:
-        """Refuse numbers that cannot mean anything (one line each); returns self."""
-        for name, least in (("way", 2), ("shot", 1), ("queries", 1), ("episodes", 1)):
-            if getattr(self, name) < least:
-                option = "shots" if name == "shot" else name
-                raise UserError(f"--{option} must be at least {least}, not {getattr(self, name)}")
-        if not (math.isfinite(self.perplexity) and self.perplexity > 0):
-            raise UserError(f"--perplexity must be a positive number, not {self.perplexity}")
-        return self
 
 
 def _unit_frames(x: torch.Tensor) -> torch.Tensor:

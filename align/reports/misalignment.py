@@ -9,7 +9,7 @@ and pyplot's global state (a notebook's backend) is never touched.
 from __future__ import annotations
 
 import csv
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from align.reports.configs import MisalignmentConfig  # noqa: F401 (its config, re-exported)
 from cache import SPLITS, FeatureCache, UserError
 from cache.atomic import write_json
 from cache.paths import check_writable
@@ -45,32 +46,6 @@ def _select_rows(cache: FeatureCache, split: str) -> np.ndarray:
 READOUTS = ("frame", "online")
 
 
-@dataclass
-class MisalignmentConfig:
-    """How `analyze misalignment` measures start times and AEM.
-
-    Args:
-        split: "all" (every done row) or one split name.
-        readout: what p_t sees. "frame": frame t alone, one linear map shared by all frames (the
-            paper's per-frame reading; right when single frames identify the class). "online":
-            frames 0..t, a linear map per frame index whose evidence adds up over time, so the
-            order of what was shown counts (needed when classes differ only in temporal order,
-            as in the synthetic cache, where single frames are uninformative by design).
-        folds: k of the k-fold split by video; each video is scored by a classifier that never
-            saw it.
-        seed: draws the folds.
-        weight_decay: L2 penalty of the softmax regression (on standardised features).
-        max_iter: L-BFGS iterations per fold.
-        threshold: a frame "shows" the action when its true-class probability reaches this.
-    """
-
-    split: str = "all"
-    readout: str = "frame"
-    folds: int = 5
-    seed: int = 0
-    weight_decay: float = 1e-2
-    max_iter: int = 100
-    threshold: float = 0.5
 
 
 def pooled_frame_features(cache: FeatureCache, rows: np.ndarray,

@@ -27,11 +27,12 @@ from tests.align.test_sweep import read_csv
 
 ROOT = Path(__file__).resolve().parents[2]
 # a training-free row and a trained one (a few seconds of training on the tiny cache)
-SPEC = {"title": "cluster", "run": [
+SPEC = {"title": "cluster", "shots": [1], "run": [  # the tiny cache: 6 videos a class
     {"name": "protonet", "head": "protonet"},
     {"name": "ta2n", "head": "ta2n", "epochs": 3, "episodes_per_epoch": 4, "val_episodes": 2,
      "queries": 2, "tasks_per_batch": 2}]}
 SPEC_TOML = """title = "cluster"
+shots = [1]
 [[run]]
 name = "protonet"
 head = "protonet"
@@ -346,7 +347,7 @@ def test_a_run_that_raises_is_recorded_and_named(serial, cluster):
     runs finish, its sweep-run.json says why, the sweep ends with one line naming it. (The
     cluster is reached through its scheduler file, as under a batch system.)"""
     root, cache, _ = serial
-    spec = parse_spec({"title": "wide", "run": [
+    spec = parse_spec({"title": "wide", "shots": [1], "run": [
         {"name": "protonet", "head": "protonet"},
         {"name": "wide", "head": "ta2n", "way": 7, "epochs": 1}]}, "test")
     out = root / "wide"

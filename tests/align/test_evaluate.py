@@ -19,6 +19,7 @@ from align.evaluate import (
     score,
 )
 from align.models import build_head
+from align.options import DEFAULT_SHOT
 from cache import FeatureCache, UserError
 from cli import cli
 
@@ -96,7 +97,7 @@ def test_replaying_an_episode_list_reproduces_the_accuracy(synth, tmp_path):
     assert again["episodes"] == 12 and again["seed"] == 9
     # the report keeps the request next to what the file made of it; the request is untouched
     assert (again["requested"]["episodes"], again["requested"]["seed"]) == (999, 0)
-    assert (request.episodes, request.seed, request.shot) == (999, 0, 1)
+    assert (request.episodes, request.seed, request.shot) == (999, 0, DEFAULT_SHOT)
     assert again["episode_accuracy"] == first["episode_accuracy"]
     assert again["summary"] == first["summary"]
     assert again["confusion"] == first["confusion"]

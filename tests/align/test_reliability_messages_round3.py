@@ -83,19 +83,17 @@ def test_a_sweep_file_refuses_what_the_cli_refuses(option, value):
 
 
 def test_the_cli_ranges_are_the_declared_ones():
-    """train-heads' click types come from the one declaration (OPTION_RANGES)."""
+    """train-heads' click types come from the one declaration (the fields' ``option``)."""
     import click
 
-    from align.train import OPTION_RANGES
+    from align.train import TrainConfig
+    from cache.options import OPTION, declared_fields
 
-    command = cli.commands["train-heads"]
-    checked = 0
-    for param in command.params:
-        field = {"shots": "shot"}.get(param.name, param.name)
-        if field in OPTION_RANGES:
-            declared = OPTION_RANGES[field]
-            assert isinstance(param.type, click.IntRange | click.FloatRange), param.name
-            assert (param.type.min, param.type.max, param.type.min_open, param.type.max_open) \
-                == (declared.low, declared.high, declared.low_open, declared.high_open), field
-            checked += 1
-    assert checked == len(OPTION_RANGES)
+    params = {p.name: p for p in cli.commands["train-heads"].params}
+    ranged = [f for f in declared_fields(TrainConfig) if f.metadata[OPTION].range is not None]
+    for f in ranged:
+        declared, param = f.metadata[OPTION].range, params[f.name]
+        assert isinstance(param.type, click.IntRange | click.FloatRange), f.name
+        assert (param.type.min, param.type.max, param.type.min_open, param.type.max_open) \
+            == (declared.low, declared.high, declared.low_open, declared.high_open), f.name
+    assert len(ranged) == 21  # every numeric option of train-heads

@@ -260,7 +260,7 @@ def test_analyze_embedding_refuses_bad_numbers(work, option):
 
 
 def test_analyze_embedding_help_says_the_default_k_the_code_uses():
-    from align.runs import DEFAULT_SHOT
+    from align.options import DEFAULT_SHOT
 
     result = CliRunner().invoke(cli, ["analyze", "embedding", "--help"])
     assert f"else {DEFAULT_SHOT}]" in " ".join(result.output.split())

@@ -155,7 +155,8 @@ def test_ctrl_c_stops_the_sweep_and_a_rerun_finishes_it(free_sweep, tmp_path, mo
     """Ctrl-C inside a run's training: train saves last.pt, the sweep stops without a table;
     the rerun skips the finished runs and resumes that one."""
     run, _, spec_file = free_sweep
-    spec_file.write_text(HEADS_FILE + '[[run]]\nname = "ta2n"\nhead = "ta2n"\nepochs = 2\n'
+    spec_file.write_text("shots = [1]\n" + HEADS_FILE  # the tiny cache holds 6 videos a class
+                         + '[[run]]\nname = "ta2n"\nhead = "ta2n"\nepochs = 2\n'
                          'episodes-per-epoch = 4\nval-episodes = 2\nqueries = 2\n')
     real_train = align.sweep.train
 

@@ -1,0 +1,177 @@
+"""One declaration per option: a config dataclass field carries its default, help, range and
+choices; the click options of a command are generated from it.
+
+    @dataclass
+    class TrainConfig:
+        shot: int = option(DEFAULT_SHOT, help="K support videos per class.", range=Range(1),
+                           flag="--shots")
+
+    @cli.command("train-heads")
+    @options_from(TrainConfig)
+    def train_heads(**options): ...
+
+``check_ranges`` applies the same ranges to configs that do not come through click (sweep files,
+``--set``, the Python API), so every entry point accepts exactly the values the CLI accepts.
+
+Why a small decorator of ours and not a library: dataclass-click and clickdc (PyPI) generate click
+options from dataclasses, but they declare click objects in the dataclass (click types in
+``Annotated`` / ``field`` metadata), so every config module - extract's and align's engine, which
+the CLI-free API imports - would import click; neither re-checks ranges for configs built
+without click (sweep files, the API); and neither is in this project's environment. typer builds
+its own commands from function signatures and does not compose with click decorators. This module
+stays at the cache layer (the lowest one with configs: extract's and align's both import it) and
+imports click only inside ``options_from``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
+
+from cache.errors import UserError
+
+OPTION = "option"  # the dataclasses.field metadata key of a declaration
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option takes: [low, high], either end open or absent (None)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def refusal(self, option: str, value) -> str | None:
+        """Why ``value`` is refused for ``--option`` (None: it is in range)."""
+        if value is None:
+            return None
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{option} must be a finite number, not {value}"
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.high_open
+                                        else value <= self.high)
+        if low_ok and high_ok:
+            return None
+        left = "(" if self.low_open else "["
+        right = ")" if self.high_open else "]"
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"{option} must be in {left}{low}, {high}{right}, not {value}"
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """What the CLI needs of one config field beyond its name and default.
+
+    Args:
+        help: the option's help text (the one description of the field).
+        range: the values a number takes (None: any).
+        choices: the values a string takes (None: any); a function returning them where
+            the set grows at run time (a registry: heads registered after import).
+        flag: the long flag (None: ``--field-name``); aliases: short ones, e.g. ("-T",).
+        kind: the value's type for click: int, float, str or bool (None: from the default).
+        negatable: a bool shown as ``--x/--no-x`` (else a plain ``--x`` flag that sets True).
+        metavar: the value's name in --help.
+        show_default: print "[default: ...]" (None: when the default is not None / False).
+    """
+
+    help: str | None = None
+    range: Range | None = None
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
+    flag: str | None = None
+    aliases: tuple[str, ...] = ()
+    kind: type | None = None
+    negatable: bool = False
+    metavar: str | None = None
+    show_default: bool | None = None
+
+    def flag_of(self, name: str) -> str:
+        return self.flag or f"--{name.replace('_', '-')}"
+
+    def choices_now(self) -> tuple[str, ...] | None:
+        """The choices as of now (a registry's are read when asked)."""
+        return tuple(self.choices()) if callable(self.choices) else self.choices
+
+
+def option(default=None, *, help: str | None = None, range: Range | None = None,
+           choices=None, flag: str | None = None, aliases: tuple[str, ...] = (),
+           kind: type | None = None, negatable: bool = False, metavar: str | None = None,
+           show_default: bool | None = None):
+    """A dataclass field whose default, help, range and choices are its CLI option's
+    (``Declaration`` describes the arguments)."""
+    declared = Declaration(help=help, range=range,
+                           choices=choices if choices is None or callable(choices)
+                           else tuple(choices), flag=flag,
+                           aliases=tuple(aliases), kind=kind, negatable=negatable,
+                           metavar=metavar, show_default=show_default)
+    return field(default=default, metadata={OPTION: declared})
+
+
+def declared_fields(config_class, exclude=()) -> list:
+    """The fields of ``config_class`` declared with ``option``, in order, less ``exclude``."""
+    return [f for f in fields(config_class) if OPTION in f.metadata and f.name not in exclude]
+
+
+def check_ranges(config_class, values: dict, where: str = "") -> None:
+    """Refuse, in one line, the first of ``values`` (fields of ``config_class``) out of its
+    declared range or choices; ``where`` (e.g. "f.toml: run 'a'") starts the message."""
+    for f in declared_fields(config_class):
+        value = values.get(f.name)
+        declared = f.metadata[OPTION]
+        why = None
+        if declared.range is not None and not isinstance(value, bool) \
+                and isinstance(value, int | float):
+            why = declared.range.refusal(declared.flag_of(f.name), value)
+        elif declared.choices is not None and value is not None \
+                and value not in declared.choices_now():
+            why = f"{declared.flag_of(f.name)} must be one of {', '.join(declared.choices_now())}"
+        if why:
+            raise UserError(f"{where}: {why}" if where else why)
+
+
+def click_type(declared: Declaration, default):
+    """The click type of a declared option: its range or choices, else its plain type."""
+    import click
+
+    kind = declared.kind or (type(default) if default is not None else str)
+    if declared.choices is not None:
+        return click.Choice(declared.choices_now())
+    if declared.range is None:
+        return kind
+    span = declared.range
+    if kind is int:
+        return click.IntRange(min=span.low, max=span.high, min_open=span.low_open,
+                              max_open=span.high_open)
+    return click.FloatRange(min=span.low, max=span.high, min_open=span.low_open,
+                            max_open=span.high_open)
+
+
+def click_option(f):
+    """The ``click.option`` decorator of one declared field (its parameter is the field's name)."""
+    import click
+
+    declared = f.metadata[OPTION]
+    default = None if f.default is MISSING else f.default
+    flag = declared.flag_of(f.name)
+    show = declared.show_default
+    if show is None:
+        show = default is not None and default is not False
+    if isinstance(default, bool) or declared.kind is bool:
+        decls = [f"{flag}/--no-{flag[2:]}"] if declared.negatable else [flag]
+        return click.option(*decls, *declared.aliases, f.name, is_flag=True,
+                            default=bool(default), show_default=show, help=declared.help)
+    return click.option(flag, *declared.aliases, f.name, type=click_type(declared, default),
+                        default=default, show_default=show, help=declared.help,
+                        metavar=declared.metavar)
+
+
+def options_from(config_class, exclude=()):
+    """A decorator adding the click options of every declared field of ``config_class`` (less
+    ``exclude``), in field order, each passed to the command under its field's name."""
+    def decorate(command):
+        for f in reversed(declared_fields(config_class, exclude)):
+            command = click_option(f)(command)
+        return command
+    return decorate

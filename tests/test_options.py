@@ -1,0 +1,106 @@
+"""Every generated CLI option says what its config field declares (cache/options.py): one
+declaration per option, so --help, the CLI's defaults and the configs cannot drift apart."""
+
+from dataclasses import MISSING, dataclass
+
+import click
+import click.testing
+import pytest
+
+from align.evaluate import EvalConfig
+from align.reports.embedding import EmbeddingConfig
+from align.reports.misalignment import MisalignmentConfig
+from align.train import TrainConfig
+from cache.options import OPTION, Range, declared_fields, option, options_from
+from cli import cli
+
+# (command path, its config class): every command whose options are generated from a config
+GENERATED = [(("train-heads",), TrainConfig), (("evaluate",), EvalConfig),
+             (("analyze", "embedding"), EmbeddingConfig),
+             (("analyze", "misalignment"), MisalignmentConfig)]
+
+
+def command_at(path):
+    command = cli
+    for name in path:
+        command = command.commands[name]
+    return command
+
+
+def disagreements(command: click.Command, config_class) -> list[str]:
+    """How the options of ``command`` differ from the declarations of ``config_class``."""
+    params = {p.name: p for p in command.params}
+    found = []
+    for f in declared_fields(config_class):
+        declared, param = f.metadata[OPTION], params.get(f.name)
+        if param is None:
+            found.append(f"{f.name}: no option")
+            continue
+        default = None if f.default is MISSING else f.default
+        if param.default != default:
+            found.append(f"{f.name}: option default {param.default!r}, field {default!r}")
+        if param.help != declared.help:
+            found.append(f"{f.name}: option help {param.help!r}, field {declared.help!r}")
+        if declared.flag_of(f.name) not in param.opts:
+            found.append(f"{f.name}: flag {param.opts}, declared {declared.flag_of(f.name)}")
+        if declared.range is not None:
+            kind = param.type
+            span = (getattr(kind, "min", "?"), getattr(kind, "max", "?"),
+                    getattr(kind, "min_open", "?"), getattr(kind, "max_open", "?"))
+            wanted = (declared.range.low, declared.range.high, declared.range.low_open,
+                      declared.range.high_open)
+            if span != wanted:
+                found.append(f"{f.name}: option range {span}, field {wanted}")
+        if declared.choices is not None and \
+                tuple(getattr(param.type, "choices", ())) != declared.choices_now():
+            found.append(f"{f.name}: option choices {getattr(param.type, 'choices', None)}, "
+                         f"field {declared.choices_now()}")
+    return found
+
+
+@pytest.mark.parametrize("path, config_class", GENERATED, ids=lambda v: str(v))
+def test_every_option_is_its_fields_declaration(path, config_class):
+    assert disagreements(command_at(path), config_class) == []
+
+
+def test_no_option_default_disagrees_with_a_config_field():
+    """Hand-written options too: an option named like a field of the command's config has
+    the field's default (the K drift: 5 on the command, 1 in the config)."""
+    from dataclasses import fields
+
+    for path, config_class in GENERATED:
+        defaults = {f.name: f.default for f in fields(config_class) if f.default is not MISSING}
+        for param in command_at(path).params:
+            if param.name in defaults and param.default is not None:
+                assert param.default == defaults[param.name], (path, param.name)
+
+
+@dataclass
+class Toy:
+    shot: int = option(5, help="K.", range=Range(1), flag="--shots")
+    mode: str = option("a", choices=("a", "b"))
+
+
+def test_the_check_catches_a_hand_written_option_that_drifted():
+    @click.command()
+    @click.option("--shots", "shot", type=click.IntRange(min=0), default=1, help="K!")
+    @click.option("--mode", type=click.Choice(["a", "c"]), default="a")
+    def drifted(shot, mode):
+        pass
+
+    found = disagreements(drifted, Toy)
+    assert any("default 1" in f for f in found) and any("help" in f for f in found)
+    assert any("range" in f for f in found) and any("choices" in f for f in found)
+
+
+def test_a_generated_command_parses_into_the_config():
+    @click.command()
+    @options_from(Toy)
+    def toy(**values):
+        click.echo(repr(Toy(**values)))
+
+    assert disagreements(toy, Toy) == []
+    runner = click.testing.CliRunner()
+    assert runner.invoke(toy, []).output.strip() == repr(Toy())
+    assert "Toy(shot=3, mode='b')" in runner.invoke(toy, ["--shots", "3", "--mode", "b"]).output
+    assert runner.invoke(toy, ["--shots", "0"]).exit_code == 2
