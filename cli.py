@@ -24,7 +24,12 @@ import click  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from align.models import head_names  # noqa: E402
+from align.models import (  # noqa: E402
+    check_head_options,
+    describe_heads,
+    head_names,
+    parse_head_options,
+)
 from align.options import click_type  # noqa: E402
 from cache import FeatureCache, UserError, format_info  # noqa: E402
 from cache.codecs import CODECS  # noqa: E402
@@ -248,6 +253,12 @@ def adapt_backbone(device, **options):
 
 
 # ------------------------------------------------------------------------------------ train-heads
+@cli.command()
+def heads():
+    """List the heads and their own options (train-heads --head-option KEY=VALUE)."""
+    click.echo(describe_heads())
+
+
 PRELOAD_CHOICES = click.Choice(["auto", "ram", "device", "none"])
 HEAD_CHOICES = click.Choice(head_names())
 
@@ -256,11 +267,9 @@ HEAD_CHOICES = click.Choice(head_names())
 @click.option("--cache", "cache_path", default=None,
               help="Feature cache [default: the most recently extracted one].")
 @click.option("--head", default="ta2n", show_default=True, type=HEAD_CHOICES)
-@click.option("--ttm/--no-ttm", default=True, show_default=True, help="Temporal transform.")
-@click.option("--tc/--no-tc", default=True, show_default=True, help="Temporal coordination.")
-@click.option("--sc/--no-sc", default=True, show_default=True, help="Spatial coordination.")
-@click.option("--sc-mode", default="mask", show_default=True,
-              type=click.Choice(["mask", "grid", "enumerate"]))
+@click.option("--head-option", "head_option_pairs", multiple=True, metavar="KEY=VALUE",
+              help="One of the head's own options (repeatable), e.g. ttm=false or "
+                   "sc_mode=grid for TA2N; `python cli.py heads` lists them.")
 @click.option("--shots", type=click_type("shot"),
               default=5, show_default=True, help="K support videos per class.")
 @click.option("--way", type=click_type("way"),
@@ -326,11 +335,14 @@ HEAD_CHOICES = click.Choice(head_names())
               help="Run directory [default: runs/<dataset>-<head>-<K>shot-<timestamp>].")
 @click.option("--resume", default=None, metavar="RUN_DIR",
               help="Continue a killed or interrupted run exactly (its saved config is used).")
-def train_heads(cache_path, head, shots, device, resume, **options):
+def train_heads(cache_path, head, head_option_pairs, shots, device, resume, **options):
     """Phase two: train the alignment heads episodically from a cache."""
     from align.train import TrainConfig, format_summary, train
 
-    cfg = TrainConfig(cache=cache_path, head=head, shot=shots, **options)
+    head_options = check_head_options(head, parse_head_options(head_option_pairs),
+                                      parse_text=True)
+    cfg = TrainConfig(cache=cache_path, head=head, head_options=head_options, shot=shots,
+                      **options)
     summary = train(None if resume else cfg, device=pick_device(device), resume=resume,
                     log=click.echo)
     click.echo(format_summary(summary))

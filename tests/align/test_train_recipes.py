@@ -156,7 +156,8 @@ def test_early_stopping_stops_keeps_the_best_and_says_why(tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     cache = make_synth(tmp_path / "tiny.zarr")
     messages = []
-    cfg = TrainConfig(cache=cache, out=str(tmp_path / "run"), sc=False, shot=1, queries=2,
+    cfg = TrainConfig(cache=cache, out=str(tmp_path / "run"), head_options={"sc": False}, shot=1,
+                      queries=2,
                       epochs=40, episodes_per_epoch=2, val_episodes=4, patience=2)
     summary = train(cfg, device=torch.device("cpu"), progress=False, log=messages.append)
     history = summary["history"]
