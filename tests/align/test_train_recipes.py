@@ -185,7 +185,8 @@ def test_train_heads_with_only_shots_stops_by_itself(tmp_path, monkeypatch, make
     monkeypatch.chdir(tmp_path)
     make_synth(tmp_path / "caches" / "tiny.zarr", videos_per_class=10)
     result = CliRunner().invoke(cli.cli, [
-        "train-heads", "--shots", "5", "--queries", "1", "--no-sc", "--episodes-per-epoch", "2",
+        "train-heads", "--shots", "5", "--queries", "1", "--head-option", "sc=false",
+        "--episodes-per-epoch", "2",
         "--val-episodes", "3", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "recipe fast: adam" in result.output
