@@ -43,7 +43,7 @@ from align.evaluate import EvalConfig, evaluate
 from align.models import HEADS, check_head_options, head_class, head_names
 from align.runs import RUNS_ROOT, HeadSource, load_head_source
 from align.stats import PAIRED_EPISODES, PAIRED_SEEDS, format_p, paired_test, seed_spread
-from align.train import TrainConfig, check_ranges, train
+from align.train import TrainConfig, check_ranges, train, upgrade_train_payload
 from cache import FeatureCache, UserError
 from cache.atomic import atomic_path, write_json, write_text
 from cache.latest import latest_cache
@@ -506,6 +506,8 @@ def run_state(plan: RunPlan) -> str:
     try:
         record = json.loads(record_path.read_text())
         requested = record["requested"]
+        if isinstance(requested.get("options"), dict):  # TA2N's switches before head_options
+            requested = {**requested, "options": upgrade_train_payload(requested["options"])}
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{record_path} is damaged ({e}); use another --out") from None
     diff = _differences(requested, plan.requested)

@@ -5,6 +5,7 @@ load and mean the same."""
 
 import inspect
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 import cli
 from align.checkpoints import CHECKPOINT_FORMAT, load_head, load_head_checkpoint
 from align.models import HEADS, build_head, check_head_options, parse_head_options
-from align.sweep import RunSpec, SweepConfig, load_spec, plan_runs
+from align.sweep import RUN_FILE, RunSpec, SweepConfig, load_spec, plan_runs, run_state
 from align.train import TrainConfig, train
 from cache import UserError
 from cache.torch_files import save_tensors
@@ -97,6 +98,19 @@ def test_sweep_set_head_options_reach_the_heads_that_declare_them(tmp_path):
     typo = SweepConfig(overrides={"head_options": {"sc_mod": "grid"}})
     assert "no head of this sweep (protonet, ta2n) has option 'sc_mod'" in one_line(
         lambda: plan_runs(spec, typo, str(tmp_path / "c.zarr"), tmp_path / "out"))
+
+
+def test_a_sweep_run_recorded_with_the_old_switches_is_the_same_run(tmp_path):
+    plans = plan_runs(load_spec("table3"), SweepConfig(), str(tmp_path / "c.zarr"), tmp_path)
+    plan = next(p for p in plans if p.name == "TC + SC")
+    options = dict(plan.requested["options"])
+    old = {**{k: v for k, v in options.items() if k != "head_options"},
+           **options["head_options"]}  # {"head": "ta2n", "ttm": False, "tc": True, ...}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / RUN_FILE).write_text(json.dumps({"requested": {**plan.requested,
+                                                              "options": old}}))
+    assert run_state(replace(plan, run_dir=str(run_dir))) == "new"  # not "other options"
 
 
 def test_sweep_file_head_options_merge_over_the_defaults(tmp_path):
