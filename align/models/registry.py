@@ -1,5 +1,6 @@
 """The head registry: one explicit dict from a head's name (``--head``) to its class. Adding a
-head is one module under ``align/models/`` and one line here; the CLI's choices come from it.
+head is one module under ``align/models/`` and one line here; the CLI's choices come from it,
+and a head's own options from its class's ``OPTIONS`` (``check_head_options``, ``describe_heads``).
 """
 
 from __future__ import annotations
