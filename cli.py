@@ -25,7 +25,12 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from align.evaluate import EvalConfig  # noqa: E402
-from align.models import head_names  # noqa: E402
+from align.models import (  # noqa: E402
+    check_head_options,
+    describe_heads,
+    head_names,
+    parse_head_options,
+)
 from align.options import DEFAULT_SHOT, DEFAULT_WAY  # noqa: E402
 from align.reports.configs import EmbeddingConfig, MisalignmentConfig  # noqa: E402
 from align.train import TrainConfig  # noqa: E402
@@ -252,6 +257,12 @@ def adapt_backbone(device, **options):
 
 
 # ------------------------------------------------------------------------------------ train-heads
+@cli.command()
+def heads():
+    """List the heads and their own options (train-heads --head-option KEY=VALUE)."""
+    click.echo(describe_heads())
+
+
 PRELOAD_CHOICES = click.Choice(["auto", "ram", "device", "none"])
 HEAD_CHOICES = click.Choice(head_names())
 
@@ -260,19 +271,20 @@ HEAD_CHOICES = click.Choice(head_names())
 @click.option("--cache", "cache_path", default=None,
               help="Feature cache [default: the most recently extracted one].")
 @options_from(TrainConfig)
-@click.option("--ttm/--no-ttm", default=True, show_default=True, help="Temporal transform.")
-@click.option("--tc/--no-tc", default=True, show_default=True, help="Temporal coordination.")
-@click.option("--sc/--no-sc", default=True, show_default=True, help="Spatial coordination.")
-@click.option("--sc-mode", default="mask", show_default=True,
-              type=click.Choice(["mask", "grid", "enumerate"]))
+@click.option("--head-option", "head_option_pairs", multiple=True, metavar="KEY=VALUE",
+              help="One of the head's own options (repeatable), e.g. ttm=false or "
+                   "sc_mode=grid for TA2N; `python cli.py heads` lists them.")
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
 @click.option("--resume", default=None, metavar="RUN_DIR",
               help="Continue a killed or interrupted run exactly (its saved config is used).")
-def train_heads(cache_path, device, resume, **options):
+def train_heads(cache_path, head_option_pairs, device, resume, **options):
     """Phase two: train the alignment heads episodically from a cache."""
     from align.train import format_summary, train
 
-    cfg = TrainConfig(cache=cache_path, **options)
+    head_options = check_head_options(options["head"],
+                                      parse_head_options(head_option_pairs),
+                                      parse_text=True)
+    cfg = TrainConfig(cache=cache_path, head_options=head_options, **options)
     summary = train(None if resume else cfg, device=pick_device(device), resume=resume,
                     log=click.echo)
     click.echo(format_summary(summary))

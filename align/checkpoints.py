@@ -20,8 +20,11 @@ CHECKPOINT_FORMAT = "ta2n-cache/head"
 # 2: TRX's config records how it combines its cardinalities (``combine``), TARN's how it
 # compares segments (``compare``); version 1 files were all written with the L2 norm and the
 # product, and load with them (``upgrade_config``)
-CHECKPOINT_VERSION = 2
+# 3: TA2N's switches (ttm, tc, sc, sc_mode, fast) are its head options; versions 1 and 2 kept
+# them at the top level of every head's config (other heads recorded them as off)
+CHECKPOINT_VERSION = 3
 VERSION_1_OPTIONS = {"trx": {"combine": "norm"}, "tarn": {"compare": "mult"}}
+TA2N_SWITCHES = ("ttm", "tc", "sc", "sc_mode", "fast")  # top-level keys before version 3
 # What the authors' checkpoints do not record: the defaults of their 5-way 1-shot, 8-frame,
 # ResNet-50-at-224 (7 x 7 maps) recipe, overridable in load_head.
 AUTHORS_DEFAULTS = {"frames": 8, "height": 7, "width": 7, "shot": 1}
@@ -74,7 +77,7 @@ def load_head_checkpoint(path: str | os.PathLike, map_location="cpu", *,
         state, extra = ckpt["state_dict"], ckpt.get("extra", {})
     else:
         authors, inferred = _authors_state(ckpt, path)
-        cfg = HeadConfig(**{**AUTHORS_DEFAULTS, **inferred, **overrides}).validate()
+        cfg = HeadConfig(**{**AUTHORS_DEFAULTS, **inferred, **overrides})
         head = build_head_from_config(cfg)
         state = _authors_to_ours(authors, head, path)
         extra = {"source": "authors"}
@@ -98,12 +101,16 @@ def upgrade_config(config: dict, version: int) -> dict:
     """A stored head config as this version's code reads it, so that an older checkpoint
     rebuilds the head it was trained as: a version-1 TRX combined its cardinalities by the
     L2 norm and a version-1 TARN compared segments by their product (the defaults then; the
-    mean and the cosine + distance since version 2)."""
+    mean and the cosine + distance since version 2); before version 3 TA2N's switches were
+    top-level keys of every head's config (TA2N's become its options, the others' go)."""
     options = config.get("options", {})
+    if version >= 3 or not isinstance(options, dict):
+        return config  # HeadConfig.from_dict says what is wrong, if anything
     then = VERSION_1_OPTIONS.get(config.get("kind"), {}) if version < 2 else {}
-    if not then or not isinstance(options, dict):
-        return config
-    return {**config, "options": {**then, **options}}
+    if config.get("kind", "ta2n") == "ta2n":
+        then = {**then, **{k: config[k] for k in TA2N_SWITCHES if k in config}}
+    upgraded = {k: v for k, v in config.items() if k not in TA2N_SWITCHES}
+    return {**upgraded, "options": {**then, **options}}
 
 
 def _read(path, map_location):
@@ -164,9 +171,9 @@ def _authors_state(ckpt, path) -> tuple[dict, dict]:
     if channels is None:
         raise UserError(f"{path}: cannot tell the channel count C from the TA2N weights")
     stage2 = any(k.startswith("secondstage.") for k in head_keys)
-    inferred = dict(kind="ta2n", channels=channels,
-                    ttm=any(k.startswith("firststage.") for k in head_keys),
-                    tc=stage2, sc=stage2, sc_mode="mask")
+    switches = dict(ttm=any(k.startswith("firststage.") for k in head_keys), tc=stage2,
+                    sc=stage2, sc_mode="mask")
+    inferred = dict(kind="ta2n", channels=channels, options=switches)
     return head_keys, inferred
 
 

@@ -40,12 +40,11 @@ from joblib import Parallel, delayed
 
 from align.episodes import EpisodeSampler, Stream, save_episodes
 from align.evaluate import EvalConfig, evaluate
-from align.models import HEADS, head_class, head_names
-from align.models.acm import SC_MODES
+from align.models import HEADS, check_head_options, head_class, head_names
 from align.options import DEFAULT_SHOT, DEFAULT_WAY
 from align.runs import RUNS_ROOT, HeadSource, load_head_source
 from align.stats import PAIRED_EPISODES, PAIRED_SEEDS, format_p, paired_test, seed_spread
-from align.train import TrainConfig, check_ranges, train
+from align.train import TrainConfig, check_ranges, train, upgrade_train_payload
 from cache import FeatureCache, UserError
 from cache.atomic import atomic_path, write_json, write_text
 from cache.latest import resolve_cache
@@ -105,9 +104,9 @@ def normalise_options(raw: dict, where: str) -> dict:
     if "head" in options and options["head"] not in HEADS:
         raise UserError(f"{where}: unknown head {options['head']!r}; registered: "
                         f"{', '.join(head_names())}")
-    if "sc_mode" in options and options["sc_mode"] not in SC_MODES:
-        raise UserError(f"{where}: unknown sc_mode {options['sc_mode']!r}; choose one of "
-                        f"{', '.join(SC_MODES)}")
+    if "head_options" in options and not isinstance(options["head_options"], dict):
+        raise UserError(f"{where}: head_options must be a table of the head's options, e.g. "
+                        "head_options = {sc = false}")
     if "shot" in options and (not isinstance(options["shot"], int) or options["shot"] < 1):
         raise UserError(f"{where}: shots must be a positive integer, got {options['shot']!r}")
     check_ranges(TrainConfig, options, where)  # train-heads' ranges, from one declaration
@@ -115,17 +114,52 @@ def normalise_options(raw: dict, where: str) -> dict:
 
 
 def parse_assignments(pairs: list[str] | tuple[str, ...]) -> dict:
-    """``--set key=value`` strings -> options; values read as JSON (6, 0.01, true), else text."""
-    raw = {}
+    """``--set key=value`` strings -> options; values read as JSON (6, 0.01, true), else text.
+    ``head_options.KEY=VALUE`` sets one of the head's own options (``cli.py heads``)."""
+    raw: dict = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise UserError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set epochs=6")
         try:
-            raw[key.strip()] = json.loads(text)
+            value = json.loads(text)
         except json.JSONDecodeError:
-            raw[key.strip()] = text
+            value = text
+        prefix, dot, option = key.replace("-", "_").partition(".")
+        if dot and prefix == "head_options":
+            raw.setdefault("head_options", {})[option] = value
+        else:
+            raw[key] = value
     return normalise_options(raw, "--set")
+
+
+def run_options(run: RunSpec, overrides: dict) -> dict:
+    """A run's train-heads options with ``--set``'s over them. ``--set``'s head options go to
+    the runs whose head declares them (``sweep table3 --set head_options.sc_mode=grid`` leaves
+    the ProtoNet row as it is); one that no run's head declares is refused in ``_check_set``."""
+    options = {**run.options, **overrides}
+    head = options.get("head", TrainConfig.head)
+    declared = {o.name for o in head_class(head).OPTIONS}
+    mine = {k: v for k, v in overrides.get("head_options", {}).items() if k in declared}
+    head_options = {**run.options.get("head_options", {}), **mine}
+    options.pop("head_options", None)
+    if head_options:
+        try:
+            options["head_options"] = check_head_options(head, head_options)
+        except UserError as e:
+            raise UserError(f"--set: run {run.name!r}: {e}") from None
+    return options
+
+
+def _check_set(spec: SweepSpec, overrides: dict) -> None:
+    """Refuse ``--set head_options.X`` that no run's head declares (a typo would do nothing)."""
+    heads = {r.options.get("head", overrides.get("head", TrainConfig.head)) for r in spec.runs}
+    declared = {o.name for h in heads for o in head_class(h).OPTIONS}
+    unknown = sorted(set(overrides.get("head_options", {})) - declared)
+    if unknown:
+        raise UserError(f"--set: no head of this sweep ({', '.join(sorted(heads))}) has option "
+                        f"{unknown[0]!r}; their options: {', '.join(sorted(declared))}")
 
 
 # ------------------------------------------------------------------------------ the spec
@@ -156,7 +190,7 @@ class SweepSpec:
 
 
 def _ta2n(ttm: bool, tc: bool, sc: bool) -> dict:
-    return {"head": "ta2n", "ttm": ttm, "tc": tc, "sc": sc}
+    return {"head": "ta2n", "head_options": {"ttm": ttm, "tc": tc, "sc": sc}}
 
 
 def _heads_payload(title: str, heads: list[str], shots: list[int]) -> dict:
@@ -180,9 +214,9 @@ def preset_payload(name: str, heads: list[str] | None = None) -> dict:
             {"name": "TTM + TC + SC", **_ta2n(True, True, True), "vs": "TTM + TC"}]}
     if name == "table4":  # the paper's Table 4 (5-way 1-shot): SC's designs against the mask
         return {"title": "table4", "shots": [1], "reference": "Mask (ours)", "run": [
-            {"name": "Enumerate", "head": "ta2n", "sc_mode": "enumerate"},
-            {"name": "Grid-based", "head": "ta2n", "sc_mode": "grid"},
-            {"name": "Mask (ours)", "head": "ta2n", "sc_mode": "mask"}]}
+            {"name": name, "head": "ta2n", "head_options": {"sc_mode": mode}}
+            for name, mode in (("Enumerate", "enumerate"), ("Grid-based", "grid"),
+                               ("Mask (ours)", "mask"))]}
     if name == "heads":
         return _heads_payload("heads", heads or ["protonet", "otam", "ta2n"], [1])
     if name == "table2":
@@ -266,6 +300,13 @@ def _parse_run(entry, index: int, defaults: dict, where: str) -> RunSpec:
     if not isinstance(name, str) or not name.strip():
         raise UserError(f"{where}: run {index + 1} needs a name (name = \"...\")")
     options = {**defaults, **normalise_options(entry, f"{where}: run {name!r}")}
+    head_options = {**defaults.get("head_options", {}), **options.get("head_options", {})}
+    if head_options or "head_options" in options:  # checked against the run's own head
+        try:
+            options["head_options"] = check_head_options(options.get("head", "ta2n"),
+                                                         head_options)
+        except UserError as e:
+            raise UserError(f"{where}: run {name!r}: {e}") from None
     return RunSpec(name=name.strip(), options=options, vs=vs)
 
 
@@ -380,9 +421,10 @@ def plan_runs(spec: SweepSpec, cfg: SweepConfig, cache_path: str, out: Path) -> 
     """Every (row, K, seed) of the sweep as a ``RunPlan``, rows first, seeds inner."""
     keys = row_keys(spec, cfg)
     total = len(keys) * len(cfg.seeds)
+    _check_set(spec, cfg.overrides)
     plans = []
     for run, shot in keys:
-        options = {"way": cfg.way, **run.options, **cfg.overrides}
+        options = {"way": cfg.way, **run_options(run, cfg.overrides)}
         options.pop("shot", None)
         head = options.get("head", TrainConfig.head)
         for seed in cfg.seeds:
@@ -465,6 +507,8 @@ def run_state(plan: RunPlan) -> str:
     try:
         record = json.loads(record_path.read_text())
         requested = record["requested"]
+        if isinstance(requested.get("options"), dict):  # TA2N's switches before head_options
+            requested = {**requested, "options": upgrade_train_payload(requested["options"])}
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{record_path} is damaged ({e}); use another --out") from None
     diff = _differences(requested, plan.requested)
@@ -859,7 +903,7 @@ def _caption(summary: dict) -> str:
     test = summary["test"]
     shots = sorted({r["shot"] for r in summary["rows"]})
     budget = ", ".join(f"{k}={v}" for k, v in sorted(summary["shared_options"].items())
-                       if k not in ("head", "ttm", "tc", "sc", "sc_mode"))
+                       if k not in ("head", "head_options"))
     return (f"Sweep `{summary['title']}` on `{summary['cache']}`: {test['way']}-way "
             f"{'/'.join(map(str, shots))}-shot {test['split']} accuracy (%), every run scored "
             f"on the same {test['episodes']} saved episodes per seed (Q = {test['queries']}); "

@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +32,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from align.checkpoints import load_head_checkpoint, save_head
+from align.checkpoints import (
+    CHECKPOINT_VERSION,
+    TA2N_SWITCHES,
+    load_head_checkpoint,
+    save_head,
+    upgrade_config,
+)
 from align.episodes import EpisodeSampler, Stream
 from align.evaluate import autocast, compact_attrs, run_episodes, score
 from align.feed import PRELOAD_CHOICES, Feeder
-from align.models import build_head, head_names
+from align.models import build_head, check_head_options, head_names
 from align.options import DEFAULT_SHOT, DEFAULT_WAY
 from align.runs import (
     check_head_fits,
@@ -80,6 +86,7 @@ DEFAULT_RECIPE = "ucf101"  # the paper recipe of a dataset it does not know
 FAST_RECIPE = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="cosine", warmup=0,
                    dropout=0.5, tasks_per_batch=1, epochs=15, val_every=1, patience=5)
 RECIPE_NAMES = ("fast", "paper")
+OLD_TA2N_FIELDS = ("ttm", "tc", "sc", "sc_mode")  # TrainConfig fields before head_options
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("step", "cosine", "constant")
 
@@ -90,16 +97,14 @@ class TrainConfig:
 
     Each field's meaning, default and range is its ``option(...)`` declaration below, the one
     text ``python cli.py train-heads --help`` shows (cache/options.py). The fields left at None
-    are filled from the recipe by ``resolve``; ttm, tc, sc, sc_mode are TA2N's ablation
-    switches; dataset is the cache's, recorded by ``resolve``.
+    are filled from the recipe by ``resolve``; head_options are the head's own
+    options (its ``OPTIONS``, e.g. TA2N's ttm, tc, sc, sc_mode: Table 3's and 4's switches;
+    missing ones take the head's defaults); dataset is the cache's, recorded by ``resolve``.
     """
 
     cache: str | None = None
     head: str = option("ta2n", choices=head_names)
-    ttm: bool = True
-    tc: bool = True
-    sc: bool = True
-    sc_mode: str = "mask"
+    head_options: dict = field(default_factory=dict)
     way: int = option(DEFAULT_WAY, help="N classes per episode.", range=Range(2))
     shot: int = option(DEFAULT_SHOT, help="K support videos per class.", range=Range(1),
                        flag="--shots")
@@ -223,6 +228,7 @@ class TrainConfig:
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise UserError(f"--{name.replace('_', '-')} must be a number >= 0, not {value}")
         check_ranges(TrainConfig, asdict(self))
+        check_head_options(self.head, self.head_options)
 
     @classmethod
     def from_json(cls, payload: dict, where: str = "config.json") -> TrainConfig:
@@ -230,6 +236,7 @@ class TrainConfig:
         edited or damaged file) are refused in one line naming the field."""
         if not isinstance(payload, dict):
             raise UserError(f"{where}: the training config must be a JSON object")
+        payload = upgrade_train_payload(payload)
         values = {}
         for f in fields(cls):
             if f.name not in payload:
@@ -243,6 +250,18 @@ class TrainConfig:
         return cls(**values)
 
 
+def upgrade_train_payload(payload: dict) -> dict:
+    """A stored training config as this code reads it: runs before heads declared their own
+    options kept TA2N's switches (ttm, tc, sc, sc_mode) as top-level fields for every head;
+    TA2N's become its ``head_options``, the other heads' (unused) go."""
+    old = {k: payload[k] for k in OLD_TA2N_FIELDS if k in payload}
+    if not old or "head_options" in payload:
+        return payload
+    upgraded = {k: v for k, v in payload.items() if k not in OLD_TA2N_FIELDS}
+    upgraded["head_options"] = old if payload.get("head", "ta2n") == "ta2n" else {}
+    return upgraded
+
+
 def _json_fits(value, annotation: str) -> bool:
     """Whether a JSON value fits a TrainConfig field's annotation ("int | None", "bool" ...)."""
     kinds = [kind.strip() for kind in annotation.split("|")]
@@ -254,6 +273,8 @@ def _json_fits(value, annotation: str) -> bool:
         return "int" in kinds or "float" in kinds
     if isinstance(value, float):
         return "float" in kinds
+    if isinstance(value, dict):
+        return "dict" in kinds
     return isinstance(value, str) and "str" in kinds
 
 
@@ -462,7 +483,7 @@ def open_run(cfg: TrainConfig | None, resume: str | None, log) -> tuple:
                             "another --out")
         c, t, h, w = cache.shape
         head = build_head(cfg.head, channels=c, frames=t, height=h, width=w, shot=cfg.shot,
-                          seed=cfg.seed, ttm=cfg.ttm, tc=cfg.tc, sc=cfg.sc, sc_mode=cfg.sc_mode)
+                          seed=cfg.seed, options=cfg.head_options)
     check_head_fits(_head_config(head), cache)
     if state is not None:
         warning = check_same_features(state.get("features"),
@@ -502,7 +523,9 @@ def resumed_config(run_dir: Path, state: dict, head_config: dict
                                 "checkpoint is what would be trained: restore config.json, or "
                                 "start a new run with --out")
     head_saved = saved.get("head")
-    if isinstance(head_saved, dict):
+    if isinstance(head_saved, dict):  # a run's config.json records no checkpoint version
+        old_layout = any(k in head_saved for k in TA2N_SWITCHES)
+        head_saved = upgrade_config(head_saved, 2 if old_layout else CHECKPOINT_VERSION)
         for key, value in head_saved.items():
             if key in head_config and value != head_config[key]:
                 raise UserError(f"{run_dir}/config.json says head.{key} = {value!r}, but last.pt "

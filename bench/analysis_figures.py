@@ -83,7 +83,8 @@ def misalignment_figures(work: Path, out: Path, channels: int) -> None:
 
 def trained_head(cache: str, work: Path, args) -> str:
     """A ta2n head (TTM + TC unless --sc) trained briefly: SGD, lr halved every epochs/2."""
-    cfg = TrainConfig(cache=cache, head="ta2n", sc=args.sc, way=5, shot=1, queries=5,
+    cfg = TrainConfig(cache=cache, head="ta2n", head_options={"sc": args.sc},
+                      way=5, shot=1, queries=5,
                       recipe="paper", epochs=args.epochs, episodes_per_epoch=100, lr=args.lr,
                       lr_step=max(1, args.epochs // 2),
                       lr_gamma=0.5, val_every=args.epochs, val_episodes=100, preload="ram",

@@ -128,7 +128,8 @@ def run_config(cache: str, out: Path, candidate: str, seed: int, episodes: int,
     if values["recipe"] == "paper":
         # the paper's synthetic schedule (x0.5 every 5 epochs of 200) in 100-episode epochs
         values.setdefault("lr_step", 10)
-    return TrainConfig(cache=cache, out=str(out), sc=sc, way=5, shot=1, queries=5, seed=seed,
+    return TrainConfig(cache=cache, out=str(out), head_options={"sc": sc},
+                       way=5, shot=1, queries=5, seed=seed,
                        epochs=episodes // EPISODES_PER_EPOCH,
                        episodes_per_epoch=EPISODES_PER_EPOCH, val_every=1,
                        val_episodes=val_episodes, patience=0, preload="ram", workers=1,

@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from align.models.head_options import Option
 from align.models.layers import at_least_fp32
 from align.models.learned import LearnedHead, positive_int
 from cache import UserError
@@ -114,6 +115,12 @@ class ARNHead(LearnedHead):
     """
 
     kind = "arn"
+    OPTIONS = (
+        Option("dim", "int", 64, "the encoder's width and the side of the pooled matrices",
+               least=16),
+        Option("sigma", "float", SIGMA, "sharpness of the power normalisation"),
+        Option("hidden", "int", 8, "width of the relation network's hidden layer", least=1),
+    )
 
     def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,
                  shot: int = 1, dim: int = 64, sigma: float = SIGMA, hidden: int = 8):

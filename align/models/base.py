@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
-from align.models.acm import SC_MODES
+from align.models.head_options import Option, check_options
 from cache import UserError
 
 
@@ -29,11 +29,10 @@ from cache import UserError
 class HeadConfig:
     """How a head was built; stored as JSON with every checkpoint and run.
 
-    ``ttm``, ``tc``, ``sc``, ``sc_mode`` and ``fast`` are TA2N's switches (other heads record
-    them as off). ``frames``, ``height`` and ``width`` record the maps the head was built for;
-    ``shot`` is K (TA2N holds multi-shot prototype weights when K > 1). ``options`` holds a
-    head's own hyperparameters beyond these fields (JSON values, passed to its ``from_config``;
-    empty: the head's defaults).
+    Only what every head has: ``frames``, ``height`` and ``width`` record the maps the head was
+    built for; ``shot`` is K (TA2N holds multi-shot prototype weights when K > 1). ``options``
+    holds the head's own hyperparameters, as its class declares them (``Head.OPTIONS``; JSON
+    values; a missing one takes its declared default). A head's ``config`` records every one.
     """
 
     kind: str = "ta2n"
@@ -42,17 +41,14 @@ class HeadConfig:
     height: int = 7
     width: int = 7
     shot: int = 1
-    ttm: bool = True
-    tc: bool = True
-    sc: bool = True
-    sc_mode: str = "mask"
-    fast: bool = True
     options: dict = field(default_factory=dict)
 
     def validate(self) -> HeadConfig:
-        """Checks what a config can check alone; the registry checks ``kind``."""
-        if self.sc_mode not in SC_MODES:
-            raise UserError(f"unknown SC mode {self.sc_mode!r}; choose one of {list(SC_MODES)}")
+        """Checks what a config can check alone; the registry checks ``kind`` and the head's
+        class its ``options``."""
+        if not isinstance(self.options, dict):
+            raise UserError(f"head options must be a mapping of names to values, not "
+                            f"{self.options!r}")
         sizes = {k: getattr(self, k) for k in ("channels", "frames", "height", "width", "shot")}
         bad = {k: v for k, v in sizes.items() if int(v) < 1}
         if bad:
@@ -93,6 +89,9 @@ class Head(nn.Module):
         explain(support, query, way, shot) -> dict of detached intermediates (eval, no grad).
         decay(): the per-epoch schedule step of a head's own (TA2N halves SC's perturbation).
         trainable: whether the head has parameters that learn.
+        OPTIONS: the head's own hyperparameters (``Option``: name, type, default, help,
+            choices / least), keyword arguments of its ``__init__`` after the sizes; the
+            resolved values are kept in ``self.options``.
         config: the ``HeadConfig`` that rebuilds it (``from_config``).
         reset_parameters(generator): the seeded initialisation.
 
@@ -107,23 +106,35 @@ class Head(nn.Module):
     kind: str = ""
     training_free: bool = False  # True: evaluate can score it without train-heads
     precomputes: bool = False  # True: evaluate scores episodes from per-video states
+    OPTIONS: tuple[Option, ...] = ()
 
     def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,
                  shot: int = 1):
         super().__init__()
         self.channels, self.frames, self.height, self.width = channels, frames, height, width
         self.shot = shot
+        self.options: dict = {}  # the resolved values of OPTIONS, set by each head
+
+    @classmethod
+    def check_options(cls, options: dict, parse_text: bool = False) -> dict:
+        """``options`` checked against ``OPTIONS`` (one-line errors naming the known ones);
+        ``parse_text``: the values are CLI text, parsed by their declared types."""
+        return check_options(cls.kind, cls.OPTIONS, options, parse_text)
+
+    @classmethod
+    def default_options(cls) -> dict:
+        return {o.name: o.default for o in cls.OPTIONS}
 
     @classmethod
     def from_config(cls, cfg: HeadConfig) -> Head:
         """The head ``cfg`` describes (weights at their default init)."""
-        return cls(**cfg.sizes)
+        return cls(**cfg.sizes, **cls.check_options(cfg.options))
 
     @property
     def config(self) -> HeadConfig:
         return HeadConfig(kind=self.kind, channels=self.channels, frames=self.frames,
                           height=self.height, width=self.width, shot=self.shot,
-                          ttm=False, tc=False, sc=False)
+                          options=dict(self.options))
 
     def forward(self, support: torch.Tensor, query: torch.Tensor, way: int,
                 shot: int) -> torch.Tensor:

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from align.models.head_options import Option
 from align.models.learned import LearnedHead, frame_features, positive_int
 from cache import UserError
 
@@ -68,6 +69,11 @@ class CMNHead(LearnedHead):
     """
 
     kind = "cmn"
+    OPTIONS = (
+        Option("dim", "int", 512, "width of the projected frame features", least=1),
+        Option("saliency", "int", 8, "m, the number of saliency descriptors", least=1),
+        Option("scale", "float", 10.0, "inverse temperature of the cosine logits"),
+    )
 
     def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,
                  shot: int = 1, dim: int = 512, saliency: int = 8, scale: float = 10.0):

@@ -2,18 +2,17 @@
 hyperparameters as ``HeadConfig.options``, the checks of an episode's maps against what the
 head was built for, seeded initialisation of every layer, per-frame features and ``explain``.
 
-A head's options are the keyword arguments of its ``__init__`` after the sizes (channels,
-frames, height, width, shot); each head stores the resolved values in ``self.options`` (JSON
-values), so its config always records every hyperparameter it was built with.
+A head's options are declared on its class (``OPTIONS``) and are the keyword arguments of its
+``__init__`` after the sizes (channels, frames, height, width, shot); each head stores the
+resolved values in ``self.options`` (JSON values), so its config always records every
+hyperparameter it was built with.
 """
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-from align.models.base import Head, HeadConfig
+from align.models.base import Head
 from align.models.layers import at_least_fp32, reset_layer
 from cache import UserError
 
@@ -23,10 +22,10 @@ SIZES = ("channels", "frames", "height", "width", "shot")
 class LearnedHead(Head):
     """Base class of the heads whose hyperparameters live in ``HeadConfig.options``.
 
-    A subclass sets ``kind``, builds its layers in ``__init__`` (keyword options with defaults,
-    stored in ``self.options``), sets ``self.min_frames`` and implements ``_run(support, query,
-    way, shot, record)`` -> logits (M, way), filling ``record`` (a dict or None) with what
-    ``explain`` returns.
+    A subclass sets ``kind`` and ``OPTIONS``, builds its layers in ``__init__`` (keyword
+    options with the declared defaults, stored in ``self.options``), sets ``self.min_frames``
+    and implements ``_run(support, query, way, shot, record)`` -> logits (M, way), filling
+    ``record`` (a dict or None) with what ``explain`` returns.
 
     Args:
         channels: C of the maps.
@@ -39,31 +38,7 @@ class LearnedHead(Head):
     def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,
                  shot: int = 1):
         super().__init__(channels, frames, height, width, shot)
-        self.options: dict = {}
         self.min_frames = 1
-
-    @classmethod
-    def option_names(cls) -> list[str]:
-        """The options ``from_config`` accepts: ``__init__``'s keyword arguments after the sizes."""
-        params = inspect.signature(cls.__init__).parameters
-        return [name for name in params if name not in ("self", *SIZES)]
-
-    @classmethod
-    def from_config(cls, cfg: HeadConfig) -> LearnedHead:
-        if not isinstance(cfg.options, dict):
-            raise UserError(f"head options must be a mapping of names to values, not "
-                            f"{cfg.options!r}")
-        unknown = sorted(set(cfg.options) - set(cls.option_names()))
-        if unknown:
-            raise UserError(f"head {cls.kind!r} has no options {unknown}; its options are "
-                            f"{cls.option_names()}")
-        return cls(**cfg.sizes, **cfg.options)
-
-    @property
-    def config(self) -> HeadConfig:
-        return HeadConfig(kind=self.kind, channels=self.channels, frames=self.frames,
-                          height=self.height, width=self.width, shot=self.shot,
-                          ttm=False, tc=False, sc=False, options=dict(self.options))
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """PyTorch's default init of every layer, drawn from ``generator``, then the head's own

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from align.models.head_options import Option
 from align.models.layers import at_least_fp32
 from align.models.protonet import ProtoNetHead
 
@@ -113,11 +114,13 @@ class OTAMHead(ProtoNetHead):
     """
 
     kind = "otam"
+    OPTIONS = (Option("lam", "float", LAMBDA, "the soft-min temperature"),)
 
     def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,
                  shot: int = 1, lam: float = LAMBDA):
         super().__init__(channels, frames, height, width, shot)
-        self.lam = lam
+        self.lam = float(lam)
+        self.options = {"lam": self.lam}
 
     def score_episodes(self, support: dict, query: dict, way: int, shot: int) -> torch.Tensor:
         per_video = otam_distance(query["mean"], support["mean"], self.lam)  # (E, M, way*shot)

@@ -1,5 +1,6 @@
 """The head registry: one explicit dict from a head's name (``--head``) to its class. Adding a
-head is one module under ``align/models/`` and one line here; the CLI's choices come from it.
+head is one module under ``align/models/`` and one line here; the CLI's choices come from it,
+and a head's own options from its class's ``OPTIONS`` (``check_head_options``, ``describe_heads``).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ import torch
 from align.models.arn import ARNHead
 from align.models.base import Head, HeadConfig
 from align.models.cmn import CMNHead
-from align.models.learned import LearnedHead
 from align.models.otam import OTAMHead
 from align.models.protonet import ProtoNetHead
 from align.models.ta2n import TA2NHead
@@ -28,7 +28,6 @@ HEADS: dict[str, type[Head]] = {
     "arn": ARNHead,
     "trx": TRXHead,
 }
-SWITCHES = ("ttm", "tc", "sc", "sc_mode", "fast")  # TA2N's, in HeadConfig
 
 
 def head_names(training_free: bool | None = None) -> list[str]:
@@ -45,28 +44,35 @@ def head_class(kind: str) -> type[Head]:
 
 def build_head(kind: str = "ta2n", *, channels: int = 2048, frames: int = 8, height: int = 7,
                width: int = 7, shot: int = 1, seed: int = 0, options: dict | None = None,
-               **switches) -> Head:
+               **more_options) -> Head:
     """A fresh head of ``kind`` for (C, T, H, W) maps and ``shot``-shot episodes.
 
-    ``switches`` are TA2N's (ttm, tc, sc, sc_mode, fast); other heads ignore them. ``options``
-    are a head's own hyperparameters (``HeadConfig.options``; None: its defaults). Weights are
-    initialised from ``seed`` (PyTorch's default init, drawn from its own generator).
+    ``options`` and ``more_options`` (keywords, e.g. ``sc=False``) are the head's own
+    hyperparameters (its ``OPTIONS``; a missing one takes its default; an unknown one is a
+    one-line error). Weights are initialised from ``seed`` (PyTorch's default init, drawn from
+    its own generator).
     """
-    unknown = sorted(set(switches) - set(SWITCHES))
-    if unknown:
-        raise UserError(f"unknown head switches {unknown}; known: {list(SWITCHES)}")
-    if kind != "ta2n":
-        switches = {}
     cfg = HeadConfig(kind=kind, channels=channels, frames=frames, height=height, width=width,
-                     shot=shot, options=dict(options or {}), **switches)
+                     shot=shot, options={**(options or {}), **more_options})
     return build_head_from_config(cfg, seed=seed)
 
 
 def build_head_from_config(cfg: HeadConfig, seed: int = 0) -> Head:
     """The head a ``HeadConfig`` describes, initialised from ``seed``."""
-    cls = head_class(cfg.kind)
-    if cfg.options and not issubclass(cls, LearnedHead):
-        raise UserError(f"head {cfg.kind!r} takes no options; got {sorted(cfg.options)}")
-    head = cls.from_config(cfg.validate())
+    head = head_class(cfg.kind).from_config(cfg.validate())
     head.reset_parameters(torch.Generator().manual_seed(seed))
     return head
+
+
+def check_head_options(kind: str, options: dict, parse_text: bool = False) -> dict:
+    """``options`` checked against head ``kind``'s declared options (``Head.check_options``)."""
+    return head_class(kind).check_options(options, parse_text)
+
+
+def describe_heads() -> str:
+    """Every registered head with its options and their defaults (``cli.py heads``)."""
+    lines = []
+    for name, cls in HEADS.items():
+        lines.append(f"{name}{' (training-free)' if cls.training_free else ''}")
+        lines += [f"  {option.describe()}" for option in cls.OPTIONS] or ["  (no options)"]
+    return "\n".join(lines)

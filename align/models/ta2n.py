@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 
 from align.models import factored
-from align.models.acm import SpatialCoordination, TemporalCoordination
+from align.models.acm import SC_MODES, SpatialCoordination, TemporalCoordination
 from align.models.base import Head, HeadConfig
+from align.models.head_options import Option
 from align.models.layers import frame_cosine_distance
 from align.models.prototypes import ShotAlignment
 from align.models.ttm import TemporalTransform
@@ -42,12 +43,21 @@ class TA2NHead(Head):
     """
 
     kind = "ta2n"
+    OPTIONS = (
+        Option("ttm", "bool", True, "the temporal transform module (Table 3)"),
+        Option("tc", "bool", True, "ACM's temporal coordination (Table 3)"),
+        Option("sc", "bool", True, "ACM's spatial coordination (Table 3)"),
+        Option("sc_mode", "str", "mask", "SC's design (Table 4)", choices=SC_MODES),
+        Option("fast", "bool", True, "the exact fast forms; false: the authors' direct form"),
+    )
     PATHS = ("direct", "maps", "factored")
 
     def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,
                  shot: int = 1, ttm: bool = True, tc: bool = True, sc: bool = True,
                  sc_mode: str = "mask", fast: bool = True):
         super().__init__(channels, frames, height, width, shot)
+        if sc_mode not in SC_MODES:
+            raise UserError(f"unknown SC mode {sc_mode!r}; choose one of {list(SC_MODES)}")
         self.sc_mode, self.fast = sc_mode, fast
         self.ttm = TemporalTransform(channels) if ttm else None
         self.shots = ShotAlignment(channels, fast) if shot > 1 else None
@@ -55,17 +65,12 @@ class TA2NHead(Head):
         self.sc = SpatialCoordination(channels, sc_mode, fast) if sc else None
         self.path = "factored" if fast else "direct"
 
-    @classmethod
-    def from_config(cls, cfg: HeadConfig) -> TA2NHead:
-        return cls(**cfg.sizes, ttm=cfg.ttm, tc=cfg.tc, sc=cfg.sc, sc_mode=cfg.sc_mode,
-                   fast=cfg.fast)
-
     @property
     def config(self) -> HeadConfig:
+        options = dict(ttm=self.ttm is not None, tc=self.tc is not None, sc=self.sc is not None,
+                       sc_mode=self.sc_mode, fast=self.fast)  # fast follows set_path
         return HeadConfig(kind="ta2n", channels=self.channels, frames=self.frames,
-                          height=self.height, width=self.width, shot=self.shot,
-                          ttm=self.ttm is not None, tc=self.tc is not None,
-                          sc=self.sc is not None, sc_mode=self.sc_mode, fast=self.fast)
+                          height=self.height, width=self.width, shot=self.shot, options=options)
 
     def set_fast(self, fast: bool) -> TA2NHead:
         """Switch between the fast forms and the direct form (same weights, same results)."""

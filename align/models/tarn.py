@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from align.models.head_options import Option
 from align.models.learned import LearnedHead, frame_features, positive_int
 from cache import UserError
 
@@ -70,6 +71,11 @@ class TARNHead(LearnedHead):
     """
 
     kind = "tarn"
+    OPTIONS = (
+        Option("hidden", "int", 256, "GRU width (per direction for the embedding)", least=1),
+        Option("compare", "str", "euccos", "how a query segment meets its aligned support "
+               "segment", choices=COMPARE),
+    )
 
     def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,
                  shot: int = 1, hidden: int = 256, compare: str = "euccos"):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from align.models.head_options import Option
 from align.models.learned import LearnedHead, frame_features, positive_int
 from cache import UserError
 
@@ -60,6 +61,12 @@ class TRNHead(LearnedHead):
     """
 
     kind = "trn"
+    OPTIONS = (
+        Option("dim", "int", 256, "embedding width", least=1),
+        Option("bottleneck", "int", 256, "hidden width of each scale's MLP", least=1),
+        Option("frame_dim", "int", 256, "width of the per-frame projection", least=1),
+        Option("tuples", "int", 3, "tuples per scale (0: all)", least=0),
+    )
 
     def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,
                  shot: int = 1, dim: int = 256, bottleneck: int = 256, frame_dim: int = 256,

@@ -40,6 +40,7 @@ import math
 import torch
 from torch import nn
 
+from align.models.head_options import Option
 from align.models.learned import LearnedHead, frame_features, positive_int
 from cache import UserError
 
@@ -122,6 +123,12 @@ class TRXHead(LearnedHead):
     """
 
     kind = "trx"
+    OPTIONS = (
+        Option("dim", "int", 1152, "width of keys and values", least=1),
+        Option("sets", "ints", [2, 3], "the tuple cardinalities", least=1),
+        Option("combine", "str", "mean", "how the cardinalities' distances make one logit",
+               choices=COMBINE),
+    )
 
     def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,
                  shot: int = 1, dim: int = 1152, sets: list[int] | tuple[int, ...] = (2, 3),

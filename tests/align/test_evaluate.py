@@ -162,7 +162,7 @@ def test_cli_synth_train_evaluate_end_to_end(tmp_path, monkeypatch):
         "--train-classes", "6", "--test-classes", "6")
     out = run("train-heads", "--shots", "1", "--queries", "2", "--epochs", "1",
               "--episodes-per-epoch", "4", "--tasks-per-batch", "2", "--val-episodes", "5",
-              "--no-sc", "--out", "runs/tiny")
+              "--head-option", "sc=false", "--out", "runs/tiny")
     assert "caches/synthetic.zarr (the most recently written one, synthetic)" in out
     assert "preload auto -> ram" in out
     out = run("evaluate", "--episodes", "20")

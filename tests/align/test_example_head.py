@@ -28,11 +28,12 @@ def test_documented_example_head_trains_and_reloads(tmp_path, monkeypatch, make_
     monkeypatch.setitem(registry.HEADS, head_cls.kind, head_cls)
     monkeypatch.chdir(tmp_path)
     cache = make_synth(tmp_path / "synth.zarr")
-    cfg = TrainConfig(cache=cache, out=str(tmp_path / "run"), head=head_cls.kind, shot=1,
-                      queries=2, epochs=2, episodes_per_epoch=4, tasks_per_batch=2, lr=0.1,
-                      val_every=1, val_episodes=3)
+    cfg = TrainConfig(cache=cache, out=str(tmp_path / "run"), head=head_cls.kind,
+                      head_options={"init": 0.5}, shot=1, queries=2, epochs=2,
+                      episodes_per_epoch=4, tasks_per_batch=2, lr=0.1, val_every=1,
+                      val_episodes=3)
     summary = train(cfg, **QUIET)
     assert summary["epochs_done"] == 2
     head = load_head(tmp_path / "run" / "last.pt")
-    assert isinstance(head, head_cls)
-    assert not torch.equal(head.scale, torch.ones_like(head.scale))  # it learnt something
+    assert isinstance(head, head_cls) and head.config.options == {"init": 0.5}
+    assert not torch.equal(head.scale, torch.full_like(head.scale, 0.5))  # it learnt something

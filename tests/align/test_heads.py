@@ -13,6 +13,7 @@ from align.checkpoints import load_head, load_head_checkpoint, save_head
 from align.models import HEADS, HeadConfig, build_head, build_head_from_config
 from align.models.otam import cumulative_alignment
 from align.models.prototypes import ShotAlignment
+from align.models.ta2n import TA2NHead
 from cache import UserError
 
 
@@ -79,13 +80,15 @@ def test_ta2n_shapes_and_gradients(switches, shot, size):
 
 @pytest.mark.parametrize("kind", ["protonet", "otam"])
 def test_baselines_shapes_and_no_parameters(kind):
-    head = build_head(kind, channels=8, frames=5, height=4, width=4, shot=2,
-                      ttm=True, tc=True, sc=True, sc_mode="mask")  # switches are ignored
+    head = build_head(kind, channels=8, frames=5, height=4, width=4, shot=2)
     support, query = episode(way=4, shot=2, queries=3, c=8, t=5)
     logits = head(support, query, 4, 2)
     assert logits.shape == (3, 4) and torch.isfinite(logits).all()
     assert not head.trainable and list(head.parameters()) == []
-    assert head.config.kind == kind and not head.config.ttm
+    assert head.config.kind == kind
+    assert head.config.options == {"protonet": {}, "otam": {"lam": 0.1}}[kind]
+    with pytest.raises(UserError, match=f"{kind} has no option 'ttm'"):  # TA2N's, not theirs
+        build_head(kind, channels=8, ttm=True)
 
 
 def test_works_for_any_channel_count_and_non_square_maps():
@@ -273,9 +276,10 @@ def test_explain_returns_the_documented_intermediates():
 def test_build_errors_are_user_errors():
     with pytest.raises(UserError, match="unknown head"):
         build_head("tsn", channels=8)
-    with pytest.raises(UserError, match="switches"):
+    with pytest.raises(UserError, match="ta2n has no option 'tcc'; its options: fast, sc, "
+                                        "sc_mode, tc, ttm"):
         build_head("ta2n", channels=8, tcc=True)
-    with pytest.raises(UserError, match="SC mode"):
+    with pytest.raises(UserError, match="sc_mode' must be one of mask, grid, enumerate"):
         build_head("ta2n", channels=8, sc_mode="roll")
     head = build_head("ta2n", channels=8, frames=4, height=4, width=4)
     with pytest.raises(UserError, match="C=8"):
@@ -360,7 +364,8 @@ def test_authors_checkpoint_round_trip(tmp_path, variant):
     path = tmp_path / "checkpoint_best.pt"
     torch.save(ckpt, path)
     loaded = load_head(path, frames=t, shot=shot, height=4, width=4)
-    assert loaded.config == HeadConfig(channels=8, frames=t, height=4, width=4, shot=shot)
+    assert loaded.config == HeadConfig(channels=8, frames=t, height=4, width=4, shot=shot,
+                                       options=TA2NHead.default_options())
     # the authors' files do not hold SC's perturbation step; evaluation does not use it
     torch.testing.assert_close(loaded(support, query, way, shot), head(support, query, way, shot))
     running = loaded.ttm.locnet[1].running_mean

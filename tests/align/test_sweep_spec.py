@@ -47,7 +47,8 @@ def test_table3_preset_rows_and_their_comparisons():
     names = [r.name for r in spec.runs]
     assert names == ["no module (ProtoNet)", "TTM", "TC", "TC + SC", "TTM + TC", "TTM + TC + SC"]
     assert spec.runs[0].options == {"head": "protonet"}
-    assert spec.runs[5].options == {"head": "ta2n", "ttm": True, "tc": True, "sc": True}
+    assert spec.runs[5].options == {"head": "ta2n",
+                                    "head_options": {"ttm": True, "tc": True, "sc": True}}
     vs = resolve_reference(spec, SweepConfig())
     assert vs == {"no module (ProtoNet)": None, "TTM": "no module (ProtoNet)",
                   "TC": "no module (ProtoNet)", "TC + SC": "TC", "TTM + TC": "TC",
@@ -60,7 +61,8 @@ def test_table3_preset_rows_and_their_comparisons():
 
 def test_table4_heads_and_shots_presets():
     table4 = load_spec("table4")
-    assert [r.options["sc_mode"] for r in table4.runs] == ["enumerate", "grid", "mask"]
+    modes = [r.options["head_options"]["sc_mode"] for r in table4.runs]
+    assert modes == ["enumerate", "grid", "mask"]
     assert resolve_reference(table4, SweepConfig())["Enumerate"] == "Mask (ours)"
     heads = load_spec("heads")
     assert [r.options["head"] for r in heads.runs] == ["protonet", "otam", "ta2n"]
@@ -89,8 +91,10 @@ def test_toml_and_json_files_give_the_same_spec(tmp_path):
 
 
 def test_set_assignments_are_options():
-    assert parse_assignments(["epochs=6", "sc-mode=grid", "lr=0.01", "amp=false"]) == {
-        "epochs": 6, "sc_mode": "grid", "lr": 0.01, "amp": False}
+    assert parse_assignments(["epochs=6", "head_options.sc_mode=grid", "lr=0.01", "amp=false",
+                              "head-options.ttm=false"]) == {
+        "epochs": 6, "head_options": {"sc_mode": "grid", "ttm": False}, "lr": 0.01,
+        "amp": False}
 
 
 def one_line_error(call) -> str:
@@ -116,7 +120,12 @@ BAD_FILES = {
     "unknown top key": ("epochs = 3\n" + TOML, ["unknown key 'epochs'", "known: title"]),
     "owned option": (TOML + "seed = 3\n", ["set by the sweep (--seeds)"]),
     "unknown head": (TOML + 'head = "nope"\n', ["unknown head 'nope'"]),
-    "bad sc mode": (TOML + 'sc-mode = "box"\n', ["unknown sc_mode"]),
+    "bad sc mode": (TOML + 'head = "ta2n"\nhead_options = {sc_mode = "box"}\n',
+                    ["run 'high': ta2n: option 'sc_mode' must be one of mask, grid, enumerate"]),
+    "unknown head option": (TOML + 'head = "trx"\nhead_options = {combin = "mean"}\n',
+                            ["run 'high': trx has no option 'combin'; its options: combine, "
+                             "dim, sets"]),
+    "head options not a table": (TOML + 'head_options = 3\n', ["head_options must be a table"]),
     "bad shots": (TOML.replace("shots = [1, 5]", "shots = [0]"), ["shots must be a positive"]),
     "no runs": ('title = "x"\n', ["no runs"]),
     "bad toml": ("[[run]\nname = 1", ["not valid TOML"]),

@@ -45,7 +45,8 @@ def test_short_training_lowers_the_loss_and_beats_protonet(tmp_path, monkeypatch
     # equal to 1e-14 over 150 SGD steps in float64) follow the same trajectory for ~20
     # episodes, then rounding sends them apart. Seeds 1-3 learn with every form; seed 0's
     # factored trajectory happens not to lower the loss by 1 within 3 epochs.
-    cfg = TrainConfig(cache=cache_path, out=str(tmp_path / "run"), sc=False, shot=1, queries=5,
+    cfg = TrainConfig(cache=cache_path, out=str(tmp_path / "run"), head_options={"sc": False},
+                      shot=1, queries=5,
                       epochs=3, episodes_per_epoch=100, val_every=3, val_episodes=100, seed=1)
     summary = train(cfg, **QUIET)  # the fast recipe: Adam, lr 1e-3, cosine over 300 episodes
     losses = [row["train_loss"] for row in summary["history"]]
@@ -188,7 +189,8 @@ def test_training_draws_random_views_of_an_augmented_cache(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     path = make_synth(tmp_path / "aug.zarr", aug_views=3)
     messages = []
-    train(tiny_config(path, tmp_path / "run", epochs=1, sc=False), device=CPU, progress=False,
+    train(tiny_config(path, tmp_path / "run", epochs=1,
+                      head_options={"sc": False}), device=CPU, progress=False,
           log=messages.append)
     assert any("random views of 3" in m for m in messages), messages
 

@@ -156,7 +156,8 @@ def test_early_stopping_stops_keeps_the_best_and_says_why(tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     cache = make_synth(tmp_path / "tiny.zarr")
     messages = []
-    cfg = TrainConfig(cache=cache, out=str(tmp_path / "run"), sc=False, shot=1, queries=2,
+    cfg = TrainConfig(cache=cache, out=str(tmp_path / "run"), head_options={"sc": False}, shot=1,
+                      queries=2,
                       epochs=40, episodes_per_epoch=2, val_episodes=4, patience=2)
     summary = train(cfg, device=torch.device("cpu"), progress=False, log=messages.append)
     history = summary["history"]
@@ -184,7 +185,8 @@ def test_train_heads_with_only_shots_stops_by_itself(tmp_path, monkeypatch, make
     monkeypatch.chdir(tmp_path)
     make_synth(tmp_path / "caches" / "tiny.zarr", videos_per_class=10)
     result = CliRunner().invoke(cli.cli, [
-        "train-heads", "--shots", "5", "--queries", "1", "--no-sc", "--episodes-per-epoch", "2",
+        "train-heads", "--shots", "5", "--queries", "1", "--head-option", "sc=false",
+        "--episodes-per-epoch", "2",
         "--val-episodes", "3", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "recipe fast: adam" in result.output
