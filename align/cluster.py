@@ -1,6 +1,6 @@
 """Sweeps on a Dask distributed cluster: ``python cli.py sweep ... --scheduler ADDRESS``.
 
-align/sweep.py plans a sweep and hands its runs here when ``SweepConfig.scheduler`` is set. This
+align/sweep/ plans a sweep and hands its runs here when ``SweepConfig.scheduler`` is set. This
 module owns:
 
 * **connecting**: ``tcp://HOST:PORT`` (a running scheduler), a scheduler file (``dask scheduler
@@ -8,8 +8,8 @@ module owns:
 * the **shared-filesystem check** before any run: every worker that will run tasks opens the
   cache's metadata (and must see the same rows as this machine), reads a probe file this machine
   wrote into the sweep folder and writes one back; the workers that cannot are named in one line;
-* **dispatch**: one Dask task per run - align/sweep.py's ``execute_run``, unchanged, so a run's
-  result is a function of its config wherever it runs - the costliest first; when workers
+* **dispatch**: one Dask task per run - align/sweep/runner.py's ``execute_run``, unchanged, so a
+  run's result is a function of its config wherever it runs - the costliest first; when workers
   declare a ``GPU`` resource, each run takes ``GPU=1`` and runs only there;
 * **faults**: a worker that dies mid-run - the scheduler runs the task again on another worker,
   which resumes from the run's last.pt; a run that raises - recorded in its sweep-run.json, the
@@ -311,8 +311,8 @@ class Progress:
 
 
 def run_on_cluster(plans: list[RunPlan], cfg: SweepConfig, log: Callable) -> list[dict]:
-    """align/sweep.py's dispatch on a Dask cluster: check the workers see the files, submit a
-    task per run, follow them; the finished runs' results. Raises a one-line UserError when a
+    """align/sweep/runner.py's dispatch on a Dask cluster: check the workers see the files, submit
+    a task per run, follow them; the finished runs' results. Raises a one-line UserError when a
     run failed (after the others finished) or the scheduler went away."""
     out = Path(plans[0].run_dir).parents[1]  # <out>/runs/<run>
     cache_path = plans[0].train["cache"]
@@ -342,7 +342,7 @@ def _submit_and_wait(client, plans: list[RunPlan], cfg: SweepConfig, resources: 
                      ) -> list[dict]:
     distributed = _distributed()
     token = uuid.uuid4().hex[:8]
-    futures = {}  # future -> plan; the costliest first, as align/sweep.py balances devices
+    futures = {}  # future -> plan; the costliest first, as align/sweep/runner.py balances devices
     for plan in sorted(plans, key=lambda p: (-p.cost, p.index)):
         key = f"{slug(plan.name)}-{plan.shot}shot-seed{plan.seed}-{token}"
         futures[client.submit(run_task, plan, cfg.devices[0], cfg.threads, topic, key=key,

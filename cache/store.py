@@ -19,11 +19,14 @@ whose chunk is missing (deleted, or a forged done flag) is found instead of read
 raises a one-line ``UserError`` naming the row. ``verify`` checks every done row; extract redoes
 the rows it finds damaged. Opening checks the metadata (shapes, dtype, labels against classes,
 duplicate videos), so a damaged cache fails at open in one line, not after hours of training.
+
+The layout (arrays, attributes, backends, creation and open-time checks) is cache/layout.py,
+the row ranges of reads cache/rows.py, the text of `cache info` / `cache verify`
+cache/describe.py; their public names stay importable from here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 from collections.abc import Callable, Sequence
@@ -34,101 +37,42 @@ import torch
 
 from cache import store_dtype as row_formats
 from cache.codecs import check_codec
+from cache.describe import format_info, format_verify, human_bytes
 from cache.errors import DamagedChunk, NotACache, UserError
-from cache.hdf5_store import HDF5_SUFFIXES, HDF5Backend
-from cache.paths import Found, check_writable
-from cache.zarr_store import ZarrBackend
+from cache.hdf5_store import HDF5Backend
+from cache.layout import (
+    BACKENDS,
+    CACHE_ARRAYS,
+    CHECKSUM_NAMES,
+    DTYPES,
+    LEGACY_CODECS,
+    REQUIRED_ARRAYS,
+    REQUIRED_ATTRS,
+    ROW_ARRAYS,
+    SCHEMA_VERSION,
+    SPLITS,
+    VERIFY_BATCH,
+    _array_specs,
+    _backend_for,
+    _check_derived_attrs,
+    _check_index,
+    _check_shapes,
+    _checked_rows,
+    _index_digests,
+    _read_index,
+    _store_rows_as,
+    check_output,
+    inspect_path,
+    refuse_non_cache,
+)
+from cache.paths import check_writable
+from cache.rows import _batched, _contiguous_runs, fill_rows
 
-SCHEMA_VERSION = 1
-SPLITS = ("train", "val", "test")
-DTYPES = ("float16", "float32")
-ROW_ARRAYS = ("features", "aug_features")  # per-row feature maps: checksummed, verified on read
-CACHE_ARRAYS = (*ROW_ARRAYS, "video_id", "split", "label", "done",
-                "features_quant", "aug_features_quant")  # int8 rows' scales (cache.store_dtype)
-REQUIRED_ARRAYS = ("features", "video_id", "split", "label", "done")
-# Only what cannot be derived from the arrays is required (dtype, C, T, H, W and V can).
-REQUIRED_ATTRS = ("schema_version", "classes")
-BACKENDS = {"zarr": ZarrBackend, "hdf5": HDF5Backend}
-CHECKSUM_NAMES = {"zarr": "CRC32C", "hdf5": "Fletcher-32"}
-LEGACY_CODECS = {"zarr": "blosc-zstd", "hdf5": "gzip"}  # caches made before attribute codec
-VERIFY_BATCH = 16  # rows per read when verifying a whole cache (bounded memory)
-MAX_ROWS = 10**8  # videos in one cache: far above any dataset (Kinetics-700: 650k)
-MAX_ROW_BYTES = 2**30  # one row's maps (all views): 1.6 MB for ResNet-50, C x T x 7 x 7
-
-
-def _backend_for(path: str, backend: str | None):
-    if backend is None:
-        is_hdf5 = str(path).endswith(HDF5_SUFFIXES) or (
-            os.path.isfile(path) and _is_hdf5_file(path)
-        )
-        backend = "hdf5" if is_hdf5 else "zarr"
-    if backend not in BACKENDS:
-        raise UserError(f"unknown cache backend {backend!r}; choose one of {sorted(BACKENDS)}")
-    return BACKENDS[backend]
-
-
-def _is_hdf5_file(path: str) -> bool:
-    import h5py
-
-    return h5py.is_hdf5(path)
-
-
-def inspect_path(path: str | os.PathLike, backend: str | None = None) -> Found:
-    """What ``path`` holds: nothing, an empty folder or file, a cache of this tool (with its
-    attributes, unvalidated), or something else, which the tool never replaces."""
-    return _backend_for(str(path), backend).inspect(str(path))
-
-
-def refuse_non_cache(path: str | os.PathLike, backend: str | None = None,
-                     what: str = "--out") -> Found:
-    """What ``path`` holds, refusing at once (before any lock file or work) a path that holds
-    something other than a cache of this tool: it is never written over."""
-    found = inspect_path(path, backend)
-    if found.state == "other":
-        raise NotACache(f"{path} exists and is not a feature cache ({found.reason}); it is never "
-                        f"replaced: choose another {what}")
-    return found
-
-
-def check_output(path: str | os.PathLike, backend: str | None = None,
-                 what: str = "--out") -> None:
-    """Before any work: ``path`` holds no foreign data and can be written as a cache."""
-    store_cls = _backend_for(str(path), backend)
-    refuse_non_cache(path, store_cls.name, what)
-    check_writable(path, "file" if store_cls is HDF5Backend else "folder", what=what)
-
-
-def _contiguous_runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
-    """Split sorted row indices into (start, stop, offset) runs that one slice can read."""
-    if len(rows) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    stops = np.concatenate([breaks, [len(rows)]])
-    return [(int(rows[a]), int(rows[b - 1]) + 1, int(a)) for a, b in zip(starts, stops)]
-
-
-def _batched(runs: list[tuple[int, int, int]], size: int) -> list[tuple[int, int, int]]:
-    """The same runs, cut into pieces of at most ``size`` rows."""
-    return [(a, min(a + size, stop), offset + a - start)
-            for start, stop, offset in runs for a in range(start, stop, size)]
-
-
-def fill_rows(block: np.ndarray, fill) -> np.ndarray:
-    """Indices of the rows of ``block`` (n, ...) that hold the fill value everywhere: rows whose
-    chunk is not in the store. A few sampled values rule out almost every real row first, so the
-    full comparison runs only on suspects."""
-    if fill is None or len(block) == 0 or block[0].size == 0:
-        return np.zeros(0, dtype=np.int64)
-    flat = block.reshape(len(block), -1)  # (n, values)
-    nan = bool(np.isnan(fill))
-
-    def is_fill(values: np.ndarray) -> np.ndarray:
-        return np.isnan(values) if nan else values == fill
-
-    sample = flat[:, ::max(1, flat.shape[1] // 16)]  # (n, <= 32)
-    suspects = np.flatnonzero(is_fill(sample).all(axis=1))
-    return np.asarray([i for i in suspects if is_fill(flat[i]).all()], dtype=np.int64)
+__all__ = [  # the names other modules and the tests import from cache.store
+    "BACKENDS", "CACHE_ARRAYS", "DTYPES", "LEGACY_CODECS", "ROW_ARRAYS", "SCHEMA_VERSION",
+    "SPLITS", "Damage", "FeatureCache", "SplitData", "check_output", "fill_rows",
+    "format_info", "format_verify", "human_bytes", "inspect_path", "refuse_non_cache",
+]
 
 
 @dataclass(frozen=True)
@@ -606,235 +550,3 @@ class FeatureCache:
         }
 
 
-# ------------------------------------------------------------------------------ creation
-def _checked_rows(video_ids, splits, labels, classes, dtype: str) -> np.ndarray:
-    """The labels as int32, after checking that the per-row arguments fit together."""
-    n = len(video_ids)
-    if not (len(splits) == len(labels) == n):
-        raise ValueError("video_ids, splits and labels must have one entry per row")
-    bad_splits = sorted(set(splits) - set(SPLITS))
-    if bad_splits:
-        raise ValueError(f"unknown split names {bad_splits}; use {SPLITS}")
-    if dtype not in DTYPES:
-        raise UserError(f"cache dtype must be float16 or float32, not {dtype}")
-    _check_unique_classes("a new cache", list(classes))
-    labels = np.asarray(labels, dtype=np.int32)
-    if n and (labels.min() < 0 or labels.max() >= len(classes)):
-        raise ValueError("labels must index into classes")
-    return labels
-
-
-def _array_specs(video_ids, splits, labels: np.ndarray, shape: tuple[int, int, int, int],
-                 dtype: str, aug_views: int) -> dict[str, dict]:
-    """The arrays of a new cache: shape, chunks, dtype, fill value and initial data."""
-    n = len(video_ids)
-    arrays = {
-        # NaN fill: a row whose chunk is missing reads as NaN, never as plausible zeros
-        "features": dict(shape=(n, *shape), chunks=(1, *shape), dtype=dtype, fill_value=np.nan),
-        "video_id": dict(shape=(n,), chunks=(max(n, 1),), dtype="str",
-                         data=np.asarray(list(video_ids), dtype=object)),
-        "split": dict(shape=(n,), chunks=(max(n, 1),), dtype="str",
-                      data=np.asarray(list(splits), dtype=object)),
-        "label": dict(shape=(n,), chunks=(max(n, 1),), dtype="int32", fill_value=-1,
-                      data=labels),
-        # One chunk per flag: concurrent writers of disjoint rows never share an object.
-        "done": dict(shape=(n,), chunks=(1,), dtype="bool", fill_value=False),
-    }
-    if aug_views:
-        arrays["aug_features"] = dict(shape=(n, aug_views, *shape), chunks=(1, aug_views, *shape),
-                                      dtype=dtype, fill_value=np.nan)
-    return arrays
-
-
-def _store_rows_as(arrays: dict[str, dict], fmt, codec: str) -> None:
-    """Give the row arrays of ``arrays`` the stored dtype, fill value and codec of ``fmt`` and
-    ``codec``; int8 rows get their (offset, scale) companion arrays (``cache.store_dtype``)."""
-    for name in ROW_ARRAYS:
-        if name not in arrays:
-            continue
-        spec = arrays[name]
-        spec.update(dtype=fmt.array_dtype, fill_value=fmt.fill_value, codec=codec)
-        if fmt.quantized:
-            per_channel = (*spec["shape"][:-3], 2)  # (N, [V,] C, 2)
-            arrays[name + row_formats.QUANT_SUFFIX] = dict(
-                shape=per_channel, chunks=(1, *per_channel[1:]), dtype="float32",
-                fill_value=np.nan, codec=codec)
-
-
-# ------------------------------------------------------------------------------ open-time checks
-def _read_index(store) -> dict[str, np.ndarray]:
-    """video_id, split and label of every row; an array that cannot be decoded, or (caches
-    that record them) differs from its checksum, is refused in one line naming it."""
-    index = {}
-    for name in ("video_id", "split", "label"):
-        try:
-            index[name] = (np.asarray(store.read_strings(name), dtype=object) if name != "label"
-                           else store.read(name, slice(None)).astype(np.int64))
-        except (ValueError, RuntimeError, OSError) as e:  # what the decoders raise on bad bytes
-            raise UserError(f"{store.path}: the {name} array is damaged and cannot be decoded "
-                            f"({str(e) or type(e).__name__}); restore the cache, or extract "
-                            "again with --overwrite") from None
-    recorded = store.attrs.get("index_sha256")
-    if isinstance(recorded, dict):
-        actual = _index_digests(index["video_id"], index["split"], index["label"])
-        for name in ("video_id", "split", "label"):
-            if name in recorded and recorded[name] != actual[name]:
-                raise UserError(f"{store.path}: the {name} array does not match its checksum "
-                                "(damaged or edited since the cache was created); restore the "
-                                "cache, or extract again with --overwrite")
-    return index
-
-
-def _index_digests(video_ids, splits, labels) -> dict[str, str]:
-    """sha256 of each index array, recorded at creation: these arrays carry no chunk checksum
-    (HDF5 cannot filter variable-length strings), yet a changed label silently moves a video."""
-    def digest(data: bytes) -> str:
-        return hashlib.sha256(data).hexdigest()
-
-    return {"video_id": digest("\n".join(map(str, video_ids)).encode()),
-            "split": digest("\n".join(map(str, splits)).encode()),
-            "label": digest(np.asarray(labels, dtype="<i8").tobytes())}
-
-
-def _check_shapes(store) -> None:
-    """Every array has one entry per row, and the feature arrays the documented ranks."""
-    features = store.array("features")
-    if len(features.shape) != 5:
-        raise UserError(f"{store.path}: features has shape {tuple(features.shape)}; a cache "
-                        "holds (N, C, T, H, W)")
-    n = features.shape[0]
-    # Sane bounds before anything is allocated: edited metadata would otherwise pass these
-    # checks and fail later as numpy's MemoryError (or a reader allocating terabytes).
-    if n > MAX_ROWS:
-        raise UserError(f"{store.path}: features has {n} rows, more than any dataset ({MAX_ROWS}"
-                        "); its metadata was edited or damaged: restore it, or extract again")
-    views = store.array("aug_features").shape[1] if store.has("aug_features") else 1
-    row_bytes = int(np.prod(features.shape[1:], dtype=np.float64)) \
-        * np.dtype(features.dtype).itemsize * max(1, int(views))
-    if row_bytes > MAX_ROW_BYTES:
-        raise UserError(f"{store.path}: one row of shape {tuple(features.shape[1:])} would take "
-                        f"{human_bytes(row_bytes)}, more than the {human_bytes(MAX_ROW_BYTES)} "
-                        "any feature map needs; its metadata was edited or damaged: restore "
-                        "it, or extract again")
-    for name in ("video_id", "split", "label", "done"):
-        if tuple(store.array(name).shape) != (n,):
-            raise UserError(f"{store.path}: {name} has shape {tuple(store.array(name).shape)}, "
-                            f"not ({n},) like features")
-    if store.has("aug_features"):
-        aug = tuple(store.array("aug_features").shape)
-        if len(aug) != 6 or aug[0] != n or aug[2:] != tuple(features.shape[1:]):
-            raise UserError(f"{store.path}: aug_features has shape {aug}; it must be "
-                            f"(N, V, C, T, H, W) with N, C, T, H, W of features")
-
-
-def _check_derived_attrs(store, attrs: dict) -> None:
-    """Attributes that restate the arrays (dtype, C, T, H, W, V) must agree with them."""
-    features = store.array("features")
-    dtype = np.dtype(features.dtype).name
-    fmt = row_formats.stored_format(attrs, dtype)
-    if fmt.converted:  # bfloat16 / int8 rows: stored as integers, read as attribute dtype
-        if dtype != fmt.array_dtype or attrs.get("dtype") not in DTYPES:
-            raise UserError(f"{store.path}: {fmt.name} rows are stored as {fmt.array_dtype} and "
-                            f"read as float16 or float32, but features are {dtype} and dtype "
-                            f"says {attrs.get('dtype')!r} (edited attributes?)")
-        dtype = attrs["dtype"]
-    elif dtype not in (*DTYPES, "float64"):
-        raise UserError(f"{store.path}: features are {dtype}; a cache holds floating-point maps")
-    _, c, t, h, w = (int(v) for v in features.shape)
-    views = int(store.array("aug_features").shape[1]) if store.has("aug_features") else 0
-    actual = {"dtype": dtype, "channels": c, "frames": t, "height": h, "width": w,
-              "aug_views": views}
-    for key, value in actual.items():
-        if key in attrs and attrs[key] != value:
-            raise UserError(f"{store.path}: attribute {key} says {attrs[key]!r} but the arrays "
-                            f"hold {value!r} (edited attributes?); restore it, or extract again")
-
-
-def _check_index(path: str, index: dict[str, np.ndarray], classes) -> None:
-    """Labels index the class list, splits are known, and no video is listed twice."""
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise UserError(f"{path}: attribute classes must be a list of class names")
-    _check_unique_classes(path, classes)
-    labels = index["label"]
-    bad = np.flatnonzero((labels < 0) | (labels >= len(classes)))
-    if len(bad):
-        row = int(bad[0])
-        raise UserError(f"{path}: row {row} has label {labels[row]}, but attribute classes "
-                        f"lists {len(classes)} classes (shortened, or an unfinished creation?)")
-    unknown = sorted(set(index["split"].tolist()) - set(SPLITS))
-    if unknown:
-        raise UserError(f"{path}: unknown split names {unknown}; a cache uses {', '.join(SPLITS)}")
-    ids, counts = np.unique(index["video_id"].astype(str), return_counts=True)
-    if len(ids) and counts.max() > 1:
-        twice = int(np.argmax(counts > 1))
-        rows = np.flatnonzero(index["video_id"] == ids[twice])[:2].tolist()
-        raise UserError(f"{path}: video {ids[twice]} is listed twice (rows {rows}), so it could "
-                        "be its own support; extract again with --overwrite (duplicate "
-                        "split-list lines are now kept once)")
-
-
-def _check_unique_classes(path: str, classes: list[str]) -> None:
-    """Two classes of one name would be merged by every per-class figure (and by a reader)."""
-    names, counts = np.unique(np.asarray(classes, dtype=object).astype(str), return_counts=True)
-    if len(names) and counts.max() > 1:
-        twice = str(names[int(np.argmax(counts > 1))])
-        raise UserError(f"{path}: class {twice!r} is listed twice in attribute classes; class "
-                        "names must be unique (edited attributes? extract again)")
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KB'."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
-def format_info(info: dict) -> str:
-    """The human-readable summary that ``cli.py info`` prints."""
-    c, t, h, w = info["shape"]
-    attrs = info["attrs"]
-    lines = [
-        f"cache      {info['path']} ({info['backend']})",
-        f"rows       {info['rows']} ({info['done']} done, {info['not_done']} not done)",
-        f"features   C={c} T={t} H={h} W={w} {info['dtype']}"
-        + (f", {info['aug_views']} augmented views" if info["aug_views"] else ""),
-        f"stored     {info['store_dtype']}"
-        + (f" (read as {info['dtype']})" if info["store_dtype"] != info["dtype"] else "")
-        + f", codec {info['codec']}",
-        f"classes    {info['classes']}",
-    ]
-    for split, s in info["splits"].items():
-        lines.append(f"  {split:<6} {s['videos']:>7} videos {s['done']:>7} done "
-                     f"{s['classes']:>4} classes")
-    ratio = info["compression_ratio"]
-    lines.append(f"on disk    {human_bytes(info['bytes_on_disk'])}"
-                 + (f" (compression {ratio:.2f}x)" if ratio else ""))
-    lines.append(f"integrity  {info['checksums']} checksum per row, verified on every read"
-                 if info["checksums"] else
-                 "integrity  no checksums (a cache made before they existed): info --verify "
-                 "checks that every done row is stored and decodes")
-    if info["missing_done"]:
-        rows = info["missing_done"]
-        lines.append(f"damaged    {len(rows)} done rows have no stored features (rows "
-                     f"{rows[:5]}{' ...' if len(rows) > 5 else ''}): rerunning extract redoes "
-                     "them")
-    for key in ("backbone", "weights", "image_size", "sampling", "dataset", "created"):
-        if key in attrs:
-            value = attrs[key]
-            if isinstance(value, dict):  # e.g. weights: {source, description, sha256 ...}
-                value = value.get("description", value)
-            lines.append(f"{key:<10} {value}")
-    return "\n".join(lines)
-
-
-def format_verify(checked: int, damaged: list[Damage], checksummed: bool, show: int = 20) -> str:
-    """What ``cli.py info --verify`` prints after the summary."""
-    how = ("stored, checksums match" if checksummed else
-           "stored and decodable; this cache has no checksums to compare")
-    lines = [f"verify     {checked - len(damaged)} of {checked} done rows intact ({how})"]
-    lines += [f"  row {d.row} {d.video_id}: {d.reason}" for d in damaged[:show]]
-    if len(damaged) > show:
-        lines.append(f"  ... {len(damaged) - show} more")
-    return "\n".join(lines)

@@ -7,6 +7,8 @@ and phase two touches phase one only through extract's one public frame reader (
 runs both phases on a person's clips, sits above them and may import either)."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +73,19 @@ def test_the_checker_sees_every_package():
     for expected in ("cache.store", "extract.frames", "align.models.ta2n", "align.runs",
                      "align.sweep", "align.reports.pairs", "classify.api", "demo", "cli"):
         assert expected in names
+
+
+def test_demo_reaches_cli_only_as_a_program():
+    """demo.py runs the commands of both phases as a user types them - `python cli.py ARGS` in a
+    subprocess, or through the runner `python cli.py demo` hands it - and never imports cli: a
+    fresh interpreter imports demo without loading cli. cli imports demo's DemoConfig at module
+    level (the demo command's options are declared from it) and the demo's runner only inside
+    the demo command, so `python cli.py --help` does not depend on how the demo runs."""
+    assert not [t for t in imports_of(ROOT / "demo.py") if t == "cli" or t.startswith("cli.")]
+    loaded = subprocess.run([sys.executable, "-c", "import sys, demo; print('cli' in sys.modules)"],
+                            cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "False"
+    module_level = [[alias.name for alias in node.names]
+                    for node in ast.parse((ROOT / "cli.py").read_text()).body
+                    if isinstance(node, ast.ImportFrom) and node.module == "demo"]
+    assert module_level == [["DemoConfig"]]

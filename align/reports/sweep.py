@@ -1,4 +1,4 @@
-"""`python cli.py sweep`'s figure and command: runs the sweep engine (align/sweep.py) and draws
+"""`python cli.py sweep`'s figure and command: runs the sweep engine (align/sweep/) and draws
 its bar chart - a bar per row (grouped by K), the mean over seeds, error bars and seed dots."""
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import align.sweep
+import align.sweep.runner
 import cli
 from align.evaluate import EvalConfig, evaluate
 from align.models import build_head
@@ -158,7 +158,7 @@ def test_ctrl_c_stops_the_sweep_and_a_rerun_finishes_it(free_sweep, tmp_path, mo
     spec_file.write_text("shots = [1]\n" + HEADS_FILE  # the tiny cache holds 6 videos a class
                          + '[[run]]\nname = "ta2n"\nhead = "ta2n"\nepochs = 2\n'
                          'episodes-per-epoch = 4\nval-episodes = 2\nqueries = 2\n')
-    real_train = align.sweep.train
+    real_train = align.sweep.runner.train
 
     def interrupted_train(cfg, **kwargs):
         def ctrl_c(epoch, episode):
@@ -166,12 +166,12 @@ def test_ctrl_c_stops_the_sweep_and_a_rerun_finishes_it(free_sweep, tmp_path, mo
                 os.kill(os.getpid(), signal.SIGINT)  # the real signal path, handled by train
         return real_train(cfg, on_episode=ctrl_c, **kwargs)
 
-    monkeypatch.setattr(align.sweep, "train", interrupted_train)
+    monkeypatch.setattr(align.sweep.runner, "train", interrupted_train)
     stopped, _ = run(seeds=(0,))
     assert stopped["interrupted"] and "rerun the same command" in format_sweep(stopped)
     assert not (tmp_path / "sweep" / "sweep.csv").exists()
     assert (tmp_path / "sweep" / "runs" / "ta2n-1shot-seed0" / "last.pt").exists()
-    monkeypatch.setattr(align.sweep, "train", real_train)
+    monkeypatch.setattr(align.sweep.runner, "train", real_train)
     finished, lines = run(seeds=(0,))
     assert any("2 done, 1 to resume, 0 to run" in line for line in lines), lines
     ta2n = next(r for r in finished["runs"] if r["run"] == "ta2n")

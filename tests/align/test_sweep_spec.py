@@ -1,6 +1,7 @@
 """Sweep specs: presets, sweep files (TOML / JSON), --set, and one-line errors for bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -77,6 +78,21 @@ def test_table2_reads_the_registry_when_it_runs(monkeypatch):
     monkeypatch.setitem(HEADS, "late-head", ProtoNetHead)
     names = [r.name for r in load_spec("table2").runs]
     assert names[-1] == "late-head" and {"protonet", "otam", "ta2n"} <= set(names)
+
+
+def test_the_documented_table2_short_recipe_is_a_valid_sweep_file(tmp_path):
+    """docs/table2.md writes bench/table2.py's former `short` recipe (TARN at its own learning
+    rate) as a sweep file: it must parse, cover every head of the table2 preset and give TARN,
+    alone, lr 0.1."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "table2.md").read_text()
+    block = page.split("```toml\n", 1)[1].split("```", 1)[0]
+    spec = load_spec(write(tmp_path, "table2-short.toml", block))
+    assert spec.reference == "ta2n" and spec.shots == [1, 5]
+    assert {r.name for r in spec.runs} == {r.name for r in load_spec("table2").runs}
+    rates = {r.name: r.options["lr"] for r in spec.runs}
+    assert rates.pop("tarn") == 0.1 and set(rates.values()) == {0.001}
+    assert all(r.options["recipe"] == "paper" and r.options["momentum"] == 0.9
+               for r in spec.runs)
 
 
 def test_toml_and_json_files_give_the_same_spec(tmp_path):
