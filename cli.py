@@ -41,9 +41,9 @@ from cache.store_dtype import STORE_DTYPES  # noqa: E402
 from demo import DemoConfig  # noqa: E402
 from extract.backbones import PREFIXES, REGISTERED  # noqa: E402
 from extract.datasets import DATASETS  # noqa: E402
+from extract.toydata import ToyConfig  # noqa: E402
 
 DEVICE_CHOICES = click.Choice(["auto", "cpu", "cuda"])
-DEMO = DemoConfig()  # the demo's defaults, shown in its --help
 
 
 def pick_device(name: str) -> torch.device:
@@ -509,23 +509,10 @@ def synth(out, backend, overwrite, **options):
 @cli.command("toy-data")
 @click.option("--out", default="data/demo", show_default=True,
               help="Folder for videos/, splits/ and toydata.json.")
-@click.option("--train-classes", default=16, show_default=True)
-@click.option("--val-classes", default=6, show_default=True)
-@click.option("--test-classes", default=10, show_default=True)
-@click.option("--videos-per-class", default=8, show_default=True)
-@click.option("--frames", default=24, show_default=True, help="Frames per video.")
-@click.option("--size", default=112, show_default=True, help="Frame side in pixels.")
-@click.option("--min-duration", default=0.45, show_default=True,
-              help="Shortest action window, as a fraction of the video (the actor rests "
-                   "before and after it).")
-@click.option("--max-duration", default=0.85, show_default=True,
-              help="Longest action window, as a fraction of the video.")
-@click.option("--evolution", default=2.0, show_default=True, type=click.FloatRange(min=1),
-              help="Progress exponents are log-uniform in [1/E, E].")
-@click.option("--seed", default=0, show_default=True)
+@options_from(ToyConfig)
 def toy_data(out, **options):
     """Write the built-in demo dataset: an actor taking a class-specific sequence of poses."""
-    from extract.toydata import ToyConfig, format_toy_dataset, make_toy_dataset
+    from extract.toydata import format_toy_dataset, make_toy_dataset
 
     click.echo(format_toy_dataset(make_toy_dataset(out, ToyConfig(**options))))
 
@@ -615,18 +602,7 @@ def classify(device, json_path, **options):
 
 # ------------------------------------------------------------------------------------ demo
 @cli.command()
-@click.option("--weights", default="auto", show_default=True,
-              help="Where the backbone's adaptation starts: auto (ImageNet if torchvision's "
-                   "cache has it, no download; else random), imagenet, none, a weights file.")
-@click.option("--backbone", default="resnet18", show_default=True,
-              type=click.Choice(["resnet18", "resnet34", "resnet50"]))
-@click.option("--adapt-epochs", default=DEMO.adapt_epochs, show_default=True,
-              help="Epochs of the backbone's adaptation on the train classes.")
-@click.option("--epochs", default=DEMO.epochs, show_default=True, help="TA2N training epochs.")
-@click.option("--episodes-per-epoch", default=DEMO.episodes_per_epoch, show_default=True)
-@click.option("--eval-episodes", default=DEMO.eval_episodes, show_default=True,
-              help="Test episodes both heads are scored on.")
-@click.option("--seed", default=0, show_default=True)
+@options_from(DemoConfig)
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
 def demo(**options):
     """The whole pipeline on the built-in toy dataset (what `make demo` runs): toy-data ->

@@ -13,11 +13,14 @@ from align.reports.misalignment import MisalignmentConfig
 from align.train import TrainConfig
 from cache.options import OPTION, Range, declared_fields, option, options_from
 from cli import cli
+from demo import DemoConfig
+from extract.toydata import ToyConfig
 
 # (command path, its config class): every command whose options are generated from a config
 GENERATED = [(("train-heads",), TrainConfig), (("evaluate",), EvalConfig),
              (("analyze", "embedding"), EmbeddingConfig),
-             (("analyze", "misalignment"), MisalignmentConfig)]
+             (("analyze", "misalignment"), MisalignmentConfig),
+             (("toy-data",), ToyConfig), (("demo",), DemoConfig)]
 
 
 def command_at(path):
