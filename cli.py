@@ -38,6 +38,7 @@ from cache import FeatureCache, UserError, format_info  # noqa: E402
 from cache.codecs import CODECS  # noqa: E402
 from cache.options import options_from  # noqa: E402
 from cache.store_dtype import STORE_DTYPES  # noqa: E402
+from classify.config import ClassifyConfig  # noqa: E402
 from demo import DemoConfig  # noqa: E402
 from extract.backbones import PREFIXES, REGISTERED  # noqa: E402
 from extract.datasets import DATASETS  # noqa: E402
@@ -562,41 +563,16 @@ def _check_optional_backbone(ctx, param, value):
 @click.option("--query", "query", required=True, multiple=True, type=click.Path(exists=True),
               help="A clip file or a folder (searched recursively); repeat for more. Clips "
                    "under <folder>/<support class>/ have a known label: accuracy is printed.")
-@click.option("--checkpoint", default=None,
-              help="A head from train-heads [default: the latest run's best.pt].")
-@click.option("--head", default=None, type=click.Choice(head_names(training_free=True)),
-              help="A training-free head instead of a checkpoint (with --cache or --backbone).")
-@click.option("--cache", default=None,
-              help="The cache whose backbone, weights, preprocessing and T are used  [default: "
-                   "the one the checkpoint was trained on].")
 @click.option("--backbone", default=None, callback=_check_optional_backbone,
               help="With --head and no --cache: the backbone to run on the clips.")
-@click.option("--weights", default="pretrained", show_default=True,
-              help="With --backbone: pretrained, none, or a weights file (as extract).")
-@click.option("--frames", "-T", type=click.IntRange(min=1), default=8, show_default=True,
-              help="With --backbone: frames per clip.")
-@click.option("--image-size", type=click.IntRange(min=1),
-              help="With --backbone: crop side  [default: the backbone's input size].")
-@click.option("--out", default="predictions.csv", show_default=True, help="Predictions CSV.")
-@click.option("--json", "json_path", default=None, metavar="FILE",
-              help="Also write the predictions, accuracy and support set as JSON.")
-@click.option("--features", default=None, metavar="DIR",
-              help="Keep the clips' maps in this folder: a rerun with more queries or another "
-                   "checkpoint of the same cache recomputes nothing.")
-@click.option("--figures", default=None, metavar="DIR",
-              help="Draw each query's alignment figure with its predicted class's support clip.")
-@click.option("--max-figures", type=click.IntRange(min=1), default=None,
-              help="Only the first N queries' figures  [default: every query's].")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Decode processes (0: decode in this process).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out / --json file.")
+@options_from(ClassifyConfig)
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
-def classify(device, json_path, **options):
+def classify(device, **options):
     """Label your own clips from a few example clips per class (a trained checkpoint or a
     training-free head); see docs/own-videos.md."""
-    from classify.command import ClassifyConfig, classify_command
+    from classify.command import classify_command
 
-    classify_command(ClassifyConfig(json=json_path, **options), device=pick_device(device),
+    classify_command(ClassifyConfig(**options), device=pick_device(device),
                      log=click.echo)
 
 

@@ -12,6 +12,7 @@ from align.reports.embedding import EmbeddingConfig
 from align.reports.misalignment import MisalignmentConfig
 from align.train import TrainConfig
 from cache.options import OPTION, Range, declared_fields, option, options_from
+from classify.config import ClassifyConfig
 from cli import cli
 from demo import DemoConfig
 from extract.toydata import ToyConfig
@@ -20,7 +21,8 @@ from extract.toydata import ToyConfig
 GENERATED = [(("train-heads",), TrainConfig), (("evaluate",), EvalConfig),
              (("analyze", "embedding"), EmbeddingConfig),
              (("analyze", "misalignment"), MisalignmentConfig),
-             (("toy-data",), ToyConfig), (("demo",), DemoConfig)]
+             (("toy-data",), ToyConfig), (("demo",), DemoConfig),
+             (("classify",), ClassifyConfig)]
 
 
 def command_at(path):
