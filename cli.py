@@ -32,7 +32,11 @@ from align.models import (  # noqa: E402
     parse_head_options,
 )
 from align.options import DEFAULT_SHOT, DEFAULT_WAY  # noqa: E402
-from align.reports.configs import EmbeddingConfig, MisalignmentConfig  # noqa: E402
+from align.reports.configs import (  # noqa: E402
+    EmbeddingConfig,
+    MisalignmentConfig,
+    VisualizeConfig,
+)
 from align.train import TrainConfig  # noqa: E402
 from cache import FeatureCache, UserError, format_info  # noqa: E402
 from cache.codecs import CODECS  # noqa: E402
@@ -520,31 +524,14 @@ def toy_data(out, **options):
 
 # ------------------------------------------------------------------------------------ visualize
 @cli.command()
-@click.option("--checkpoint", default=None,
-              help="A head trained by train-heads [default: the latest run's best.pt].")
-@click.option("--cache", default=None, help="[default: the checkpoint's run's cache]")
-@click.option("--episodes", default=1, show_default=True, help="Episodes to draw.")
-@click.option("--episodes-from", default=None, metavar="FILE",
-              help="Draw the first episodes of a saved episode list (evaluate --save-episodes).")
-@click.option("--split", default="test", show_default=True,
-              type=click.Choice(["train", "val", "test"]))
-@click.option("--way", type=click.IntRange(min=2), default=None,
-              help="[default: the run's way, else 5]")
-@click.option("--queries", default=1, show_default=True, help="Queries per class.")
-@click.option("--seed", default=0, show_default=True,
-              help="Same seed as evaluate: the same first episodes.")
-@click.option("--pairs", default="all", show_default=True,
-              type=click.Choice(["all", "true", "true+predicted"]),
-              help="Every prototype with every query, each query with its own class, or also "
-                   "with the class it was wrongly taken for.")
-@click.option("--root", default=None, help="Dataset folder, if it moved since extraction.")
-@click.option("--out", default=None, help="Figure folder [default: <run dir>/figures].")
+@options_from(VisualizeConfig)
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
-@click.option("--allow-other-features", is_flag=True, help=ALLOW_OTHER_FEATURES_HELP)
+@click.option("--allow-other-features", is_flag=True, default=False,
+              help=ALLOW_OTHER_FEATURES_HELP)
 def visualize(device, **options):
     """Pair figures (paper Fig. 7 style: frames, TTM window, SC boxes, TC attention) and
     training curves of a trained head."""
-    from align.reports.pairs import VisualizeConfig, format_visualize
+    from align.reports.pairs import format_visualize
     from align.reports.pairs import visualize as draw
 
     summary = draw(VisualizeConfig(**options), device=pick_device(device), log=click.echo)

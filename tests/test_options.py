@@ -8,6 +8,7 @@ import click.testing
 import pytest
 
 from align.evaluate import EvalConfig
+from align.reports.configs import VisualizeConfig
 from align.reports.embedding import EmbeddingConfig
 from align.reports.misalignment import MisalignmentConfig
 from align.train import TrainConfig
@@ -22,7 +23,7 @@ GENERATED = [(("train-heads",), TrainConfig), (("evaluate",), EvalConfig),
              (("analyze", "embedding"), EmbeddingConfig),
              (("analyze", "misalignment"), MisalignmentConfig),
              (("toy-data",), ToyConfig), (("demo",), DemoConfig),
-             (("classify",), ClassifyConfig)]
+             (("classify",), ClassifyConfig), (("visualize",), VisualizeConfig)]
 
 
 def command_at(path):
