@@ -37,6 +37,7 @@ from align.reports.configs import (  # noqa: E402
     MisalignmentConfig,
     VisualizeConfig,
 )
+from align.sweep import SweepConfig  # noqa: E402
 from align.train import TrainConfig  # noqa: E402
 from cache import FeatureCache, UserError, format_info  # noqa: E402
 from cache.codecs import CODECS  # noqa: E402
@@ -346,43 +347,26 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
 
 @cli.command()
 @click.argument("source", metavar="PRESET|FILE")
-@click.option("--cache", "cache_path", default=None,
-              help="Feature cache [default: the most recently extracted one].")
 @click.option("--shots", default=None, help="Comma-separated K values, e.g. 1,5 "
               "[default: the preset's or file's; 1 for table3 / table4 / heads / table2].")
-@click.option("--seeds", default="0,1,2", show_default=True,
+@click.option("--seeds", "seeds_text", default="0,1,2", show_default=True,
               help="Each run is trained and tested once per seed.")
 @click.option("--heads", default=None, help="Comma-separated registered heads for the heads, "
               "table2 and shots presets.")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
               help="A train-heads option for every run, e.g. --set epochs=6 (repeatable).")
-@click.option("--episodes", default=5000, show_default=True,
-              help="Saved test episodes per seed (every run is scored on them).")
-@click.option("--way", default=5, show_default=True)
-@click.option("--queries", default=1, show_default=True, help="Test queries per class.")
-@click.option("--reference", default=None, metavar="RUN",
-              help="Compare every row with this run [default: each run's vs, else the first].")
-@click.option("--jobs", default=1, show_default=True,
-              help="Worker processes on one device (1: this process).")
-@click.option("--devices", default="auto", show_default=True,
+@click.option("--devices", "device_names", default="auto", show_default=True,
               help="auto, cpu, cuda, or a list (cuda:0,cuda:1): one process per device.")
-@click.option("--threads", default=1, show_default=True,
-              help="torch threads per run (fixed, so results do not depend on --jobs).")
-@click.option("--out", default=None, help="Sweep folder [default: runs/sweep-<preset or file>-"
-              "<cache name>]; rerunning into it skips finished runs.")
-@click.option("--scheduler", default=None, metavar="ADDRESS",
-              help="Run the runs on a Dask cluster: tcp://HOST:PORT, a scheduler file (.json) "
-                   "or local:N (N worker processes here); the cache and --out must be on a "
-                   "filesystem every worker shares (see docs/cluster.md).")
-def sweep(source, cache_path, shots, seeds, heads, assignments, devices, out, **options):
+@options_from(SweepConfig)
+def sweep(source, shots, seeds_text, heads, assignments, device_names, **options):
     """A paper table in one command: every run of a preset (table3, table4, heads, table2,
     shots) or sweep file (TOML / JSON), per seed, on the same saved test episodes, with paired
     tests; writes sweep.csv, sweep.md, sweep.png. Rerunning resumes."""
     from align.reports.sweep import sweep_command
-    from align.sweep import SweepConfig, format_sweep, parse_assignments
+    from align.sweep import format_sweep, parse_assignments
 
-    names = [d.strip() for d in devices.split(",") if d.strip()]
-    cfg = SweepConfig(cache=cache_path, out=out, seeds=_int_list(seeds, "--seeds"),
+    names = [d.strip() for d in device_names.split(",") if d.strip()]
+    cfg = SweepConfig(seeds=_int_list(seeds_text, "--seeds"),
                       shots=_int_list(shots, "--shots"), overrides=parse_assignments(assignments),
                       # on a cluster each worker resolves the device (align/cluster.py)
                       devices=(tuple(names) if options["scheduler"] else

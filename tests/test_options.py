@@ -11,6 +11,7 @@ from align.evaluate import EvalConfig
 from align.reports.configs import VisualizeConfig
 from align.reports.embedding import EmbeddingConfig
 from align.reports.misalignment import MisalignmentConfig
+from align.sweep import SweepConfig
 from align.train import TrainConfig
 from cache.options import OPTION, Range, declared_fields, option, options_from
 from classify.config import ClassifyConfig
@@ -23,7 +24,8 @@ GENERATED = [(("train-heads",), TrainConfig), (("evaluate",), EvalConfig),
              (("analyze", "embedding"), EmbeddingConfig),
              (("analyze", "misalignment"), MisalignmentConfig),
              (("toy-data",), ToyConfig), (("demo",), DemoConfig),
-             (("classify",), ClassifyConfig), (("visualize",), VisualizeConfig)]
+             (("classify",), ClassifyConfig), (("visualize",), VisualizeConfig),
+             (("sweep",), SweepConfig)]
 
 
 def command_at(path):
