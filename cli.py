@@ -32,18 +32,24 @@ from align.models import (  # noqa: E402
     parse_head_options,
 )
 from align.options import DEFAULT_SHOT, DEFAULT_WAY  # noqa: E402
-from align.reports.configs import EmbeddingConfig, MisalignmentConfig  # noqa: E402
+from align.reports.configs import (  # noqa: E402
+    EmbeddingConfig,
+    MisalignmentConfig,
+    VisualizeConfig,
+)
+from align.sweep import SweepConfig  # noqa: E402
 from align.train import TrainConfig  # noqa: E402
 from cache import FeatureCache, UserError, format_info  # noqa: E402
 from cache.codecs import CODECS  # noqa: E402
 from cache.options import options_from  # noqa: E402
 from cache.store_dtype import STORE_DTYPES  # noqa: E402
+from classify.config import ClassifyConfig  # noqa: E402
 from demo import DemoConfig  # noqa: E402
 from extract.backbones import PREFIXES, REGISTERED  # noqa: E402
 from extract.datasets import DATASETS  # noqa: E402
+from extract.toydata import ToyConfig  # noqa: E402
 
 DEVICE_CHOICES = click.Choice(["auto", "cpu", "cuda"])
-DEMO = DemoConfig()  # the demo's defaults, shown in its --help
 
 
 def pick_device(name: str) -> torch.device:
@@ -341,43 +347,26 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
 
 @cli.command()
 @click.argument("source", metavar="PRESET|FILE")
-@click.option("--cache", "cache_path", default=None,
-              help="Feature cache [default: the most recently extracted one].")
 @click.option("--shots", default=None, help="Comma-separated K values, e.g. 1,5 "
               "[default: the preset's or file's; 1 for table3 / table4 / heads / table2].")
-@click.option("--seeds", default="0,1,2", show_default=True,
+@click.option("--seeds", "seeds_text", default="0,1,2", show_default=True,
               help="Each run is trained and tested once per seed.")
 @click.option("--heads", default=None, help="Comma-separated registered heads for the heads, "
               "table2 and shots presets.")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
               help="A train-heads option for every run, e.g. --set epochs=6 (repeatable).")
-@click.option("--episodes", default=5000, show_default=True,
-              help="Saved test episodes per seed (every run is scored on them).")
-@click.option("--way", default=5, show_default=True)
-@click.option("--queries", default=1, show_default=True, help="Test queries per class.")
-@click.option("--reference", default=None, metavar="RUN",
-              help="Compare every row with this run [default: each run's vs, else the first].")
-@click.option("--jobs", default=1, show_default=True,
-              help="Worker processes on one device (1: this process).")
-@click.option("--devices", default="auto", show_default=True,
+@click.option("--devices", "device_names", default="auto", show_default=True,
               help="auto, cpu, cuda, or a list (cuda:0,cuda:1): one process per device.")
-@click.option("--threads", default=1, show_default=True,
-              help="torch threads per run (fixed, so results do not depend on --jobs).")
-@click.option("--out", default=None, help="Sweep folder [default: runs/sweep-<preset or file>-"
-              "<cache name>]; rerunning into it skips finished runs.")
-@click.option("--scheduler", default=None, metavar="ADDRESS",
-              help="Run the runs on a Dask cluster: tcp://HOST:PORT, a scheduler file (.json) "
-                   "or local:N (N worker processes here); the cache and --out must be on a "
-                   "filesystem every worker shares (see docs/cluster.md).")
-def sweep(source, cache_path, shots, seeds, heads, assignments, devices, out, **options):
+@options_from(SweepConfig)
+def sweep(source, shots, seeds_text, heads, assignments, device_names, **options):
     """A paper table in one command: every run of a preset (table3, table4, heads, table2,
     shots) or sweep file (TOML / JSON), per seed, on the same saved test episodes, with paired
     tests; writes sweep.csv, sweep.md, sweep.png. Rerunning resumes."""
     from align.reports.sweep import sweep_command
-    from align.sweep import SweepConfig, format_sweep, parse_assignments
+    from align.sweep import format_sweep, parse_assignments
 
-    names = [d.strip() for d in devices.split(",") if d.strip()]
-    cfg = SweepConfig(cache=cache_path, out=out, seeds=_int_list(seeds, "--seeds"),
+    names = [d.strip() for d in device_names.split(",") if d.strip()]
+    cfg = SweepConfig(seeds=_int_list(seeds_text, "--seeds"),
                       shots=_int_list(shots, "--shots"), overrides=parse_assignments(assignments),
                       # on a cluster each worker resolves the device (align/cluster.py)
                       devices=(tuple(names) if options["scheduler"] else
@@ -509,54 +498,24 @@ def synth(out, backend, overwrite, **options):
 @cli.command("toy-data")
 @click.option("--out", default="data/demo", show_default=True,
               help="Folder for videos/, splits/ and toydata.json.")
-@click.option("--train-classes", default=16, show_default=True)
-@click.option("--val-classes", default=6, show_default=True)
-@click.option("--test-classes", default=10, show_default=True)
-@click.option("--videos-per-class", default=8, show_default=True)
-@click.option("--frames", default=24, show_default=True, help="Frames per video.")
-@click.option("--size", default=112, show_default=True, help="Frame side in pixels.")
-@click.option("--min-duration", default=0.45, show_default=True,
-              help="Shortest action window, as a fraction of the video (the actor rests "
-                   "before and after it).")
-@click.option("--max-duration", default=0.85, show_default=True,
-              help="Longest action window, as a fraction of the video.")
-@click.option("--evolution", default=2.0, show_default=True, type=click.FloatRange(min=1),
-              help="Progress exponents are log-uniform in [1/E, E].")
-@click.option("--seed", default=0, show_default=True)
+@options_from(ToyConfig)
 def toy_data(out, **options):
     """Write the built-in demo dataset: an actor taking a class-specific sequence of poses."""
-    from extract.toydata import ToyConfig, format_toy_dataset, make_toy_dataset
+    from extract.toydata import format_toy_dataset, make_toy_dataset
 
     click.echo(format_toy_dataset(make_toy_dataset(out, ToyConfig(**options))))
 
 
 # ------------------------------------------------------------------------------------ visualize
 @cli.command()
-@click.option("--checkpoint", default=None,
-              help="A head trained by train-heads [default: the latest run's best.pt].")
-@click.option("--cache", default=None, help="[default: the checkpoint's run's cache]")
-@click.option("--episodes", default=1, show_default=True, help="Episodes to draw.")
-@click.option("--episodes-from", default=None, metavar="FILE",
-              help="Draw the first episodes of a saved episode list (evaluate --save-episodes).")
-@click.option("--split", default="test", show_default=True,
-              type=click.Choice(["train", "val", "test"]))
-@click.option("--way", type=click.IntRange(min=2), default=None,
-              help="[default: the run's way, else 5]")
-@click.option("--queries", default=1, show_default=True, help="Queries per class.")
-@click.option("--seed", default=0, show_default=True,
-              help="Same seed as evaluate: the same first episodes.")
-@click.option("--pairs", default="all", show_default=True,
-              type=click.Choice(["all", "true", "true+predicted"]),
-              help="Every prototype with every query, each query with its own class, or also "
-                   "with the class it was wrongly taken for.")
-@click.option("--root", default=None, help="Dataset folder, if it moved since extraction.")
-@click.option("--out", default=None, help="Figure folder [default: <run dir>/figures].")
+@options_from(VisualizeConfig)
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
-@click.option("--allow-other-features", is_flag=True, help=ALLOW_OTHER_FEATURES_HELP)
+@click.option("--allow-other-features", is_flag=True, default=False,
+              help=ALLOW_OTHER_FEATURES_HELP)
 def visualize(device, **options):
     """Pair figures (paper Fig. 7 style: frames, TTM window, SC boxes, TC attention) and
     training curves of a trained head."""
-    from align.reports.pairs import VisualizeConfig, format_visualize
+    from align.reports.pairs import format_visualize
     from align.reports.pairs import visualize as draw
 
     summary = draw(VisualizeConfig(**options), device=pick_device(device), log=click.echo)
@@ -575,58 +534,22 @@ def _check_optional_backbone(ctx, param, value):
 @click.option("--query", "query", required=True, multiple=True, type=click.Path(exists=True),
               help="A clip file or a folder (searched recursively); repeat for more. Clips "
                    "under <folder>/<support class>/ have a known label: accuracy is printed.")
-@click.option("--checkpoint", default=None,
-              help="A head from train-heads [default: the latest run's best.pt].")
-@click.option("--head", default=None, type=click.Choice(head_names(training_free=True)),
-              help="A training-free head instead of a checkpoint (with --cache or --backbone).")
-@click.option("--cache", default=None,
-              help="The cache whose backbone, weights, preprocessing and T are used  [default: "
-                   "the one the checkpoint was trained on].")
 @click.option("--backbone", default=None, callback=_check_optional_backbone,
               help="With --head and no --cache: the backbone to run on the clips.")
-@click.option("--weights", default="pretrained", show_default=True,
-              help="With --backbone: pretrained, none, or a weights file (as extract).")
-@click.option("--frames", "-T", type=click.IntRange(min=1), default=8, show_default=True,
-              help="With --backbone: frames per clip.")
-@click.option("--image-size", type=click.IntRange(min=1),
-              help="With --backbone: crop side  [default: the backbone's input size].")
-@click.option("--out", default="predictions.csv", show_default=True, help="Predictions CSV.")
-@click.option("--json", "json_path", default=None, metavar="FILE",
-              help="Also write the predictions, accuracy and support set as JSON.")
-@click.option("--features", default=None, metavar="DIR",
-              help="Keep the clips' maps in this folder: a rerun with more queries or another "
-                   "checkpoint of the same cache recomputes nothing.")
-@click.option("--figures", default=None, metavar="DIR",
-              help="Draw each query's alignment figure with its predicted class's support clip.")
-@click.option("--max-figures", type=click.IntRange(min=1), default=None,
-              help="Only the first N queries' figures  [default: every query's].")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Decode processes (0: decode in this process).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out / --json file.")
+@options_from(ClassifyConfig)
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
-def classify(device, json_path, **options):
+def classify(device, **options):
     """Label your own clips from a few example clips per class (a trained checkpoint or a
     training-free head); see docs/own-videos.md."""
-    from classify.command import ClassifyConfig, classify_command
+    from classify.command import classify_command
 
-    classify_command(ClassifyConfig(json=json_path, **options), device=pick_device(device),
+    classify_command(ClassifyConfig(**options), device=pick_device(device),
                      log=click.echo)
 
 
 # ------------------------------------------------------------------------------------ demo
 @cli.command()
-@click.option("--weights", default="auto", show_default=True,
-              help="Where the backbone's adaptation starts: auto (ImageNet if torchvision's "
-                   "cache has it, no download; else random), imagenet, none, a weights file.")
-@click.option("--backbone", default="resnet18", show_default=True,
-              type=click.Choice(["resnet18", "resnet34", "resnet50"]))
-@click.option("--adapt-epochs", default=DEMO.adapt_epochs, show_default=True,
-              help="Epochs of the backbone's adaptation on the train classes.")
-@click.option("--epochs", default=DEMO.epochs, show_default=True, help="TA2N training epochs.")
-@click.option("--episodes-per-epoch", default=DEMO.episodes_per_epoch, show_default=True)
-@click.option("--eval-episodes", default=DEMO.eval_episodes, show_default=True,
-              help="Test episodes both heads are scored on.")
-@click.option("--seed", default=0, show_default=True)
+@options_from(DemoConfig)
 @click.option("--device", default="auto", show_default=True, type=DEVICE_CHOICES)
 def demo(**options):
     """The whole pipeline on the built-in toy dataset (what `make demo` runs): toy-data ->

@@ -41,6 +41,7 @@ import torchvision
 
 from cache import UserError
 from cache.atomic import write_text
+from cache.options import option
 
 CLI = Path(__file__).resolve().parent / "cli.py"
 
@@ -102,12 +103,14 @@ class DemoConfig:
     cache: str = "caches/demo.zarr"
     run: str = "runs/demo"
     workdir: str = "."
-    weights: str = "auto"
-    backbone: str = "resnet18"
+    weights: str = option("auto", help="Where the backbone's adaptation starts: auto (ImageNet "
+                          "if torchvision's cache has it, no download; else random), imagenet, "
+                          "none, a weights file.")
+    backbone: str = option("resnet18", choices=("resnet18", "resnet34", "resnet50"))
     frames: int = 8
     image_size: int = 112
     resize: int = 128
-    adapt_epochs: int = 3
+    adapt_epochs: int = option(3, help="Epochs of the backbone's adaptation on the train classes.")
     adapt_frames: int = 2
     adapt_batch: int = 8
     adapt_lr: float = 3e-4
@@ -121,19 +124,19 @@ class DemoConfig:
     way: int = 5
     shots: int = 1
     train_queries: int = 2
-    epochs: int = 4
-    episodes_per_epoch: int = 20
+    epochs: int = option(4, help="TA2N training epochs.")
+    episodes_per_epoch: int = option(20)
     patience: int = 0
     dropout: float = 0.0
     val_every: int = 2
     val_episodes: int = 100
-    eval_episodes: int = 300
+    eval_episodes: int = option(300, help="Test episodes both heads are scored on.")
     classify_classes: int = 10
     classify_queries: int = 3
     classify_figures: int = 3
     vis_episodes: int = 1
     vis_pairs: str = "true"
-    seed: int = 0
+    seed: int = option(0)
     device: str = "auto"
 
     @property

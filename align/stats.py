@@ -14,7 +14,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from scipy import stats
 
 PAIRED_EPISODES = ("two-sided paired t-test (scipy.stats.ttest_rel) on the per-episode "
                    "accuracies, every seed's episodes pooled (training-seed variance not "
@@ -39,6 +38,10 @@ def paired_test(a, b, confidence: float = 0.95) -> dict:
     if np.all(diff == diff[0]):
         return {"gain": gain, "ci_low": gain, "ci_high": gain, "t": None,
                 "p": 1.0 if gain == 0 else 0.0, "n": len(diff)}
+    # scipy.stats takes about a second to import: only here, so that the CLI, which imports
+    # the sweep's config at start-up to generate its options, does not pay for it
+    from scipy import stats
+
     with warnings.catch_warnings():  # near-constant differences: scipy warns, the answer stands
         warnings.simplefilter("ignore", RuntimeWarning)
         result = stats.ttest_rel(b, a)

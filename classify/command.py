@@ -5,7 +5,6 @@ summary printed."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ from cache import UserError
 from cache.atomic import write_json
 from cache.paths import check_writable
 from classify.api import FewShotClassifier
+from classify.config import ClassifyConfig
 from classify.report import (
     accuracy,
     draw_figures,
@@ -22,44 +22,6 @@ from classify.report import (
     summary_lines,
     write_csv,
 )
-
-
-@dataclass
-class ClassifyConfig:
-    """One classify run (the CLI's options).
-
-    Args:
-        support: folder with one sub-folder of clips per class.
-        query: clip files and/or folders (searched recursively).
-        out: the predictions CSV; json: also write them as JSON.
-        checkpoint: a trained head (None and no ``head``: the latest run's best.pt).
-        head: a training-free head (protonet, otam) instead of a checkpoint.
-        cache: the cache whose backbone recipe is used (default: the checkpoint's).
-        backbone, weights, frames, image_size: a training-free head's backbone without a cache.
-        features: clip feature store folder (reruns recompute nothing).
-        figures: folder for one alignment figure per query; max_figures: only the first ones.
-        workers: decode processes (0: in this process).
-        overwrite: replace an existing --out / --json file.
-        show: rows of the console table.
-    """
-
-    support: str
-    query: tuple[str, ...]
-    out: str = "predictions.csv"
-    json: str | None = None
-    checkpoint: str | None = None
-    head: str | None = None
-    cache: str | None = None
-    backbone: str | None = None
-    weights: str = "pretrained"
-    frames: int = 8
-    image_size: int | None = None
-    features: str | None = None
-    figures: str | None = None
-    max_figures: int | None = None
-    workers: int = 0
-    overwrite: bool = False
-    show: int = 10
 
 
 def _check_file(path: str | None, option: str, overwrite: bool) -> None:

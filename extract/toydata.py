@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from cache import UserError
 from cache.atomic import atomic_path
+from cache.options import Range, option
 from cache.paths import claim_folder
 
 SPLITS = ("train", "val", "test")
@@ -87,17 +88,19 @@ class ToyConfig:
         seed: every random choice (classes per split, placement, timing, colours) derives from it.
     """
 
-    train_classes: int = 16
-    val_classes: int = 6
-    test_classes: int = 10
-    videos_per_class: int = 8
-    frames: int = 24
-    size: int = 112
+    train_classes: int = option(16)
+    val_classes: int = option(6)
+    test_classes: int = option(10)
+    videos_per_class: int = option(8)
+    frames: int = option(24, help="Frames per video.")
+    size: int = option(112, help="Frame side in pixels.")
     fps: int = 12
-    min_duration: float = 0.45
-    max_duration: float = 0.85
-    evolution: float = 2.0
-    seed: int = 0
+    min_duration: float = option(0.45, help="Shortest action window, as a fraction of the video "
+                                 "(the actor rests before and after it).")
+    max_duration: float = option(0.85, help="Longest action window, as a fraction of the video.")
+    evolution: float = option(2.0, range=Range(1),
+                              help="Progress exponents are log-uniform in [1/E, E].")
+    seed: int = option(0)
 
     def check(self) -> None:
         counts = (self.train_classes, self.val_classes, self.test_classes)

@@ -8,16 +8,24 @@ import click.testing
 import pytest
 
 from align.evaluate import EvalConfig
+from align.reports.configs import VisualizeConfig
 from align.reports.embedding import EmbeddingConfig
 from align.reports.misalignment import MisalignmentConfig
+from align.sweep import SweepConfig
 from align.train import TrainConfig
 from cache.options import OPTION, Range, declared_fields, option, options_from
+from classify.config import ClassifyConfig
 from cli import cli
+from demo import DemoConfig
+from extract.toydata import ToyConfig
 
 # (command path, its config class): every command whose options are generated from a config
 GENERATED = [(("train-heads",), TrainConfig), (("evaluate",), EvalConfig),
              (("analyze", "embedding"), EmbeddingConfig),
-             (("analyze", "misalignment"), MisalignmentConfig)]
+             (("analyze", "misalignment"), MisalignmentConfig),
+             (("toy-data",), ToyConfig), (("demo",), DemoConfig),
+             (("classify",), ClassifyConfig), (("visualize",), VisualizeConfig),
+             (("sweep",), SweepConfig)]
 
 
 def command_at(path):

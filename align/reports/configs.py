@@ -1,5 +1,6 @@
-"""The configs of `analyze embedding` and `analyze misalignment`, apart from the modules that run
-them (matplotlib, sklearn) so that the CLI can generate their options without importing those."""
+"""The configs of `analyze embedding`, `analyze misalignment` and `visualize`, apart from the
+modules that run them (matplotlib, sklearn) so that the CLI can generate their options without
+importing those."""
 
 from __future__ import annotations
 
@@ -69,3 +70,37 @@ class MisalignmentConfig:
     weight_decay: float = option(1e-2, help="L2 of the classifier.")
     max_iter: int = 100
     threshold: float = 0.5
+
+
+@dataclass
+class VisualizeConfig:
+    """What `visualize` draws.
+
+    Each declared field's meaning and default is its ``option(...)`` declaration, the text
+    ``python cli.py visualize --help`` shows (cache/options.py): the episodes are the first ones
+    `evaluate` would score with the same seed, split, way and queries (or those of a saved
+    episode file); pairs "all" draws every prototype with every query, "true" each query with
+    its own class, "true+predicted" also with the class it was taken for, when wrong.
+
+    Args:
+        allow_other_features: draw a head on a cache of other features than it was trained on
+            (refused without it; see cache/features.py).
+    """
+
+    checkpoint: str | None = option(None, help="A head trained by train-heads [default: the "
+                                    "latest run's best.pt].")
+    cache: str | None = option(None, help="[default: the checkpoint's run's cache]")
+    episodes: int = option(1, help="Episodes to draw.")
+    episodes_from: str | None = option(None, metavar="FILE", help="Draw the first episodes of a "
+                                       "saved episode list (evaluate --save-episodes).")
+    split: str = option("test", choices=("train", "val", "test"))
+    way: int | None = option(None, range=Range(2), kind=int,
+                             help="[default: the run's way, else 5]")
+    queries: int = option(1, help="Queries per class.")
+    seed: int = option(0, help="Same seed as evaluate: the same first episodes.")
+    pairs: str = option("all", choices=("all", "true", "true+predicted"),
+                        help="Every prototype with every query, each query with its own class, "
+                             "or also with the class it was wrongly taken for.")
+    root: str | None = option(None, help="Dataset folder, if it moved since extraction.")
+    out: str | None = option(None, help="Figure folder [default: <run dir>/figures].")
+    allow_other_features: bool = False  # a hand-written option: its help is shared (cli.py)

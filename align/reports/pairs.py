@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import textwrap
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -40,6 +40,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from align.episodes import Episode, EpisodeSampler, Stream, load_episodes  # noqa: E402
+from align.reports.configs import VisualizeConfig  # noqa: E402
 from align.runs import load_head_source, read_metrics, resolve_head_source  # noqa: E402
 from cache import FeatureCache, UserError  # noqa: E402
 from cache.atomic import write_json  # noqa: E402
@@ -254,38 +255,6 @@ def draw_pair(path: str | os.PathLike, *, support_frames: np.ndarray, query_fram
 
 
 # ------------------------------------------------------------------------------ the command
-@dataclass
-class VisualizeConfig:
-    """What `visualize` draws.
-
-    Args:
-        checkpoint: a trained head (None: the most recent run's best.pt).
-        cache: the feature cache (None: the checkpoint's run's cache).
-        out: the figure folder (None: <run dir>/figures).
-        episodes: how many episodes to draw (the first ones `evaluate` would score with ``seed``).
-        episodes_from: draw episodes of this saved episode file instead.
-        split, way, queries, seed: the episodes, as in `evaluate`.
-        pairs: "all" (every prototype with every query), "true" (each query with its own
-            class), "true+predicted" (and with the class it was taken for, when wrong).
-        root: the dataset folder, when it moved since extraction.
-        allow_other_features: draw a head on a cache of other features than it was trained on
-            (refused without it; see cache/features.py).
-    """
-
-    checkpoint: str | None = None
-    cache: str | None = None
-    out: str | None = None
-    episodes: int = 1
-    episodes_from: str | None = None
-    split: str = "test"
-    way: int | None = None  # None: the run's way, else 5
-    queries: int = 1
-    seed: int = 0
-    pairs: str = "all"
-    root: str | None = None
-    allow_other_features: bool = False
-
-
 def _pairs(kind: str, targets: np.ndarray, predicted: np.ndarray, way: int) -> list[tuple]:
     """(n, m) pairs to draw for an episode."""
     if kind == "all":

@@ -19,6 +19,7 @@ from align.options import DEFAULT_WAY
 from align.sweep.spec import EVAL_OPTIONS, RunSpec, SweepSpec, check_set, run_options, slug
 from align.train import TrainConfig, upgrade_train_payload
 from cache import FeatureCache, UserError
+from cache.options import option
 from cache.paths import MARKER
 
 RUN_FILE = "sweep-run.json"  # in each run directory: what the sweep asked for, and its result
@@ -49,21 +50,30 @@ class SweepConfig:
             each worker resolves for itself.
     """
 
-    cache: str | None = None
-    out: str | None = None
+    cache: str | None = option(None, help="Feature cache [default: the most recently extracted "
+                               "one].")
+    out: str | None = option(None, help="Sweep folder [default: runs/sweep-<preset or file>-"
+                             "<cache name>]; rerunning into it skips finished runs.")
     seeds: tuple[int, ...] = (0, 1, 2)
     shots: tuple[int, ...] | None = None
-    episodes: int = 5000
-    way: int = DEFAULT_WAY
-    queries: int = 1
+    episodes: int = option(5000, help="Saved test episodes per seed (every run is scored on "
+                           "them).")
+    way: int = option(DEFAULT_WAY)
+    queries: int = option(1, help="Test queries per class.")
     split: str = "test"
     overrides: dict = field(default_factory=dict)
-    reference: str | None = None
+    reference: str | None = option(None, metavar="RUN", help="Compare every row with this run "
+                                   "[default: each run's vs, else the first].")
     devices: tuple[str, ...] = ("cpu",)
-    jobs: int = 1
-    threads: int = 1
+    jobs: int = option(1, help="Worker processes on one device (1: this process).")
+    threads: int = option(1, help="torch threads per run (fixed, so results do not depend on "
+                          "--jobs).")
     backend: str = "loky"
-    scheduler: str | None = None
+    scheduler: str | None = option(None, metavar="ADDRESS",
+                                   help="Run the runs on a Dask cluster: tcp://HOST:PORT, a "
+                                        "scheduler file (.json) or local:N (N worker processes "
+                                        "here); the cache and --out must be on a filesystem "
+                                        "every worker shares (see docs/cluster.md).")
 
 
 @dataclass
