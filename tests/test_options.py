@@ -8,9 +8,9 @@ import click.testing
 import pytest
 
 from align.evaluate import EvalConfig
+from align.recipes import TrainConfig
 from align.reports.embedding import EmbeddingConfig
 from align.reports.misalignment import MisalignmentConfig
-from align.train import TrainConfig
 from cache.options import OPTION, Range, declared_fields, option, options_from
 from cli import cli
 
