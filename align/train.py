@@ -6,7 +6,8 @@ episodes -> optimizer step at the scheduled lr; per epoch: the head's ``decay()`
 fixed val episodes, ``best.pt`` / ``last.pt`` / ``metrics.csv``, early stopping.
 
 The recipes (``paper``, ``fast``), ``TrainConfig``, the optimizer, the lr schedule and the
-early-stopping rule live in align/recipes.py; this module runs them.
+early-stopping rule live in align/recipes.py; opening a new or resumed run folder in
+align/run_open.py; this module runs the loop on them.
 
 Every random choice of episode ``i`` (classes, videos, views, dropout mask) is a function of
 (seed, i), and ``last.pt`` holds the optimizer, the scheduler, the RNG state, the position inside
@@ -16,13 +17,12 @@ interrupted (Ctrl-C) run stopped. Checkpoints are written atomically (temp file 
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,16 +31,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from align.checkpoints import (
-    CHECKPOINT_VERSION,
-    TA2N_SWITCHES,
-    load_head_checkpoint,
     save_head,
-    upgrade_config,
 )
 from align.episodes import EpisodeSampler, Stream
 from align.evaluate import autocast, compact_attrs, run_episodes, score
 from align.feed import Feeder
-from align.models import build_head
 from align.recipes import (
     TrainConfig,
     describe_recipe,
@@ -50,17 +45,15 @@ from align.recipes import (
     set_lr,
     steps_per_epoch,
 )
+from align.run_open import head_config_of, open_run
 from align.runs import (
-    check_head_fits,
-    default_run_dir,
     remember_run,
     write_metrics,
 )
 from cache import FeatureCache, UserError
 from cache.atomic import write_json
-from cache.features import check_same_features, feature_fingerprint
-from cache.latest import resolve_cache
-from cache.paths import check_writable, claim_folder, remove_if_unused, writer_lock
+from cache.features import feature_fingerprint
+from cache.paths import claim_folder, remove_if_unused, writer_lock
 from cache.store import human_bytes
 
 # Peak memory of one training episode / the bytes of its input maps (float32), measured with
@@ -155,108 +148,6 @@ class StopFlag:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
-
-
-def _head_config(head) -> dict:
-    return asdict(head.config)
-
-
-def open_run(cfg: TrainConfig | None, resume: str | None, log) -> tuple:
-    """(requested, cfg, cache, run_dir, head, state): a new run, or the one in ``resume`` with
-    its last.pt (head weights, SC step and BatchNorm statistics included) and training state.
-    ``requested`` is the config as asked for; ``cfg`` is a new object, resolved (cache, recipe,
-    dataset, run directory filled in). A resumed run trains what its last.pt holds: a
-    config.json that disagrees with it, or a cache of other features, is refused."""
-    state = None
-    if resume:
-        run_dir = Path(resume)
-        if not (run_dir / "last.pt").exists():
-            raise UserError(f"{resume} holds no last.pt to resume from")
-        head, state = load_head_checkpoint(run_dir / "last.pt", map_location="cpu")
-        cfg, requested = resumed_config(run_dir, state, _head_config(head))
-        log(f"resuming {run_dir} at epoch {state['epoch'] + 1}, episode {state['episode']}")
-    else:
-        requested = cfg
-    cfg = replace(cfg, cache=resolve_cache(cfg.cache, log))
-    cache = FeatureCache.open(cfg.cache)
-    cfg, notes = cfg.resolve(cache.attrs.get("dataset", "unknown"))
-    for note in notes:
-        log(note)
-    run_dir = Path(cfg.out or default_run_dir(cfg.dataset, cfg.head, cfg.shot))
-    if state is None:
-        if (run_dir / "last.pt").exists():
-            raise UserError(f"{run_dir} already holds a run: pass --resume {run_dir} or "
-                            "another --out")
-        c, t, h, w = cache.shape
-        head = build_head(cfg.head, channels=c, frames=t, height=h, width=w, shot=cfg.shot,
-                          seed=cfg.seed, options=cfg.head_options)
-    check_head_fits(_head_config(head), cache)
-    if state is not None:
-        warning = check_same_features(state.get("features"),
-                                      feature_fingerprint(cache.attrs, cache.path),
-                                      what=f"the run {run_dir}",
-                                      remedy="start a new run with --out")
-        if warning:  # a last.pt from before fingerprints: nothing to compare with
-            log(warning)
-    check_writable(run_dir, "folder", "the run directory (--out)")
-    return requested, replace(cfg, out=str(run_dir)), cache, run_dir, head, state
-
-
-def resumed_config(run_dir: Path, state: dict, head_config: dict
-                   ) -> tuple[TrainConfig, TrainConfig]:
-    """(the config to continue with, the request) of a run being resumed. last.pt's own config
-    is the truth; config.json must agree with it field by field (an edited file would make the
-    progress bar, config.json and runs/latest.json say one thing while another is trained)."""
-    saved = read_run_config(run_dir)
-    train_saved = saved.get("train")
-    if not isinstance(train_saved, dict):
-        raise UserError(f"{run_dir}/config.json has no 'train' section; restore it")
-    truth = state.get("config")
-    if not isinstance(truth, dict):  # a last.pt from before checkpoints recorded their config
-        truth = train_saved
-    requested_saved = saved.get("requested", train_saved)
-    if not isinstance(requested_saved, dict):
-        raise UserError(f"{run_dir}/config.json: 'requested' must be an object; restore it")
-    ignore = {"out", "cache", "dataset"}  # the folder may have moved; the cache is checked apart
-    for section, values, only_set in (("train", train_saved, False),
-                                      ("requested", requested_saved, True)):
-        for key, value in values.items():
-            if key in ignore or key not in truth or (only_set and value is None):
-                continue
-            if value != truth[key]:
-                raise UserError(f"{run_dir}/config.json says {section}.{key} = {value!r}, but "
-                                f"last.pt was trained with {key} = {truth[key]!r}; the "
-                                "checkpoint is what would be trained: restore config.json, or "
-                                "start a new run with --out")
-    head_saved = saved.get("head")
-    if isinstance(head_saved, dict):  # a run's config.json records no checkpoint version
-        old_layout = any(k in head_saved for k in TA2N_SWITCHES)
-        head_saved = upgrade_config(head_saved, 2 if old_layout else CHECKPOINT_VERSION)
-        for key, value in head_saved.items():
-            if key in head_config and value != head_config[key]:
-                raise UserError(f"{run_dir}/config.json says head.{key} = {value!r}, but last.pt "
-                                f"holds a head with {key} = {head_config[key]!r}; restore "
-                                "config.json, or start a new run with --out")
-    cfg = TrainConfig.from_json(truth, where=f"{run_dir}/last.pt")
-    requested = TrainConfig.from_json(requested_saved, where=f"{run_dir}/config.json")
-    cfg = replace(cfg, out=str(run_dir), cache=train_saved.get("cache") or truth.get("cache"))
-    return cfg, requested
-
-
-def read_run_config(run_dir: Path) -> dict:
-    """config.json of a run folder, as a dict; a missing or damaged file is one line."""
-    path = Path(run_dir) / "config.json"
-    try:
-        saved = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing: the run cannot be resumed without it (restore "
-                        "it, or start a new run with --out)") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not readable JSON ({e}); restore it, or start a new run "
-                        "with --out") from None
-    if not isinstance(saved, dict):
-        raise UserError(f"{path} must hold a JSON object; restore it")
-    return saved
 
 
 def new_stats() -> dict:
@@ -369,7 +260,7 @@ def _train_run(requested: TrainConfig, cfg: TrainConfig, cache: FeatureCache, ru
 
     # the run directory says how it was made; runs/latest.json lets `evaluate` find it
     write_json(run_dir / "config.json", {"requested": asdict(requested), "train": asdict(cfg),
-                                         "head": _head_config(head),
+                                         "head": head_config_of(head),
                                          "device": str(device),
                                          "features": features,
                                          "cache_attrs": compact_attrs(cache.attrs)})
