@@ -32,13 +32,13 @@ from align.models import (  # noqa: E402
     parse_head_options,
 )
 from align.options import DEFAULT_SHOT, DEFAULT_WAY  # noqa: E402
+from align.recipes import TrainConfig  # noqa: E402
 from align.reports.configs import (  # noqa: E402
     EmbeddingConfig,
     MisalignmentConfig,
     VisualizeConfig,
 )
 from align.sweep import SweepConfig  # noqa: E402
-from align.train import TrainConfig  # noqa: E402
 from cache import FeatureCache, UserError, format_info  # noqa: E402
 from cache.codecs import CODECS  # noqa: E402
 from cache.options import options_from  # noqa: E402

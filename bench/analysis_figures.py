@@ -35,10 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from align.checkpoints import load_head  # noqa: E402
 from align.evaluate import EvalConfig, evaluate  # noqa: E402
 from align.models import build_head  # noqa: E402
+from align.recipes import TrainConfig  # noqa: E402
 from align.reports import compare as cmp  # noqa: E402
 from align.reports import embedding as emb
 from align.reports import misalignment as mis
-from align.train import TrainConfig, train  # noqa: E402
+from align.train import train  # noqa: E402
 from cache import FeatureCache  # noqa: E402
 from cache.synthetic import SynthConfig, generate_synthetic  # noqa: E402
 

@@ -39,7 +39,8 @@ sys.path.insert(0, sys.argv[5])
 import numpy as np, torch
 from align.episodes import EpisodeSampler
 from align.feed import Feeder
-from align.train import TrainConfig, train
+from align.recipes import TrainConfig
+from align.train import train
 from cache import FeatureCache
 mark("imports")
 cache = FeatureCache.open(cache_path)

@@ -49,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from align.checkpoints import load_head  # noqa: E402
 from align.evaluate import EvalConfig, evaluate  # noqa: E402
-from align.train import FAST_RECIPE, TrainConfig, train  # noqa: E402
+from align.recipes import FAST_RECIPE, TrainConfig  # noqa: E402
+from align.train import train  # noqa: E402
 from cache import FeatureCache  # noqa: E402
 from cache.synthetic import SynthConfig, generate_synthetic  # noqa: E402
 

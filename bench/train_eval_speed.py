@@ -42,7 +42,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from align.checkpoints import load_head  # noqa: E402
 from align.evaluate import EvalConfig, evaluate  # noqa: E402
 from align.models import build_head  # noqa: E402
-from align.train import TrainConfig, train  # noqa: E402
+from align.recipes import TrainConfig  # noqa: E402
+from align.train import train  # noqa: E402
 from cache import FeatureCache  # noqa: E402
 from cache.synthetic import SynthConfig, generate_synthetic  # noqa: E402
 from cli import pick_device  # noqa: E402

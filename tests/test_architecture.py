@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINE = ("align.checkpoints", "align.episodes", "align.feed", "align.runs", "align.train",
-          "align.evaluate", "align.stats", "align.sweep", "align.options", "align.cluster")
+ENGINE = ("align.checkpoints", "align.episodes", "align.feed", "align.runs", "align.recipes",
+          "align.run_open", "align.train", "align.evaluate", "align.stats", "align.sweep",
+          "align.options", "align.cluster")
 LAYERS = [  # (module prefixes, rank): a module may import its own rank or lower
     (("cache",), 0),
     (("extract",), 1),

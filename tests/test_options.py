@@ -8,11 +8,11 @@ import click.testing
 import pytest
 
 from align.evaluate import EvalConfig
+from align.recipes import TrainConfig
 from align.reports.configs import VisualizeConfig
 from align.reports.embedding import EmbeddingConfig
 from align.reports.misalignment import MisalignmentConfig
 from align.sweep import SweepConfig
-from align.train import TrainConfig
 from cache.options import OPTION, Range, declared_fields, option, options_from
 from classify.config import ClassifyConfig
 from cli import cli

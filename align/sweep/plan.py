@@ -16,8 +16,8 @@ from pathlib import Path
 from align.episodes import EpisodeSampler, Stream, save_episodes
 from align.models import head_class
 from align.options import DEFAULT_WAY
+from align.recipes import TrainConfig, upgrade_train_payload
 from align.sweep.spec import EVAL_OPTIONS, RunSpec, SweepSpec, check_set, run_options, slug
-from align.train import TrainConfig, upgrade_train_payload
 from cache import FeatureCache, UserError
 from cache.options import option
 from cache.paths import MARKER

@@ -16,6 +16,7 @@ import torch
 from joblib import Parallel, delayed
 
 from align.evaluate import EvalConfig, evaluate
+from align.recipes import TrainConfig
 from align.runs import RUNS_ROOT, HeadSource, load_head_source
 from align.sweep.output import write_outputs
 from align.sweep.plan import (
@@ -30,7 +31,7 @@ from align.sweep.plan import (
 )
 from align.sweep.spec import SweepSpec, slug
 from align.sweep.summary import summarise
-from align.train import TrainConfig, train
+from align.train import train
 from cache import FeatureCache, UserError
 from cache.atomic import write_json
 from cache.latest import resolve_cache

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from align.models import HEADS, check_head_options, head_class, head_names
 from align.options import DEFAULT_SHOT
-from align.train import TrainConfig, check_ranges
+from align.recipes import TrainConfig
 from cache import UserError
+from cache.options import check_ranges
 
 # TrainConfig fields a run may not set: the sweep decides them (and says with which option)
 SWEEP_OWNED = {"cache": "--cache", "seed": "--seeds", "out": "--out",

@@ -8,7 +8,8 @@ import torch
 
 from align.checkpoints import load_head
 from align.models import registry
-from align.train import TrainConfig, train
+from align.recipes import TrainConfig
+from align.train import train
 
 EXTENDING = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
 QUIET = dict(device=torch.device("cpu"), progress=False, log=lambda message: None)

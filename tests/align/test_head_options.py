@@ -14,8 +14,9 @@ from click.testing import CliRunner
 import cli
 from align.checkpoints import CHECKPOINT_FORMAT, load_head, load_head_checkpoint
 from align.models import HEADS, build_head, check_head_options, parse_head_options
+from align.recipes import TrainConfig
 from align.sweep import RUN_FILE, RunSpec, SweepConfig, load_spec, plan_runs, run_state
-from align.train import TrainConfig, train
+from align.train import train
 from cache import UserError
 from cache.torch_files import save_tensors
 

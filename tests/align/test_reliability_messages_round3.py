@@ -86,7 +86,7 @@ def test_the_cli_ranges_are_the_declared_ones():
     """train-heads' click types come from the one declaration (the fields' ``option``)."""
     import click
 
-    from align.train import TrainConfig
+    from align.recipes import TrainConfig
     from cache.options import OPTION, declared_fields
 
     params = {p.name: p for p in cli.commands["train-heads"].params}

@@ -11,7 +11,8 @@ import torch
 from click.testing import CliRunner
 
 from align.feed import Feeder
-from align.train import TrainConfig, train
+from align.recipes import TrainConfig
+from align.train import train
 from cache import FeatureCache, UserError
 from cache.paths import writer_lock
 from cache.synthetic import SynthConfig, generate_synthetic

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from align.checkpoints import load_head, save_head
 from align.models import build_head
-from align.train import TrainConfig, train
+from align.recipes import TrainConfig
+from align.train import train
 from cache import UserError
 from cli import cli
 

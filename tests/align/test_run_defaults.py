@@ -7,7 +7,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from align.train import TrainConfig, train
+from align.recipes import TrainConfig
+from align.train import train
 from cache.synthetic import SynthConfig, generate_synthetic
 from cli import cli
 

@@ -17,7 +17,8 @@ from align.models.arn import second_order
 from align.models.cmn import write_memory
 from align.models.trn import relation_tuples
 from align.models.trx import positional_encoding
-from align.train import TrainConfig, train
+from align.recipes import TrainConfig
+from align.train import train
 from cache import FeatureCache, UserError
 from cache.synthetic import SynthConfig, generate_synthetic
 

@@ -13,7 +13,8 @@ from align.checkpoints import load_head, load_head_checkpoint
 from align.evaluate import EvalConfig, evaluate
 from align.feed import Feeder, choose_preload
 from align.models import build_head
-from align.train import TrainConfig, train
+from align.recipes import TrainConfig
+from align.train import train
 from cache import FeatureCache, UserError
 
 CPU = torch.device("cpu")

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 import cli
-from align.train import (
+from align.recipes import (
     FAST_RECIPE,
     OPTIMIZERS,
     PAPER_RECIPES,
@@ -19,9 +19,9 @@ from align.train import (
     learning_rate,
     make_optimizer,
     steps_per_epoch,
-    train,
     validations_since_best,
 )
+from align.train import train
 from cache import UserError
 
 
