@@ -40,13 +40,11 @@ from align.reports.configs import (  # noqa: E402
 )
 from align.sweep import SweepConfig  # noqa: E402
 from cache import FeatureCache, UserError, format_info  # noqa: E402
-from cache.codecs import CODECS  # noqa: E402
 from cache.options import options_from  # noqa: E402
-from cache.store_dtype import STORE_DTYPES  # noqa: E402
 from classify.config import ClassifyConfig  # noqa: E402
 from demo import DemoConfig  # noqa: E402
-from extract.backbones import PREFIXES, REGISTERED  # noqa: E402
-from extract.datasets import DATASETS  # noqa: E402
+from extract.adapt import AdaptConfig  # noqa: E402
+from extract.pipeline import ExtractConfig  # noqa: E402
 from extract.toydata import ToyConfig  # noqa: E402
 
 DEVICE_CHOICES = click.Choice(["auto", "cpu", "cuda"])
@@ -107,85 +105,25 @@ def _check_backbone(ctx, param, value):
 
 
 @cli.command()
-@click.option("--dataset", required=True,
-              type=click.Choice(list(DATASETS)),
-              help="Which split lists to use (custom: --split-dir).")
-@click.option("--root", type=click.Path(), help="Dataset folder.  [default: data/<dataset>]")
-@click.option("--split-dir", type=click.Path(exists=True, file_okay=False),
-              help="Folder with trainlist.txt, vallist.txt, testlist.txt of '<class>/<stem>' "
-                   "lines (custom datasets).")
-@click.option("--splits", default="train,val,test", show_default=True,
+@options_from(ExtractConfig)
+@click.option("--splits", "split_list", default="train,val,test", show_default=True,
               help="Comma-separated splits to extract.")
-@click.option("--limit", type=click.IntRange(min=1),
-              help="Only the first N videos found per split (for trying things).")
-@click.option("--out", help="Cache path.  [default: caches/<dataset>.zarr (.h5 for hdf5)]")
-@click.option("--backend", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
-@click.option("--backbone", default="resnet50", show_default=True, callback=_check_backbone,
-              help=f"Frozen image backbone: {', '.join(REGISTERED)}; "
-                   + "; ".join(f"{prefix}... {what}" for prefix, what in PREFIXES.items()) + ".")
-@click.option("--weights", default="pretrained", show_default=True,
-              help="pretrained (the library's weights through its download and cache: "
-                   "torchvision ImageNet, timm's tag, the clip tag; 'imagenet' means the same), "
-                   "none (random: meaningless features), or a weights file (ResNets: state "
-                   "dict, torchvision checkpoint, or the authors' TA2N checkpoint; timm / "
-                   "open_clip: what their loaders read).")
-@click.option("--frames", "-T", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Frames per video (TSN segments).")
-@click.option("--image-size", type=click.IntRange(min=1),
-              help="Side of the (centre) crop fed to the backbone.  [default: the backbone's "
-                   "input size, 224 for the ResNets]")
-@click.option("--resize", type=click.IntRange(min=1),
-              help="Frames are resized to RESIZE x RESIZE before cropping.  [default: image size "
-                   "/ the backbone's crop fraction: 256 for the ResNets at 224]")
-@click.option("--pool-to", type=click.IntRange(min=1),
-              help="Average-pool each frame's map to N x N (e.g. a ViT-B/16's 14 x 14 to 7 x 7).")
-@click.option("--aug-views", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Extra training views per video (random frame per segment, random crop, "
-                   "flip except SSv2), stored in aug_features.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the augmented views (and of --weights none).")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
-              show_default=True, help="Dtype of the stored maps.")
-@click.option("--store-dtype", type=click.Choice(STORE_DTYPES),
-              help="How rows are stored: int8 (one scale per video and channel) or bfloat16 "
-                   "halve float16's size; every reader gets --dtype rows back (see README "
-                   "'Compact caches' for the accuracy cost).  [default: --dtype]")
-@click.option("--codec", type=click.Choice(CODECS),
-              help="Row compressor (zarr; hdf5 takes gzip).  [default: zstd for zarr]")
-@click.option("--batch-size", type=click.IntRange(min=1),
-              help="Frames per forward pass.  [default: 256 on CUDA, 32 on CPU]")
-@click.option("--workers", type=click.IntRange(min=0),
-              help="Decode processes (0: decode in the main process, no timeout).  "
-                   "[default: cores-2 on CUDA; on CPU cores/8, at least 2]")
-@click.option("--writers", type=click.IntRange(min=1),
-              help="Threads compressing and writing rows (zarr; hdf5 takes 1).  "
-                   "[default: 4 on CUDA, 1 on CPU]")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
-              show_default=True, help="Seconds one video may take to decode before its worker "
-                                      "is killed (decord, then PyAV is tried).")
-@click.option("--overwrite", is_flag=True,
+@click.option("--overwrite", is_flag=True, default=False,
               help="Replace the cache at --out (only ever a cache: anything else is refused).")
-@click.option("--verify", is_flag=True,
+@click.option("--verify", is_flag=True, default=False,
               help="Before resuming, read and check every done row (re-extracts those that "
                    "fail); without it only done rows with no stored data are redone.")
 @click.option("--device", type=DEVICE_CHOICES, default="auto", show_default=True)
-def extract(dataset, root, split_dir, splits, limit, out, backend, backbone, weights, frames,
-            image_size, resize, pool_to, aug_views, seed, dtype, store_dtype, codec, batch_size,
-            workers, writers, timeout, overwrite, verify, device):
+def extract(split_list, device, **options):
     """Phase one: decode videos, sample T frames, run the frozen backbone, write the cache.
 
     Under torchrun (RANK / WORLD_SIZE set) each process extracts a disjoint shard of the rows
     into the same Zarr cache, on GPU LOCAL_RANK. Rerunning the command resumes.
     """
-    from extract.pipeline import ExtractConfig, Shard, run_extract
+    from extract.pipeline import Shard, run_extract
 
-    config = ExtractConfig(
-        dataset=dataset, root=root, split_dir=split_dir,
-        splits=tuple(s.strip() for s in splits.split(",") if s.strip()), limit=limit, out=out,
-        backend=backend, backbone=backbone, weights=weights, frames=frames,
-        image_size=image_size, resize=resize, pool_to=pool_to, aug_views=aug_views, seed=seed,
-        dtype=dtype, store_dtype=store_dtype, codec=codec, batch_size=batch_size,
-        workers=workers, writers=writers, timeout=timeout, overwrite=overwrite, verify=verify)
+    splits = tuple(s.strip() for s in split_list.split(",") if s.strip())
+    config = ExtractConfig(splits=splits, **options)
     shard = Shard.from_env()
     torch_device = pick_device(device)
     if torch_device.type == "cuda" and torch_device.index is None:
@@ -196,50 +134,11 @@ def extract(dataset, root, split_dir, splits, limit, out, backend, backbone, wei
 
 # ------------------------------------------------------------------------------------ adapt
 @cli.command("adapt-backbone")
-@click.option("--dataset", required=True,
-              type=click.Choice(list(DATASETS)),
-              help="Which split lists to use (custom: --split-dir). Only the train list is "
-                   "trained on.")
-@click.option("--root", type=click.Path(), help="Dataset folder.  [default: data/<dataset>]")
-@click.option("--split-dir", type=click.Path(exists=True, file_okay=False),
-              help="Folder with trainlist.txt, vallist.txt, testlist.txt (custom datasets).")
-@click.option("--limit", type=click.IntRange(min=1),
-              help="Only the first N train videos found (for trying things).")
-@click.option("--out", help="Weights file.  [default: weights/<dataset>-<backbone>-base.pt]")
-@click.option("--backbone", default="resnet50", show_default=True, callback=_check_backbone,
-              help=f"Backbone to train: {', '.join(REGISTERED)}, or timm:<name>.")
-@click.option("--weights", default="pretrained", show_default=True,
-              help="Initial weights: pretrained (ImageNet for the ResNets; 'imagenet' means the "
-                   "same), none (random), or a weights file.")
-@click.option("--frames", "-T", type=click.IntRange(min=1), default=8, show_default=True,
-              help="TSN segments per video (a random frame of each per epoch).")
-@click.option("--image-size", type=click.IntRange(min=1),
-              help="Crop side.  [default: the backbone's input size]")
-@click.option("--resize", type=click.IntRange(min=1),
-              help="Frames are resized to RESIZE x RESIZE before the random crop.  [default: "
-                   "image size / the backbone's crop fraction]")
-@click.option("--epochs", type=click.IntRange(min=1), help="[default: the dataset's recipe]")
-@click.option("--batch-size", type=click.IntRange(min=1),
-              help="Videos per optimizer step, over all processes.  [default: recipe]")
-@click.option("--micro-batch", type=click.IntRange(min=1),
-              help="Videos per forward pass and process; the rest is gradient accumulation.  "
-                   "[default: batch size / processes]")
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), help="[default: recipe]")
-@click.option("--lr", type=float, help="Peak learning rate.  [default: recipe]")
-@click.option("--momentum", type=float, help="SGD momentum.  [default: recipe]")
-@click.option("--weight-decay", type=float, help="[default: recipe]")
-@click.option("--warmup", type=float, help="Epochs of linear warm-up before the cosine decay.  "
-                                           "[default: recipe]")
-@click.option("--held-out", type=click.FloatRange(0, 1, max_open=True), default=0.1,
-              show_default=True,
-              help="Fraction of each class's train videos kept out of training and scored.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0),
-              help="Decode processes (0: decode in the main process).  [default: as extract]")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
-              show_default=True, help="Seconds one video may take to decode.")
-@click.option("--resume", is_flag=True, help="Continue the run of --out from its last epoch.")
-@click.option("--overwrite", is_flag=True, help="Start again over an earlier run of --out.")
+@options_from(AdaptConfig)
+@click.option("--resume", is_flag=True, default=False,
+              help="Continue the run of --out from its last epoch.")
+@click.option("--overwrite", is_flag=True, default=False,
+              help="Start again over an earlier run of --out.")
 @click.option("--device", type=DEVICE_CHOICES, default="auto", show_default=True)
 def adapt_backbone(device, **options):
     """Train the backbone as a TSN classifier on the train split's (base) classes, once per
@@ -247,7 +146,7 @@ def adapt_backbone(device, **options):
 
     Under torchrun each process trains on its share of every batch (DDP, on GPU LOCAL_RANK).
     """
-    from extract.adapt import AdaptConfig, next_command, run_adapt
+    from extract.adapt import next_command, run_adapt
     from extract.pipeline import Shard
 
     config = AdaptConfig(**options)

@@ -75,6 +75,10 @@ class Declaration:
         negatable: a bool shown as ``--x/--no-x`` (else a plain ``--x`` flag that sets True).
         metavar: the value's name in --help.
         show_default: print "[default: ...]" (None: when the default is not None / False).
+        path: the value is a path: "any", or "dir" (an existing directory; click refuses
+            others before the command runs).
+        check: a function of the value that raises ``UserError`` where it is refused (e.g.
+            a backbone name not in the registry); the CLI calls it while parsing.
     """
 
     help: str | None = None
@@ -86,6 +90,8 @@ class Declaration:
     negatable: bool = False
     metavar: str | None = None
     show_default: bool | None = None
+    path: str | None = None
+    check: Callable[[object], None] | None = None
 
     def flag_of(self, name: str) -> str:
         return self.flag or f"--{name.replace('_', '-')}"
@@ -98,14 +104,17 @@ class Declaration:
 def option(default=None, *, help: str | None = None, range: Range | None = None,
            choices=None, flag: str | None = None, aliases: tuple[str, ...] = (),
            kind: type | None = None, negatable: bool = False, metavar: str | None = None,
-           show_default: bool | None = None):
+           show_default: bool | None = None, path: str | None = None,
+           check: Callable[[object], None] | None = None):
     """A dataclass field whose default, help, range and choices are its CLI option's
-    (``Declaration`` describes the arguments)."""
+    (``Declaration`` describes the arguments); ``default=MISSING``: a required option."""
+    if path not in (None, "any", "dir"):
+        raise ValueError(f"path is 'any' or 'dir', not {path!r}")
     declared = Declaration(help=help, range=range,
                            choices=choices if choices is None or callable(choices)
                            else tuple(choices), flag=flag,
                            aliases=tuple(aliases), kind=kind, negatable=negatable,
-                           metavar=metavar, show_default=show_default)
+                           metavar=metavar, show_default=show_default, path=path, check=check)
     return field(default=default, metadata={OPTION: declared})
 
 
@@ -136,6 +145,9 @@ def click_type(declared: Declaration, default):
     import click
 
     kind = declared.kind or (type(default) if default is not None else str)
+    if declared.path is not None:
+        return click.Path(exists=True, file_okay=False) if declared.path == "dir" \
+            else click.Path()
     if declared.choices is not None:
         return click.Choice(declared.choices_now())
     if declared.range is None:
@@ -162,9 +174,27 @@ def click_option(f):
         decls = [f"{flag}/--no-{flag[2:]}"] if declared.negatable else [flag]
         return click.option(*decls, *declared.aliases, f.name, is_flag=True,
                             default=bool(default), show_default=show, help=declared.help)
+    # a required option gets no default at all: click 8.3 takes an explicit None as a value
+    given = {"required": True} if f.default is MISSING else {"default": default}
     return click.option(flag, *declared.aliases, f.name, type=click_type(declared, default),
-                        default=default, show_default=show, help=declared.help,
-                        metavar=declared.metavar)
+                        show_default=show, help=declared.help, metavar=declared.metavar,
+                        callback=click_callback(declared.check), **given)
+
+
+def click_callback(check):
+    """The click callback of a declared ``check`` (None: none): its ``UserError`` becomes
+    click's one-line "Invalid value for '--x'" usage error."""
+    if check is None:
+        return None
+    import click
+
+    def callback(ctx, param, value):
+        try:
+            check(value)
+        except UserError as e:
+            raise click.BadParameter(e.message) from None
+        return value
+    return callback
 
 
 def options_from(config_class, exclude=()):

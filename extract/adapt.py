@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from cache import UserError
 from cache.atomic import atomic_path, write_json
+from cache.options import Range, option
 from cache.paths import check_writable
 from cache.torch_files import load_tensors, save_tensors
 from extract.backbone import (
@@ -70,6 +71,21 @@ from extract.datasets import (
     split_list_files,
 )
 from extract.decode import DecodedVideo, DecodeFailure, DecodePool, DecodeTask
+from extract.options import (
+    BACKBONE_NAMES,
+    backbone_option,
+    dataset_option,
+    frames_option,
+    image_size_option,
+    limit_option,
+    resize_option,
+    root_option,
+    seed_option,
+    split_dir_option,
+    timeout_option,
+    weights_option,
+    workers_option,
+)
 from extract.pipeline import Shard, code_version
 from extract.producer import END, Producer, default_workers
 from extract.sampling import ViewPlan, plan_views, random_view, view_rng
@@ -131,28 +147,46 @@ class AdaptConfig:
         resume, overwrite: continue the run in the run folder, or start again over it.
     """
 
-    dataset: str
-    root: str | None = None
-    split_dir: str | None = None
-    limit: int | None = None
-    out: str | None = None
-    backbone: str = "resnet50"
-    weights: str = "pretrained"
-    frames: int = 8
-    image_size: int | None = None
-    resize: int | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    micro_batch: int | None = None
-    optimizer: str | None = None
-    lr: float | None = None
-    momentum: float | None = None
-    weight_decay: float | None = None
-    warmup: float | None = None
-    held_out: float = 0.1
-    seed: int = 0
-    workers: int | None = None
-    timeout: float = 60.0
+    dataset: str = dataset_option(
+        "Which split lists to use (custom: --split-dir). Only the train list is trained on.")
+    root: str | None = root_option()
+    split_dir: str | None = split_dir_option(
+        "Folder with trainlist.txt, vallist.txt, testlist.txt (custom datasets).")
+    limit: int | None = limit_option("Only the first N train videos found (for trying things).")
+    out: str | None = option(
+        None, help="Weights file.  [default: weights/<dataset>-<backbone>-base.pt]")
+    backbone: str = backbone_option(f"Backbone to train: {BACKBONE_NAMES}, or timm:<name>.")
+    weights: str = weights_option(
+        "Initial weights: pretrained (ImageNet for the ResNets; 'imagenet' means the same), "
+        "none (random), or a weights file.")
+    frames: int = frames_option("TSN segments per video (a random frame of each per epoch).")
+    image_size: int | None = image_size_option(
+        "Crop side.  [default: the backbone's input size]")
+    resize: int | None = resize_option(
+        "Frames are resized to RESIZE x RESIZE before the random crop.  [default: image size / "
+        "the backbone's crop fraction]")
+    epochs: int | None = option(None, help="[default: the dataset's recipe]", range=Range(1),
+                                kind=int)
+    batch_size: int | None = option(
+        None, help="Videos per optimizer step, over all processes.  [default: recipe]",
+        range=Range(1), kind=int)
+    micro_batch: int | None = option(
+        None, help="Videos per forward pass and process; the rest is gradient accumulation.  "
+        "[default: batch size / processes]", range=Range(1), kind=int)
+    optimizer: str | None = option(None, help="[default: recipe]", choices=OPTIMIZERS)
+    lr: float | None = option(None, help="Peak learning rate.  [default: recipe]", kind=float)
+    momentum: float | None = option(None, help="SGD momentum.  [default: recipe]", kind=float)
+    weight_decay: float | None = option(None, help="[default: recipe]", kind=float)
+    warmup: float | None = option(
+        None, help="Epochs of linear warm-up before the cosine decay.  [default: recipe]",
+        kind=float)
+    held_out: float = option(
+        0.1, help="Fraction of each class's train videos kept out of training and scored.",
+        range=Range(0, 1, high_open=True))
+    seed: int = seed_option()
+    workers: int | None = workers_option(
+        "Decode processes (0: decode in the main process).  [default: as extract]")
+    timeout: float = timeout_option("Seconds one video may take to decode.")
     resume: bool = False
     overwrite: bool = False
 

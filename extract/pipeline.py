@@ -58,12 +58,13 @@ import torch
 from tqdm import tqdm
 
 from cache import SPLITS, FeatureCache, UserError
-from cache.codecs import check_codec
+from cache.codecs import CODECS, check_codec
 from cache.errors import CacheInUse, NotACache
 from cache.latest import default_cache_path, remember_cache
+from cache.options import Range, option
 from cache.paths import writer_lock
 from cache.store import LEGACY_CODECS, check_output, inspect_path
-from cache.store_dtype import store_format
+from cache.store_dtype import STORE_DTYPES, store_format
 from extract.backbone import FeatureExtractor, check_not_adapted_on
 from extract.backbones import Backbone
 from extract.datasets import (
@@ -74,6 +75,22 @@ from extract.datasets import (
     find_videos,
 )
 from extract.decode import DecodeFailure, DecodePool, DecodeTask
+from extract.options import (
+    BACKBONE_NAMES,
+    BACKBONE_PREFIXES,
+    backbone_option,
+    dataset_option,
+    frames_option,
+    image_size_option,
+    limit_option,
+    resize_option,
+    root_option,
+    seed_option,
+    split_dir_option,
+    timeout_option,
+    weights_option,
+    workers_option,
+)
 from extract.producer import END, Batcher, Producer, Writers, default_workers, video_maps
 
 SAMPLING = "tsn-centre"
@@ -91,28 +108,60 @@ DEFAULT_CUDA_WRITERS = 4
 class ExtractConfig:
     """Every option of ``cli.py extract`` (stored in the cache attributes as ``extract_config``)."""
 
-    dataset: str
-    root: str | None = None
-    split_dir: str | None = None
-    splits: tuple[str, ...] = SPLITS
-    limit: int | None = None
-    out: str | None = None
-    backend: str = "zarr"
-    backbone: str = "resnet50"
-    weights: str = "pretrained"
-    frames: int = 8
-    image_size: int | None = None  # None: the backbone's input size (224 for the ResNets)
-    resize: int | None = None  # None: image size / the backbone's crop fraction (256 at 224)
-    pool_to: int | None = None  # average-pool the maps to pool_to x pool_to
-    aug_views: int = 0
-    seed: int = 0
-    dtype: str = "float16"
-    store_dtype: str | None = None  # how rows are stored (cache.store_dtype); None: dtype
-    codec: str | None = None  # row compressor (cache.codecs); None: the backend's default
-    batch_size: int | None = None  # frames per forward; None: 256 on CUDA, 32 on CPU
-    workers: int | None = None  # decode processes; None: see default_workers
-    writers: int | None = None  # row-writing threads (zarr); None: 4 on CUDA, 1 on CPU
-    timeout: float = 60.0
+    dataset: str = dataset_option("Which split lists to use (custom: --split-dir).")
+    root: str | None = root_option()
+    split_dir: str | None = split_dir_option(
+        "Folder with trainlist.txt, vallist.txt, testlist.txt of '<class>/<stem>' lines "
+        "(custom datasets).")
+    splits: tuple[str, ...] = SPLITS  # the CLI's --splits is comma-separated text
+    limit: int | None = limit_option(
+        "Only the first N videos found per split (for trying things).")
+    out: str | None = option(
+        None, help="Cache path.  [default: caches/<dataset>.zarr (.h5 for hdf5)]")
+    backend: str = option("zarr", choices=("zarr", "hdf5"))
+    backbone: str = backbone_option(
+        f"Frozen image backbone: {BACKBONE_NAMES}; {BACKBONE_PREFIXES}.")
+    weights: str = weights_option(
+        "pretrained (the library's weights through its download and cache: torchvision "
+        "ImageNet, timm's tag, the clip tag; 'imagenet' means the same), none (random: "
+        "meaningless features), or a weights file (ResNets: state dict, torchvision "
+        "checkpoint, or the authors' TA2N checkpoint; timm / open_clip: what their loaders "
+        "read).")
+    frames: int = frames_option("Frames per video (TSN segments).")
+    image_size: int | None = image_size_option(
+        "Side of the (centre) crop fed to the backbone.  [default: the backbone's input size, "
+        "224 for the ResNets]")
+    resize: int | None = resize_option(
+        "Frames are resized to RESIZE x RESIZE before cropping.  [default: image size / the "
+        "backbone's crop fraction: 256 for the ResNets at 224]")
+    pool_to: int | None = option(
+        None, help="Average-pool each frame's map to N x N (e.g. a ViT-B/16's 14 x 14 to "
+        "7 x 7).", range=Range(1), kind=int)
+    aug_views: int = option(
+        0, help="Extra training views per video (random frame per segment, random crop, flip "
+        "except SSv2), stored in aug_features.", range=Range(0))
+    seed: int = seed_option("Seed of the augmented views (and of --weights none).")
+    dtype: str = option("float16", help="Dtype of the stored maps.",
+                        choices=("float16", "float32"))
+    store_dtype: str | None = option(
+        None, help="How rows are stored: int8 (one scale per video and channel) or bfloat16 "
+        "halve float16's size; every reader gets --dtype rows back (see README 'Compact "
+        "caches' for the accuracy cost).  [default: --dtype]", choices=STORE_DTYPES)
+    codec: str | None = option(
+        None, help="Row compressor (zarr; hdf5 takes gzip).  [default: zstd for zarr]",
+        choices=CODECS)
+    batch_size: int | None = option(
+        None, help="Frames per forward pass.  [default: 256 on CUDA, 32 on CPU]",
+        range=Range(1), kind=int)
+    workers: int | None = workers_option(
+        "Decode processes (0: decode in the main process, no timeout).  [default: cores-2 on "
+        "CUDA; on CPU cores/8, at least 2]")
+    writers: int | None = option(
+        None, help="Threads compressing and writing rows (zarr; hdf5 takes 1).  [default: 4 "
+        "on CUDA, 1 on CPU]", range=Range(1), kind=int)
+    timeout: float = timeout_option(
+        "Seconds one video may take to decode before its worker is killed (decord, then PyAV "
+        "is tried).")
     overwrite: bool = False
     verify: bool = False  # read and check every done row before resuming
     wait_timeout: float = 900.0  # how long ranks > 0 wait for rank 0's cache

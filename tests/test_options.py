@@ -13,10 +13,13 @@ from align.reports.configs import VisualizeConfig
 from align.reports.embedding import EmbeddingConfig
 from align.reports.misalignment import MisalignmentConfig
 from align.sweep import SweepConfig
+from cache.errors import UserError
 from cache.options import OPTION, Range, declared_fields, option, options_from
 from classify.config import ClassifyConfig
 from cli import cli
 from demo import DemoConfig
+from extract.adapt import AdaptConfig
+from extract.pipeline import ExtractConfig
 from extract.toydata import ToyConfig
 
 # (command path, its config class): every command whose options are generated from a config
@@ -25,7 +28,8 @@ GENERATED = [(("train-heads",), TrainConfig), (("evaluate",), EvalConfig),
              (("analyze", "misalignment"), MisalignmentConfig),
              (("toy-data",), ToyConfig), (("demo",), DemoConfig),
              (("classify",), ClassifyConfig), (("visualize",), VisualizeConfig),
-             (("sweep",), SweepConfig)]
+             (("sweep",), SweepConfig), (("extract",), ExtractConfig),
+             (("adapt-backbone",), AdaptConfig)]
 
 
 def command_at(path):
@@ -45,7 +49,9 @@ def disagreements(command: click.Command, config_class) -> list[str]:
             found.append(f"{f.name}: no option")
             continue
         default = None if f.default is MISSING else f.default
-        if param.default != default:
+        if f.default is MISSING and not param.required:
+            found.append(f"{f.name}: field has no default, option not required")
+        elif f.default is not MISSING and param.default != default:
             found.append(f"{f.name}: option default {param.default!r}, field {default!r}")
         if param.help != declared.help:
             found.append(f"{f.name}: option help {param.help!r}, field {declared.help!r}")
@@ -112,3 +118,52 @@ def test_a_generated_command_parses_into_the_config():
     assert runner.invoke(toy, []).output.strip() == repr(Toy())
     assert "Toy(shot=3, mode='b')" in runner.invoke(toy, ["--shots", "3", "--mode", "b"]).output
     assert runner.invoke(toy, ["--shots", "0"]).exit_code == 2
+
+
+def test_extract_and_adapt_share_one_declaration_of_their_common_options():
+    """Flag, alias, default, range, choices, path type and check of the options both phase-one
+    commands take are the same object's (extract/options.py); only the help may differ."""
+    extract = {f.name: f for f in declared_fields(ExtractConfig)}
+    adapt = {f.name: f for f in declared_fields(AdaptConfig)}
+    shared = sorted(set(extract) & set(adapt))
+    assert {"dataset", "root", "split_dir", "limit", "backbone", "weights", "frames",
+            "image_size", "resize", "seed", "workers", "timeout"} <= set(shared)
+    for name in shared:
+        mine, theirs = extract[name].metadata[OPTION], adapt[name].metadata[OPTION]
+        for aspect in ("range", "choices", "flag", "aliases", "kind", "path", "check"):
+            assert getattr(mine, aspect) == getattr(theirs, aspect), (name, aspect)
+        assert extract[name].default == adapt[name].default, name
+
+
+def refuse_b(value):
+    if value == "b":
+        raise UserError("b is not allowed here")
+
+
+@dataclass
+class Checked:
+    name: str = option(MISSING, help="Required.")
+    where: str = option(None, path="dir")
+    mode: str = option("a", check=refuse_b)
+
+
+def test_required_path_and_check_declarations_are_enforced_while_parsing(tmp_path):
+    @click.command()
+    @options_from(Checked)
+    def checked(**values):
+        click.echo(repr(Checked(**values)))
+
+    runner = click.testing.CliRunner()
+    assert "Missing option '--name'" in runner.invoke(checked, []).output
+    refused = runner.invoke(checked, ["--name", "x", "--mode", "b"])
+    assert refused.exit_code == 2 and "b is not allowed here" in refused.output
+    missing = runner.invoke(checked, ["--name", "x", "--where", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    fine = runner.invoke(checked, ["--name", "x", "--where", str(tmp_path)])
+    assert fine.exit_code == 0 and f"where={str(tmp_path)!r}" in fine.output
+
+
+def test_extract_refuses_an_unknown_backbone_in_one_line():
+    result = click.testing.CliRunner().invoke(
+        cli, ["extract", "--dataset", "ucf101", "--backbone", "resnet7"])
+    assert result.exit_code == 2 and "--backbone" in result.output

@@ -1,0 +1,63 @@
+"""The options extract and adapt-backbone share, declared once (cache/options.py): each
+function is one field declaration - flag, default, range, choices, check - that both configs
+use; ``help`` is the command's own where the two commands describe the option differently."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING
+
+from cache.options import Range, option
+from extract.backbones import PREFIXES, REGISTERED, parse_backbone
+from extract.datasets import DATASETS
+
+BACKBONE_NAMES = ", ".join(REGISTERED)  # the registry's names, for --backbone's help
+BACKBONE_PREFIXES = "; ".join(f"{prefix}... {what}" for prefix, what in PREFIXES.items())
+
+
+def dataset_option(help: str):
+    return option(MISSING, help=help, choices=tuple(DATASETS))
+
+
+def root_option():
+    return option(None, help="Dataset folder.  [default: data/<dataset>]", path="any")
+
+
+def split_dir_option(help: str):
+    return option(None, help=help, path="dir")
+
+
+def limit_option(help: str):
+    return option(None, help=help, range=Range(1), kind=int)
+
+
+def backbone_option(help: str):
+    """--backbone, checked against the registry while parsing (one-line error)."""
+    return option("resnet50", help=help, check=parse_backbone)
+
+
+def weights_option(help: str):
+    return option("pretrained", help=help)
+
+
+def frames_option(help: str):
+    return option(8, help=help, range=Range(1), aliases=("-T",))
+
+
+def image_size_option(help: str):
+    return option(None, help=help, range=Range(1), kind=int)
+
+
+def resize_option(help: str):
+    return option(None, help=help, range=Range(1), kind=int)
+
+
+def seed_option(help: str | None = None):
+    return option(0, help=help)
+
+
+def workers_option(help: str):
+    return option(None, help=help, range=Range(0), kind=int)
+
+
+def timeout_option(help: str):
+    return option(60.0, help=help, range=Range(0, low_open=True))
