@@ -146,7 +146,8 @@ def adapt_backbone(device, **options):
 
     Under torchrun each process trains on its share of every batch (DDP, on GPU LOCAL_RANK).
     """
-    from extract.adapt import next_command, run_adapt
+    from extract.adapt import next_command
+    from extract.adapt_train import run_adapt
     from extract.pipeline import Shard
 
     config = AdaptConfig(**options)

@@ -3,9 +3,10 @@
     python bench/adapt_throughput.py                      # resnet18 @ 112 and resnet50 @ 224
     python bench/adapt_throughput.py --rows resnet50:224 --steps 3 --device cuda
 
-For each backbone and crop size it runs adapt-backbone's own training step (the TSN classifier of
-``extract.adapt``: B videos x T frames -> backbone -> spatial mean -> linear -> logits averaged
-over T -> cross-entropy -> backward -> AdamW) on random input, after one warm-up step, and prints:
+For each backbone and crop size it runs adapt-backbone's own training step (the TSN classifier
+of ``extract.adapt_model``: B videos x T frames -> backbone -> spatial mean -> linear -> logits
+averaged over T -> cross-entropy -> backward -> AdamW) on random input, after one warm-up step, and
+prints:
 
 - training frames/s (wall) and CPU seconds per frame (user + sys of this process): on a machine
   shared with other jobs the wall rate is theirs to decide, the CPU time much less so (with
@@ -37,7 +38,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.adapt import RECIPES, TSNClassifier  # noqa: E402
+from extract.adapt import RECIPES  # noqa: E402
+from extract.adapt_model import TSNClassifier  # noqa: E402
 from extract.backbones import parse_backbone  # noqa: E402
 from extract.datasets import SPLITS_DIR, dataset_spec  # noqa: E402
 

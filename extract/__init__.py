@@ -12,13 +12,18 @@
     producer.py         what extract and adapt-backbone share: the decode Producer thread,
                         the Batcher of forward batches, the Writers threads, default_workers
     pipeline.py         parallel decode -> batched forward -> cache rows; resume; rank sharding
-    adapt.py            adapt-backbone: train the backbone on the train split's classes, once,
-                        first; its per-dataset recipes (an unknown dataset is an error)
+    adapt.py            adapt-backbone (train the backbone on the train split's classes, once,
+                        first): AdaptConfig and its per-dataset recipes (an unknown dataset is
+                        an error)
+    adapt_data.py       its videos: the train split, the held-out slice, the training views
+    adapt_model.py      its TSN classifier, BatchNorm merging, optimizer, learning-rate schedule
+    adapt_train.py      one adaptation run: prepare, resume, the epochs (DDP), checkpoints
+    adapt_export.py     the adapted weights file and its provenance sidecar
     frames.py           the one public frame reader phase two's figures use
     toydata.py          the generated toy video dataset of ``make demo``
 
 ``cli.py extract`` calls ``pipeline.run_extract``; ``cli.py adapt-backbone`` calls
-``adapt.run_adapt``; ``pipeline.read_errors(cache)`` returns a
+``adapt_train.run_adapt``; ``pipeline.read_errors(cache)`` returns a
 cache's merged error report (missing videos, videos that failed to decode).
 """
 

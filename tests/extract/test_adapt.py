@@ -19,7 +19,10 @@ from extract_testing import build_dataset, decode_all
 
 from cache import FeatureCache, UserError
 from cli import cli
-from extract.adapt import RECIPES, AdaptConfig, base_data, lr_at, run_adapt
+from extract.adapt import RECIPES, AdaptConfig
+from extract.adapt_data import base_data
+from extract.adapt_model import lr_at
+from extract.adapt_train import run_adapt
 from extract.backbone import file_sha256, sidecar_path
 from extract.backbones import Backbone
 from extract.datasets import DATASETS
@@ -219,7 +222,7 @@ def test_learning_rate_warms_up_then_decays():
 
 
 def test_training_views_are_the_papers_augmentation(data):
-    from extract.adapt import view_tasks
+    from extract.adapt_data import view_tasks
 
     cfg = config(data, "w.pt", frames=4)
     records = base_data(cfg).train[:1]

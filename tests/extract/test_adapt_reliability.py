@@ -6,7 +6,8 @@ import torch
 from extract_testing import build_dataset
 
 from cache import UserError
-from extract.adapt import AdaptConfig, run_adapt
+from extract.adapt import AdaptConfig
+from extract.adapt_train import run_adapt
 from extract.pipeline import Shard
 
 VIDEOS = {f"{c}/v{k}": ("frames", 4) for c in ("jump", "run") for k in range(2)}
@@ -46,8 +47,8 @@ def test_resume_from_a_last_pt_of_something_else_is_one_line(data, tmp_path):
 
 def test_an_unwritable_out_is_refused_before_training(data, tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
-    import extract.adapt as adapt_module
+    import extract.adapt_train as adapt_train  # where prepare looks base_data up
 
-    monkeypatch.setattr(adapt_module, "base_data", lambda config: pytest.fail("work started"))
+    monkeypatch.setattr(adapt_train, "base_data", lambda config: pytest.fail("work started"))
     with pytest.raises(UserError, match="cannot write"):
         adapt(data, tmp_path / "file" / "w.pt")
