@@ -44,7 +44,7 @@ from cache.options import options_from  # noqa: E402
 from classify.config import ClassifyConfig  # noqa: E402
 from demo import DemoConfig  # noqa: E402
 from extract.adapt import AdaptConfig  # noqa: E402
-from extract.pipeline import ExtractConfig  # noqa: E402
+from extract.plan import ExtractConfig  # noqa: E402
 from extract.toydata import ToyConfig  # noqa: E402
 
 DEVICE_CHOICES = click.Choice(["auto", "cpu", "cuda"])
@@ -120,7 +120,8 @@ def extract(split_list, device, **options):
     Under torchrun (RANK / WORLD_SIZE set) each process extracts a disjoint shard of the rows
     into the same Zarr cache, on GPU LOCAL_RANK. Rerunning the command resumes.
     """
-    from extract.pipeline import Shard, run_extract
+    from extract.pipeline import run_extract
+    from extract.plan import Shard
 
     splits = tuple(s.strip() for s in split_list.split(",") if s.strip())
     config = ExtractConfig(splits=splits, **options)
@@ -148,7 +149,7 @@ def adapt_backbone(device, **options):
     """
     from extract.adapt import next_command
     from extract.adapt_train import run_adapt
-    from extract.pipeline import Shard
+    from extract.plan import Shard
 
     config = AdaptConfig(**options)
     shard = Shard.from_env()

@@ -41,7 +41,8 @@ from heads_step import run_child as head_step  # noqa: E402
 
 from cache import FeatureCache  # noqa: E402
 from extract.decode import DecodeTask, decode_task  # noqa: E402
-from extract.pipeline import ExtractConfig, RunPlan, Shard, prepare_backbone, run_extract  # noqa: E402
+from extract.pipeline import prepare_backbone, run_extract  # noqa: E402
+from extract.plan import ExtractConfig, RunPlan, Shard  # noqa: E402
 
 ROWS = ["resnet50", "resnet18", "timm:convnext_tiny", "timm:vit_small_patch16_224",
         "clip:ViT-B-16/openai"]

@@ -54,7 +54,8 @@ from cache import FeatureCache  # noqa: E402
 from cache.zarr_store import ZarrBackend  # noqa: E402
 from extract.backbone import FeatureExtractor  # noqa: E402
 from extract.decode import DecodedVideo, DecodePool, DecodeTask  # noqa: E402
-from extract.pipeline import ExtractConfig, RunPlan, Shard, prepare_backbone, run_extract  # noqa: E402
+from extract.pipeline import prepare_backbone, run_extract  # noqa: E402
+from extract.plan import ExtractConfig, RunPlan, Shard  # noqa: E402
 
 # backbone@image_size:videos - enough frames for each to run tens of seconds on a 2-core CPU
 SETUPS = ("resnet50@224:16", "resnet18@112:96")

@@ -34,7 +34,10 @@ from cache.atomic import write_json
 from classify.clips import Clip
 from extract.backbones import Backbone
 from extract.decode import DecodeFailure, DecodePool, DecodeTask
-from extract.pipeline import LEGACY, SAMPLING, Batcher, ExtractConfig, prepare_backbone, video_maps
+from extract.output import LEGACY, SAMPLING
+from extract.pipeline import prepare_backbone
+from extract.plan import ExtractConfig
+from extract.producer import Batcher, video_maps
 
 # What decides one clip's maps (extract's FINGERPRINT without the dataset, its video selection
 # and the training views).

@@ -11,7 +11,12 @@
     clip_backbone.py    open_clip image towers as backbones (``clip:<arch>/<tag>``)
     producer.py         what extract and adapt-backbone share: the decode Producer thread,
                         the Batcher of forward batches, the Writers threads, default_workers
-    pipeline.py         parallel decode -> batched forward -> cache rows; resume; rank sharding
+    plan.py             ExtractConfig (extract's options), Shard (this process's rows),
+                        RunPlan (batch / decode / write settings), ExtractSummary
+    output.py           the cache extract writes: attributes and fingerprint, create / resume /
+                        wait for it across ranks, error reports (read_errors)
+    pipeline.py         the run: parallel decode -> batched forward -> cache rows; resume of
+                        done rows; rank sharding
     adapt.py            adapt-backbone (train the backbone on the train split's classes, once,
                         first): AdaptConfig and its per-dataset recipes (an unknown dataset is
                         an error)
@@ -23,10 +28,12 @@
     toydata.py          the generated toy video dataset of ``make demo``
 
 ``cli.py extract`` calls ``pipeline.run_extract``; ``cli.py adapt-backbone`` calls
-``adapt_train.run_adapt``; ``pipeline.read_errors(cache)`` returns a
+``adapt_train.run_adapt``; ``output.read_errors(cache)`` returns a
 cache's merged error report (missing videos, videos that failed to decode).
 """
 
-from extract.pipeline import ExtractConfig, ExtractSummary, read_errors, run_extract
+from extract.output import read_errors
+from extract.pipeline import run_extract
+from extract.plan import ExtractConfig, ExtractSummary
 
 __all__ = ["ExtractConfig", "ExtractSummary", "read_errors", "run_extract"]

@@ -14,7 +14,7 @@ import torch
 from cache.atomic import atomic_path, write_json
 from extract.adapt import RESULT_FIELDS
 from extract.backbone import ADAPT_FORMAT, file_sha256, sidecar_path, state_sha256
-from extract.pipeline import code_version
+from extract.output import code_version
 
 if TYPE_CHECKING:  # the prepared run; adapt_train imports this module
     from extract.adapt_train import Job

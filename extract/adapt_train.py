@@ -42,7 +42,7 @@ from extract.backbone import WeightsInfo, sidecar_path
 from extract.backbones import BackboneSpec, parse_backbone
 from extract.datasets import VideoRecord
 from extract.decode import DecodedVideo, DecodeFailure
-from extract.pipeline import Shard
+from extract.plan import Shard
 from extract.producer import default_workers
 
 

@@ -19,7 +19,7 @@ from classify.config import ClassifyConfig
 from cli import cli
 from demo import DemoConfig
 from extract.adapt import AdaptConfig
-from extract.pipeline import ExtractConfig
+from extract.plan import ExtractConfig
 from extract.toydata import ToyConfig
 
 # (command path, its config class): every command whose options are generated from a config

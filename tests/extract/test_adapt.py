@@ -26,7 +26,8 @@ from extract.adapt_train import run_adapt
 from extract.backbone import file_sha256, sidecar_path
 from extract.backbones import Backbone
 from extract.datasets import DATASETS
-from extract.pipeline import ExtractConfig, Shard, run_extract
+from extract.pipeline import run_extract
+from extract.plan import ExtractConfig, Shard
 from extract.sampling import plan_views
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ from extract_testing import build_dataset
 from cache import UserError
 from extract.adapt import AdaptConfig
 from extract.adapt_train import run_adapt
-from extract.pipeline import Shard
+from extract.plan import Shard
 
 VIDEOS = {f"{c}/v{k}": ("frames", 4) for c in ("jump", "run") for k in range(2)}
 SPLITS = {"train": list(VIDEOS), "val": [], "test": []}

@@ -25,7 +25,8 @@ from cache import FeatureCache, UserError
 from cli import cli
 from extract import pipeline
 from extract.decode import DecodedVideo
-from extract.pipeline import ExtractConfig, RunPlan, read_errors
+from extract.output import read_errors
+from extract.plan import ExtractConfig, RunPlan
 from extract.producer import END, Batcher
 from extract.sampling import ViewPlan, plan_views
 
