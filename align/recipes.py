@@ -10,6 +10,7 @@ schedule (a pure function of the step) and the early-stopping rule; align/train.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -19,28 +20,30 @@ from align.feed import PRELOAD_CHOICES
 from align.models import check_head_options, head_names
 from align.options import DEFAULT_SHOT, DEFAULT_WAY
 from cache import UserError
+from cache.datasets import DATASETS, DEFAULT_PAPER_RECIPE
 from cache.options import Range, check_ranges, option
 
-# The paper's supplementary recipe per dataset (SGD, step decay per epoch, no early stopping);
-# "synthetic" is a short schedule for the `synth` cache. Exactly the defaults before `fast`.
-PAPER_RECIPES = {
-    "ucf101": dict(epochs=200, lr_step=5, lr_gamma=0.5, momentum=0.9, val_every=5,
-                   tasks_per_batch=16),
-    "hmdb51": dict(epochs=200, lr_step=5, lr_gamma=0.5, momentum=0.9, val_every=5,
-                   tasks_per_batch=16),
-    "ssv2": dict(epochs=600, lr_step=30, lr_gamma=0.8, momentum=0.9, val_every=10,
-                 tasks_per_batch=16),
-    "ssv2-cmn": dict(epochs=600, lr_step=30, lr_gamma=0.8, momentum=0.9, val_every=10,
-                     tasks_per_batch=16),
-    "kinetics": dict(epochs=200, lr_step=20, lr_gamma=0.9, momentum=0.0, val_every=5,
-                     tasks_per_batch=16),
-    # short: more, smaller SGD steps (the synthetic cache is learnt in a few epochs)
-    "synthetic": dict(epochs=10, lr_step=5, lr_gamma=0.5, momentum=0.9, val_every=1,
-                      tasks_per_batch=4),
-}
-PAPER_COMMON = dict(optimizer="sgd", lr=1e-3, weight_decay=0.0, schedule="step", warmup=0,
-                    dropout=0.5, patience=0)
-DEFAULT_RECIPE = "ucf101"  # the paper recipe of a dataset it does not know
+
+class _PaperRecipes(Mapping):
+    """The paper's supplementary recipe of every dataset record that has one (cache/datasets.py),
+    by name, as TrainConfig values; read from the records when asked, so a record added to the
+    table is resolved like the others. "synthetic" is the `synth` cache's short schedule."""
+
+    def __getitem__(self, name: str) -> dict:
+        record = DATASETS.get(name)
+        if record is None or record.paper is None:
+            raise KeyError(name)
+        return asdict(record.paper)
+
+    def __iter__(self):
+        return (name for name, record in DATASETS.items() if record.paper is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+PAPER_RECIPES = _PaperRecipes()
+
 # One recipe for every dataset; the values are from the study in bench/recipes.py (docs/results.md).
 FAST_RECIPE = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="cosine", warmup=0,
                    dropout=0.5, tasks_per_batch=1, epochs=15, val_every=1, patience=5)
@@ -137,14 +140,14 @@ class TrainConfig:
         notes = []
         paper = PAPER_RECIPES.get(dataset.lower())
         if paper is None:
-            paper = PAPER_RECIPES[DEFAULT_RECIPE]
+            paper = PAPER_RECIPES[DEFAULT_PAPER_RECIPE]
             if self.recipe == "paper":
-                notes.append(f"no recipe for dataset {dataset!r}: using the {DEFAULT_RECIPE} "
-                             "recipe")
+                notes.append(f"no recipe for dataset {dataset!r}: using the "
+                             f"{DEFAULT_PAPER_RECIPE} recipe")
         cfg = replace(self, dataset=dataset)
         if cfg.schedule is None and (cfg.lr_step is not None or cfg.lr_gamma is not None):
             cfg = replace(cfg, schedule="step")  # asking for a step size means the step schedule
-        cfg = cfg._filled({**PAPER_COMMON, **paper} if cfg.recipe == "paper" else FAST_RECIPE)
+        cfg = cfg._filled(paper if cfg.recipe == "paper" else FAST_RECIPE)
         if cfg.optimizer == "sgd":
             cfg = cfg._filled({"momentum": paper["momentum"]})
         if cfg.schedule == "step":

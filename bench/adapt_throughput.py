@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.adapt import RECIPES  # noqa: E402
+from extract.adapt import adaptation_recipe  # noqa: E402
 from extract.adapt_model import TSNClassifier  # noqa: E402
 from extract.backbones import parse_backbone  # noqa: E402
 from extract.datasets import SPLITS_DIR, dataset_spec  # noqa: E402
@@ -63,7 +63,7 @@ def train_frames(dataset: str, frames: int = 8, held_out: float = 0.1) -> int:
     """Frames one adaptation with the dataset's default recipe reads."""
     folder = SPLITS_DIR / dataset_spec(dataset).split_folder
     lines = (folder / "trainlist03.txt").read_text().split()
-    return round(len(lines) * (1 - held_out)) * frames * RECIPES[dataset]["epochs"]
+    return round(len(lines) * (1 - held_out)) * frames * adaptation_recipe(dataset)["epochs"]
 
 
 def measure(name: str, size: int, args, device: torch.device) -> dict:

@@ -28,10 +28,11 @@ The job, one module per concern:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cache import UserError
+from cache.datasets import DATASETS, video_datasets
 from cache.options import Range, option
 from extract.options import (
     BACKBONE_NAMES,
@@ -49,32 +50,17 @@ from extract.options import (
     workers_option,
 )
 
-# This tool's default recipes, per dataset (not the paper's: TA2N fine-tunes episodically). SGD
-# as TSN / TSM fine-tune ImageNet ResNets; AdamW for small custom sets, often from scratch.
-RECIPES = {
-    "ucf101": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, epochs=25,
-                   batch_size=64, warmup=1.0),
-    "hmdb51": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, epochs=25,
-                   batch_size=64, warmup=1.0),
-    "kinetics": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, epochs=25,
-                     batch_size=64, warmup=1.0),
-    "ssv2": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, epochs=15,
-                 batch_size=64, warmup=1.0),
-    "ssv2-cmn": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, epochs=25,
-                     batch_size=64, warmup=1.0),
-    "custom": dict(optimizer="adamw", lr=1e-3, momentum=0.9, weight_decay=0.05, epochs=30,
-                   batch_size=16, warmup=1.0),
-}
 OPTIMIZERS = ("sgd", "adamw")
 
 
 def adaptation_recipe(dataset: str) -> dict:
-    """The default adaptation recipe of ``dataset``; an unknown name is an error (it once fell
-    back silently to the custom recipe, training with AdamW where SGD was meant)."""
-    if dataset not in RECIPES:
+    """The default adaptation recipe of ``dataset`` (its record's, cache/datasets.py); an unknown
+    name is an error (it once fell back silently to the custom recipe, training with AdamW where
+    SGD was meant)."""
+    if dataset not in video_datasets():
         raise UserError(f"unknown dataset {dataset!r} for adapt-backbone; choose one of "
-                        f"{', '.join(RECIPES)}")
-    return RECIPES[dataset]
+                        f"{', '.join(video_datasets())}")
+    return asdict(DATASETS[dataset].adaptation)
 # Independent random streams of one run, each seeded by (seed, stream, ...).
 ORDER_STREAM, HELD_OUT_STREAM, VIEW_STREAM, INIT_STREAM = 1, 2, 3, 4
 # Options that decide the trained weights: a resumed run must agree on all of them.
@@ -96,8 +82,8 @@ class AdaptConfig:
         image_size, resize: crop side and the square frames are resized to (None: the
             backbone's own).
         epochs, batch_size, optimizer, lr, momentum, weight_decay, warmup: the recipe (None:
-            the dataset's, see RECIPES); batch_size is videos per optimizer step over all
-            processes; warmup in epochs.
+            the dataset's record, see adaptation_recipe); batch_size is videos per optimizer
+            step over all processes; warmup in epochs.
         micro_batch: videos per forward pass and process (None: batch_size / processes); the
             rest is gradient accumulation.
         held_out: fraction of every class's train videos kept out of training and scored.

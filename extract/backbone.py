@@ -39,6 +39,7 @@ import torchvision
 from torch import nn
 
 from cache import UserError
+from cache.datasets import DATASETS, video_family
 from cache.torch_files import load_tensors
 
 CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048,
@@ -164,9 +165,6 @@ def state_sha256(module: nn.Module) -> str:
 
 # ------------------------------------------------------------------------------ provenance
 ADAPT_FORMAT = "ta2n-cache adapt-backbone"
-# Datasets that share videos under different split lists: a video trained on in one is the same
-# video in the other.
-VIDEO_FAMILY = {"ssv2-cmn": "ssv2"}
 
 
 def sidecar_path(weights: str | os.PathLike) -> str:
@@ -204,10 +202,12 @@ def provenance_attrs(meta: dict) -> dict:
 def same_videos(meta: dict, dataset: str, root: str) -> bool:
     """Whether an adaptation's dataset holds the very videos of ``dataset`` under ``root``:
     the same named dataset (or one sharing its videos, such as SSv2's two split lists); for
-    ``custom`` the same folder."""
-    if VIDEO_FAMILY.get(meta["dataset"], meta["dataset"]) != VIDEO_FAMILY.get(dataset, dataset):
+    a dataset of the user's lists (custom) the same folder. The families are the dataset
+    records' (cache/datasets.py)."""
+    if video_family(meta["dataset"]) != video_family(dataset):
         return False
-    return dataset != "custom" or os.path.abspath(meta.get("root", "")) == os.path.abspath(root)
+    return DATASETS[dataset].split_folder is not None \
+        or os.path.abspath(meta.get("root", "")) == os.path.abspath(root)
 
 
 def check_not_adapted_on(weights: str, info: WeightsInfo, dataset: str, root: str,

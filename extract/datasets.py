@@ -1,15 +1,18 @@
 """Split lists -> video records: which videos a dataset has, their labels, where they are on disk.
 
 The few-shot split lists are vendored under ``extract/splits/`` (see its README): one video a line,
-``<class folder>/<video stem>``. This module turns the lines of the chosen splits into
+``<class folder>/<video stem>``. Each dataset is one record of ``cache/datasets.py`` (its split
+folder, its layout, its recipes); this module turns the lines of the chosen splits into
 ``VideoRecord`` s (video id, split, label, path) and lists the videos it cannot find on disk.
 
 Where a line's video is looked for, in order (the first match wins):
 
-- ucf101, hmdb51, custom: ``<root>/<class>/<stem>.<video ext>``, or the frame folder
+- every dataset: ``<root>/<class>/<stem>.<video ext>``, or the frame folder
   ``<root>/<class>/<stem>/``
-- kinetics: the same, with the class folder spelt with spaces or with underscores
-- ssv2, ssv2-cmn: ``<root>/<stem>.<video ext>`` or ``<root>/<stem>/``; then as above
+- a record with ``class_spellings`` (kinetics): also the class folder spelt with spaces or with
+  underscores
+- a record with ``flat`` (ssv2, ssv2-cmn): first ``<root>/<stem>.<video ext>`` or
+  ``<root>/<stem>/``; then as above
 
 A line is ``<class folder>/<video stem>`` inside the root: lines with ``..`` or ``.`` parts or a
 leading ``/`` are refused. A line repeated within a list is kept once (with a warning); a line in
@@ -34,47 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache import SPLITS, UserError
+from cache.datasets import DATASETS, Dataset, video_datasets
 
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One dataset extract knows: where its split lists are and how its videos are laid out.
-
-    Args:
-        name: ``--dataset``.
-        split_folder: the vendored lists under ``extract/splits/`` (None: ``--split-dir``).
-        flat: videos may also sit directly under the root by id (SSv2's ``<root>/<id>.webm``).
-        class_spellings: class folders may spell spaces as underscores and back (Kinetics).
-        flip: horizontal flips keep the class (False for SSv2: "left to right" is a class).
-    """
-
-    name: str
-    split_folder: str | None
-    flat: bool = False
-    class_spellings: bool = False
-    flip: bool = True
-
-
-# The table of datasets' layouts: a new dataset is a line here plus its lists under splits/;
-# what else is keyed by the same name (not yet one record, see issue 25): align/train.py's
-# PAPER_RECIPES, extract/adapt.py's RECIPES (a test checks it has every name here),
-# extract/backbone.py's VIDEO_FAMILY and the CLI's --dataset choices of extract and
-# adapt-backbone (read from this table).
-DATASETS = {spec.name: spec for spec in (
-    DatasetSpec("ucf101", "ucf_ARN"),
-    DatasetSpec("hmdb51", "hmdb_ARN"),
-    DatasetSpec("ssv2", "ssv2_OTAM", flat=True, flip=False),
-    DatasetSpec("ssv2-cmn", "ssv2_CMN", flat=True, flip=False),
-    DatasetSpec("kinetics", "kinetics_CMN", class_spellings=True),
-    DatasetSpec("custom", None),
-)}
-
-
-def dataset_spec(name: str) -> DatasetSpec:
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+def dataset_spec(name: str) -> Dataset:
+    """The record of a dataset extract and adapt-backbone take (cache/datasets.py)."""
+    if name not in video_datasets():
+        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(video_datasets())}")
     return DATASETS[name]
 
 
@@ -135,7 +106,7 @@ def split_list_files(dataset: str, split_dir: str | os.PathLike | None) -> dict[
     spec = dataset_spec(dataset)
     if spec.split_folder is None or split_dir is not None:
         if split_dir is None:
-            raise UserError("--dataset custom needs --split-dir DIR holding trainlist.txt, "
+            raise UserError(f"--dataset {dataset} needs --split-dir DIR holding trainlist.txt, "
                             "vallist.txt and testlist.txt")
         folder = Path(split_dir)
         files = {s: folder / f"{s}list.txt" for s in SPLITS}
@@ -289,7 +260,7 @@ def find_videos(
     """Records of the chosen splits' videos found under ``root``; lines not found are ``missing``.
 
     Args:
-        dataset: a name of ``DATASETS``.
+        dataset: a name of ``video_datasets()`` (cache/datasets.py).
         root: the dataset's folder (videos or frame folders).
         splits: which splits to take, in any order (records keep train, val, test order).
         split_dir: folder with trainlist.txt / vallist.txt / testlist.txt (custom, or to override).

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 from dataclasses import MISSING
 
+from cache.datasets import video_datasets
 from cache.options import Range, option
 from extract.backbones import PREFIXES, REGISTERED, parse_backbone
-from extract.datasets import DATASETS
 
 BACKBONE_NAMES = ", ".join(REGISTERED)  # the registry's names, for --backbone's help
 BACKBONE_PREFIXES = "; ".join(f"{prefix}... {what}" for prefix, what in PREFIXES.items())
 
 
 def dataset_option(help: str):
-    return option(MISSING, help=help, choices=tuple(DATASETS))
+    return option(MISSING, help=help, choices=video_datasets)
 
 
 def root_option():

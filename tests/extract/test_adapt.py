@@ -19,13 +19,12 @@ from extract_testing import build_dataset, decode_all
 
 from cache import FeatureCache, UserError
 from cli import cli
-from extract.adapt import RECIPES, AdaptConfig
+from extract.adapt import AdaptConfig
 from extract.adapt_data import base_data
 from extract.adapt_model import lr_at
 from extract.adapt_train import run_adapt
 from extract.backbone import file_sha256, sidecar_path
 from extract.backbones import Backbone
-from extract.datasets import DATASETS
 from extract.pipeline import run_extract
 from extract.plan import ExtractConfig, Shard
 from extract.sampling import plan_views
@@ -211,9 +210,10 @@ def test_an_unknown_dataset_is_an_error_naming_the_known_ones(data, tmp_path):
         config(data, tmp_path / "w.pt", dataset="ucf-101", optimizer=None, lr=None)
 
 
-def test_every_dataset_has_an_adaptation_recipe():
-    # adapt-backbone's --dataset choices are the datasets table's names: each needs a recipe.
-    assert set(RECIPES) == set(DATASETS)
+def test_a_dataset_without_videos_is_no_dataset_to_adapt_on(data, tmp_path):
+    # the synth command's cache has a train-heads recipe in the datasets table, but no videos
+    with pytest.raises(UserError, match=r"unknown dataset 'synthetic' for adapt-backbone"):
+        config(data, tmp_path / "w.pt", dataset="synthetic", optimizer=None, lr=None)
 
 
 def test_learning_rate_warms_up_then_decays():
