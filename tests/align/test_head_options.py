@@ -72,8 +72,8 @@ def test_cli_text_is_parsed_by_the_declared_type():
     ("protonet", {"dim": "3"}, "protonet has no option 'dim'; its options: none"),
     ("ta2n", {"sc_mode": "box"}, "ta2n: option 'sc_mode' must be one of mask, grid, enumerate"),
     ("ta2n", {"ttm": "maybe"}, "ta2n: option 'ttm' must be true or false, got 'maybe'"),
-    ("arn", {"dim": "8"}, "arn: option 'dim' must be >= 16, got 8"),
-    ("trx", {"sets": "2,0"}, "trx: option 'sets' must be >= 1"),
+    ("arn", {"dim": "8"}, "arn: option 'dim' must be in [16, inf], not 8"),  # Range's words
+    ("trx", {"sets": "2,0"}, "trx: option 'sets' must be in [1, inf], not 0"),
     ("trx", {"sets": "two"}, "trx: option 'sets' must be integers separated by commas"),
     ("cmn", {"dim": "1.5"}, "cmn: option 'dim' must be an integer, got '1.5'"),
 ])
