@@ -13,6 +13,10 @@ choices; the click options of a command are generated from it.
 ``check_ranges`` applies the same ranges to configs that do not come through click (sweep files,
 ``--set``, the Python API), so every entry point accepts exactly the values the CLI accepts.
 
+An option that is not a config field - a head's own options (``Head.OPTIONS``, given as
+``--head-option KEY=VALUE`` or a sweep file's ``head_options``) - is the same ``Declaration``
+with its name and default (``named_option``): the same ranges, choices and one-line refusals.
+
 Why a small decorator of ours and not a library: dataclass-click and clickdc (PyPI) generate click
 options from dataclasses, but they declare click objects in the dataclass (click types in
 ``Annotated`` / ``field`` metadata), so every config module - extract's and align's engine, which
@@ -60,6 +64,16 @@ class Range:
         high = "inf" if self.high is None else f"{self.high:g}"
         return f"{option} must be in {left}{low}, {high}{right}, not {value}"
 
+    def describe(self) -> str:
+        """The range for listings: ">= 1", "> 0", "<= 1" or "in [0, 1)"."""
+        if self.high is None and self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None and self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
 
 @dataclass(frozen=True)
 class Declaration:
@@ -100,6 +114,16 @@ class Declaration:
         """The choices as of now (a registry's are read when asked)."""
         return tuple(self.choices()) if callable(self.choices) else self.choices
 
+    def refusal(self, label: str, value) -> str | None:
+        """Why ``value`` is out of the declared range or choices, starting with ``label``
+        (e.g. "--shots"); None: it is accepted."""
+        if self.range is not None and not isinstance(value, bool) \
+                and isinstance(value, int | float):
+            return self.range.refusal(label, value)
+        if self.choices is not None and value is not None and value not in self.choices_now():
+            return f"{label} must be one of {', '.join(self.choices_now())}"
+        return None
+
 
 def option(default=None, *, help: str | None = None, range: Range | None = None,
            choices=None, flag: str | None = None, aliases: tuple[str, ...] = (),
@@ -110,12 +134,77 @@ def option(default=None, *, help: str | None = None, range: Range | None = None,
     (``Declaration`` describes the arguments); ``default=MISSING``: a required option."""
     if path not in (None, "any", "dir"):
         raise ValueError(f"path is 'any' or 'dir', not {path!r}")
-    declared = Declaration(help=help, range=range,
-                           choices=choices if choices is None or callable(choices)
-                           else tuple(choices), flag=flag,
+    declared = Declaration(help=help, range=range, choices=_frozen(choices), flag=flag,
                            aliases=tuple(aliases), kind=kind, negatable=negatable,
                            metavar=metavar, show_default=show_default, path=path, check=check)
     return field(default=default, metadata={OPTION: declared})
+
+
+def _frozen(choices):
+    return choices if choices is None or callable(choices) else tuple(choices)
+
+
+@dataclass(frozen=True)
+class NamedOption:
+    """An option declared by name, not as a config field: a head's own option
+    (``Head.OPTIONS``). Its value is a bool, int, float or str, or a list of ints / floats
+    (a list default: every element is checked against the range).
+
+    Args:
+        name: the option's name (a keyword argument of the head's ``__init__``).
+        default: its default (a JSON value).
+        declared: help, range and choices, as a config field's (``Declaration``).
+    """
+
+    name: str
+    default: object
+    declared: Declaration
+
+    @property
+    def many(self) -> bool:
+        """Whether the value is a list (e.g. TRX's tuple sizes, "2,3" on the command line)."""
+        return isinstance(self.default, list)
+
+    @property
+    def kind(self) -> type:
+        """The type of the value, of each element where it is a list."""
+        one = self.default[0] if self.many else self.default
+        return self.declared.kind or type(one)
+
+    @property
+    def label(self) -> str:
+        """How a refusal names the option: ``option 'sc_mode'``."""
+        return f"option {self.name!r}"
+
+    def refusal(self, value) -> str | None:
+        """Why ``value`` (of the declared type) is out of range or choices; None: accepted."""
+        for one in value if self.many else [value]:
+            why = self.declared.refusal(self.label, one)
+            if why:
+                return why
+        return None
+
+    def describe(self) -> str:
+        """``name=default (type; limits): help``, one line of a listing (``cli.py heads``)."""
+        default = ",".join(map(str, self.default)) if self.many else self.default
+        if isinstance(default, bool):
+            default = str(default).lower()
+        kind = self.kind.__name__ + ("s" if self.many else "")
+        limits = ""
+        if self.declared.choices is not None:
+            limits = f"; one of {'|'.join(self.declared.choices_now())}"
+        elif self.declared.range is not None:
+            limits = f"; {self.declared.range.describe()}"
+        return f"{self.name}={default} ({kind}{limits}): {self.declared.help}"
+
+
+def named_option(name: str, default, *, help: str, range: Range | None = None,
+                 choices=None, kind: type | None = None) -> NamedOption:
+    """An option declared by name (a head's ``OPTIONS``): ``default``, ``help``, ``range``
+    and ``choices`` mean what they mean in ``option``; ``kind``: the value's type where the
+    default does not say it (each element's, for a list)."""
+    return NamedOption(name, default, Declaration(help=help, range=range,
+                                                  choices=_frozen(choices), kind=kind))
 
 
 def declared_fields(config_class, exclude=()) -> list:
@@ -127,15 +216,8 @@ def check_ranges(config_class, values: dict, where: str = "") -> None:
     """Refuse, in one line, the first of ``values`` (fields of ``config_class``) out of its
     declared range or choices; ``where`` (e.g. "f.toml: run 'a'") starts the message."""
     for f in declared_fields(config_class):
-        value = values.get(f.name)
         declared = f.metadata[OPTION]
-        why = None
-        if declared.range is not None and not isinstance(value, bool) \
-                and isinstance(value, int | float):
-            why = declared.range.refusal(declared.flag_of(f.name), value)
-        elif declared.choices is not None and value is not None \
-                and value not in declared.choices_now():
-            why = f"{declared.flag_of(f.name)} must be one of {', '.join(declared.choices_now())}"
+        why = declared.refusal(declared.flag_of(f.name), values.get(f.name))
         if why:
             raise UserError(f"{where}: {why}" if where else why)
 

@@ -167,3 +167,11 @@ def test_extract_refuses_an_unknown_backbone_in_one_line():
     result = click.testing.CliRunner().invoke(
         cli, ["extract", "--dataset", "ucf101", "--backbone", "resnet7"])
     assert result.exit_code == 2 and "--backbone" in result.output
+
+
+def test_a_range_is_listed_as_it_is_checked():
+    """``cli.py heads`` lists a head option's range in these words."""
+    assert Range(1).describe() == ">= 1" and Range(0, low_open=True).describe() == "> 0"
+    assert Range(high=1).describe() == "<= 1"
+    assert Range(0, 1, high_open=True).describe() == "in [0, 1)"
+    assert Range(0, low_open=True).refusal("--x", 0) == "--x must be in (0, inf], not 0"

@@ -39,10 +39,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from align.models.head_options import Option
 from align.models.layers import at_least_fp32
 from align.models.learned import LearnedHead, positive_int
 from cache import UserError
+from cache.options import Range, named_option
 
 SIGMA = 100.0  # their power-normalisation sharpness
 TRACE_FLOOR = 1e-12
@@ -116,10 +116,11 @@ class ARNHead(LearnedHead):
 
     kind = "arn"
     OPTIONS = (
-        Option("dim", "int", 64, "the encoder's width and the side of the pooled matrices",
-               least=16),
-        Option("sigma", "float", SIGMA, "sharpness of the power normalisation"),
-        Option("hidden", "int", 8, "width of the relation network's hidden layer", least=1),
+        named_option("dim", 64, help="the encoder's width and the side of the pooled matrices",
+                     range=Range(16)),
+        named_option("sigma", SIGMA, help="sharpness of the power normalisation"),
+        named_option("hidden", 8, help="width of the relation network's hidden layer",
+                     range=Range(1)),
     )
 
     def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
-from align.models.head_options import Option, check_options
+from align.models.head_options import check_options
 from cache import UserError
+from cache.options import NamedOption
 
 
 @dataclass
@@ -89,9 +90,9 @@ class Head(nn.Module):
         explain(support, query, way, shot) -> dict of detached intermediates (eval, no grad).
         decay(): the per-epoch schedule step of a head's own (TA2N halves SC's perturbation).
         trainable: whether the head has parameters that learn.
-        OPTIONS: the head's own hyperparameters (``Option``: name, type, default, help,
-            choices / least), keyword arguments of its ``__init__`` after the sizes; the
-            resolved values are kept in ``self.options``.
+        OPTIONS: the head's own hyperparameters (``cache.options.named_option``: name,
+            default, help, range / choices, as a command option's), keyword arguments of its
+            ``__init__`` after the sizes; the resolved values are kept in ``self.options``.
         config: the ``HeadConfig`` that rebuilds it (``from_config``).
         reset_parameters(generator): the seeded initialisation.
 
@@ -106,7 +107,7 @@ class Head(nn.Module):
     kind: str = ""
     training_free: bool = False  # True: evaluate can score it without train-heads
     precomputes: bool = False  # True: evaluate scores episodes from per-video states
-    OPTIONS: tuple[Option, ...] = ()
+    OPTIONS: tuple[NamedOption, ...] = ()
 
     def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,
                  shot: int = 1):

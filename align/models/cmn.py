@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from align.models.head_options import Option
 from align.models.learned import LearnedHead, frame_features, positive_int
 from cache import UserError
+from cache.options import Range, named_option
 
 
 def write_memory(keys: torch.Tensor) -> torch.Tensor:
@@ -70,9 +70,10 @@ class CMNHead(LearnedHead):
 
     kind = "cmn"
     OPTIONS = (
-        Option("dim", "int", 512, "width of the projected frame features", least=1),
-        Option("saliency", "int", 8, "m, the number of saliency descriptors", least=1),
-        Option("scale", "float", 10.0, "inverse temperature of the cosine logits"),
+        named_option("dim", 512, help="width of the projected frame features", range=Range(1)),
+        named_option("saliency", 8, help="m, the number of saliency descriptors",
+                     range=Range(1)),
+        named_option("scale", 10.0, help="inverse temperature of the cosine logits"),
     )
 
     def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,

@@ -1,107 +1,79 @@
-"""A head's own options, declared once on its class (``Head.OPTIONS``): name, type, default,
-help and choices / least value. The registry, the CLI (``train-heads --head-option KEY=VALUE``,
-``heads``), sweep files and checkpoints all read the declaration; a test checks that every
-declared default equals the head constructor's.
+"""A head's own options from text and JSON: what click does for a command's options. The
+options are declared on the head's class (``Head.OPTIONS``) with ``cache.options``'
+``named_option`` - the same ``Declaration``, ``Range`` and choices as a command option, refused
+in the same one-line words. This module only reads values: ``train-heads --head-option
+KEY=VALUE`` text converted by the declared type, and JSON values (sweep files, ``--set``,
+checkpoints, a ``HeadConfig`` built in Python) checked to be of it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from cache import UserError
+from cache.options import NamedOption
 
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
-TYPES = ("bool", "int", "float", "str", "ints")  # ints: a list of ints, "2,3" on the CLI
+TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
 
 
-@dataclass(frozen=True)
-class Option:
-    """One hyperparameter of a head.
-
-    Args:
-        name: the keyword argument of the head's ``__init__``.
-        type: one of ``TYPES``.
-        default: the constructor's default (JSON value; a list for "ints").
-        help: one line for ``cli.py heads``.
-        choices: the allowed values (str options), or None.
-        least: the smallest allowed value (numbers; every element for "ints"), or None.
-    """
-
-    name: str
-    type: str
-    default: object
-    help: str
-    choices: tuple | None = None
-    least: float | None = None
-
-    def parse(self, text: str):
-        """The value ``text`` (from the CLI) means, checked."""
-        word = text.strip()
-        try:
-            if self.type == "bool":
-                if word.lower() not in TRUE + FALSE:
-                    raise ValueError
-                value = word.lower() in TRUE
-            elif self.type == "int":
-                value = int(word)
-            elif self.type == "float":
-                value = float(word)
-            elif self.type == "ints":
-                value = [int(part) for part in word.split(",")]
-            else:
-                value = word
-        except ValueError:
-            raise UserError(f"option {self.name!r} must be {self.describe_type()}, got "
-                            f"{text!r}") from None
-        return self.check(value)
-
-    def check(self, value):
-        """``value`` (a JSON value: a sweep file, a checkpoint) if it fits, as stored."""
-        if not self._fits(value):
-            raise UserError(f"option {self.name!r} must be {self.describe_type()}, got "
-                            f"{value!r}")
-        if self.type == "float":
-            value = float(value)
-        elif self.type == "ints":
-            value = list(value)
-        if self.choices is not None and value not in self.choices:
-            raise UserError(f"option {self.name!r} must be one of "
-                            f"{', '.join(map(str, self.choices))}; got {value!r}")
-        numbers = value if self.type == "ints" else [value]
-        if self.least is not None and any(n < self.least for n in numbers):
-            raise UserError(f"option {self.name!r} must be >= {self.least:g}, got {value!r}")
-        return value
-
-    def _fits(self, value) -> bool:
-        if self.type == "bool":
-            return isinstance(value, bool)
-        if self.type == "int":
-            return isinstance(value, int) and not isinstance(value, bool)
-        if self.type == "float":
-            return isinstance(value, int | float) and not isinstance(value, bool)
-        if self.type == "ints":
-            return isinstance(value, list | tuple) and len(value) > 0 and all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value)
-        return isinstance(value, str)
-
-    def describe_type(self) -> str:
-        return {"bool": "true or false", "int": "an integer", "float": "a number",
-                "ints": "integers separated by commas", "str": "text"}[self.type]
-
-    def describe(self) -> str:
-        """``name (type, default X; choices / >= N): help`` for listings."""
-        default = ",".join(map(str, self.default)) if self.type == "ints" else self.default
-        if isinstance(default, bool):
-            default = str(default).lower()
-        limits = ""
-        if self.choices is not None:
-            limits = f"; one of {'|'.join(map(str, self.choices))}"
-        elif self.least is not None:
-            limits = f"; >= {self.least:g}"
-        return f"{self.name}={default} ({self.type}{limits}): {self.help}"
+def parse_value(option: NamedOption, text: str):
+    """The value ``text`` (``--head-option``) means for ``option``, checked."""
+    word = text.strip()
+    try:
+        value = [_convert(option.kind, part) for part in word.split(",")] if option.many \
+            else _convert(option.kind, word)
+    except ValueError:
+        raise UserError(f"{option.label} must be {type_words(option)}, got {text!r}") from None
+    return check_value(option, value)
 
 
-def check_options(kind: str, declared: tuple[Option, ...], given: dict,
+def _convert(kind: type, word: str):
+    if kind is bool:
+        if word.lower() not in TRUE + FALSE:
+            raise ValueError(word)
+        return word.lower() in TRUE
+    return kind(word)  # int("1.5") and float("x") raise ValueError
+
+
+def check_value(option: NamedOption, value):
+    """``value`` (a JSON value) if it is of ``option``'s type and within its declaration, as
+    stored (an int given for a float becomes a float; a tuple, a list)."""
+    if not _fits(option, value):
+        raise UserError(f"{option.label} must be {type_words(option)}, got {value!r}")
+    if option.kind is float:
+        value = [float(v) for v in value] if option.many else float(value)
+    elif option.many:
+        value = list(value)
+    why = option.refusal(value)
+    if why:
+        raise UserError(why)
+    return value
+
+
+def _fits(option: NamedOption, value) -> bool:
+    if option.many:
+        return isinstance(value, list | tuple) and len(value) > 0 and all(
+            _fits_one(option.kind, v) for v in value)
+    return _fits_one(option.kind, value)
+
+
+def _fits_one(kind: type, value) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False  # True is an int to Python, not to a user
+    if kind is float:
+        return isinstance(value, int | float)
+    return isinstance(value, kind)
+
+
+def type_words(option: NamedOption) -> str:
+    """The declared type in words, for refusals: "an integer", "integers separated by commas"."""
+    if option.many:
+        return {int: "integers", float: "numbers"}[option.kind] + " separated by commas"
+    return TYPE_WORDS[option.kind]
+
+
+def check_options(kind: str, declared: tuple[NamedOption, ...], given: dict,
                   parse_text: bool = False) -> dict:
     """``given`` checked against a head's declared options: unknown names and bad values are
     one-line errors; ``parse_text``: the values are CLI text to parse by the declared type."""
@@ -115,7 +87,8 @@ def check_options(kind: str, declared: tuple[Option, ...], given: dict,
             raise UserError(f"{kind} has no option {name!r}; its options: {known}")
         option = by_name[name]
         try:
-            checked[name] = option.parse(value) if parse_text else option.check(value)
+            checked[name] = parse_value(option, value) if parse_text \
+                else check_value(option, value)
         except UserError as e:
             raise UserError(f"{kind}: {e}") from None
     return checked

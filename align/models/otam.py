@@ -35,9 +35,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from align.models.head_options import Option
 from align.models.layers import at_least_fp32
 from align.models.protonet import ProtoNetHead
+from cache.options import named_option
 
 LAMBDA = 0.1
 COS_EPSILON = 0.01  # their cos_sim's epsilon, added to |x| |y|
@@ -114,7 +114,7 @@ class OTAMHead(ProtoNetHead):
     """
 
     kind = "otam"
-    OPTIONS = (Option("lam", "float", LAMBDA, "the soft-min temperature"),)
+    OPTIONS = (named_option("lam", LAMBDA, help="the soft-min temperature"),)
 
     def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,
                  shot: int = 1, lam: float = LAMBDA):

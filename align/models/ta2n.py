@@ -16,11 +16,11 @@ import torch
 from align.models import factored
 from align.models.acm import SC_MODES, SpatialCoordination, TemporalCoordination
 from align.models.base import Head, HeadConfig
-from align.models.head_options import Option
 from align.models.layers import frame_cosine_distance
 from align.models.prototypes import ShotAlignment
 from align.models.ttm import TemporalTransform
 from cache import UserError
+from cache.options import named_option
 
 
 class TA2NHead(Head):
@@ -44,11 +44,11 @@ class TA2NHead(Head):
 
     kind = "ta2n"
     OPTIONS = (
-        Option("ttm", "bool", True, "the temporal transform module (Table 3)"),
-        Option("tc", "bool", True, "ACM's temporal coordination (Table 3)"),
-        Option("sc", "bool", True, "ACM's spatial coordination (Table 3)"),
-        Option("sc_mode", "str", "mask", "SC's design (Table 4)", choices=SC_MODES),
-        Option("fast", "bool", True, "the exact fast forms; false: the authors' direct form"),
+        named_option("ttm", True, help="the temporal transform module (Table 3)"),
+        named_option("tc", True, help="ACM's temporal coordination (Table 3)"),
+        named_option("sc", True, help="ACM's spatial coordination (Table 3)"),
+        named_option("sc_mode", "mask", help="SC's design (Table 4)", choices=SC_MODES),
+        named_option("fast", True, help="the exact fast forms; false: the authors' direct form"),
     )
     PATHS = ("direct", "maps", "factored")
 

@@ -47,9 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from align.models.head_options import Option
 from align.models.learned import LearnedHead, frame_features, positive_int
 from cache import UserError
+from cache.options import Range, named_option
 
 # how a query segment q_j is compared with its aligned support feature h_j (their sim_type)
 COMPARE = ("euccos", "mult", "subt")
@@ -72,9 +72,10 @@ class TARNHead(LearnedHead):
 
     kind = "tarn"
     OPTIONS = (
-        Option("hidden", "int", 256, "GRU width (per direction for the embedding)", least=1),
-        Option("compare", "str", "euccos", "how a query segment meets its aligned support "
-               "segment", choices=COMPARE),
+        named_option("hidden", 256, help="GRU width (per direction for the embedding)",
+                     range=Range(1)),
+        named_option("compare", "euccos", help="how a query segment meets its aligned support "
+                     "segment", choices=COMPARE),
     )
 
     def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,

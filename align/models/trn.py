@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from align.models.head_options import Option
 from align.models.learned import LearnedHead, frame_features, positive_int
 from cache import UserError
+from cache.options import Range, named_option
 
 
 def relation_tuples(frames: int, scale: int, count: int) -> list[tuple[int, ...]]:
@@ -62,10 +62,12 @@ class TRNHead(LearnedHead):
 
     kind = "trn"
     OPTIONS = (
-        Option("dim", "int", 256, "embedding width", least=1),
-        Option("bottleneck", "int", 256, "hidden width of each scale's MLP", least=1),
-        Option("frame_dim", "int", 256, "width of the per-frame projection", least=1),
-        Option("tuples", "int", 3, "tuples per scale (0: all)", least=0),
+        named_option("dim", 256, help="embedding width", range=Range(1)),
+        named_option("bottleneck", 256, help="hidden width of each scale's MLP",
+                     range=Range(1)),
+        named_option("frame_dim", 256, help="width of the per-frame projection",
+                     range=Range(1)),
+        named_option("tuples", 3, help="tuples per scale (0: all)", range=Range(0)),
     )
 
     def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,

@@ -40,9 +40,9 @@ import math
 import torch
 from torch import nn
 
-from align.models.head_options import Option
 from align.models.learned import LearnedHead, frame_features, positive_int
 from cache import UserError
+from cache.options import Range, named_option
 
 PE_SCALE = 0.1  # their PositionalEncoding's pe_scale_factor
 COMBINE = ("mean", "norm")  # how the cardinalities' distances make one logit (module docstring)
@@ -124,10 +124,10 @@ class TRXHead(LearnedHead):
 
     kind = "trx"
     OPTIONS = (
-        Option("dim", "int", 1152, "width of keys and values", least=1),
-        Option("sets", "ints", [2, 3], "the tuple cardinalities", least=1),
-        Option("combine", "str", "mean", "how the cardinalities' distances make one logit",
-               choices=COMBINE),
+        named_option("dim", 1152, help="width of keys and values", range=Range(1)),
+        named_option("sets", [2, 3], help="the tuple cardinalities", range=Range(1)),
+        named_option("combine", "mean", help="how the cardinalities' distances make one logit",
+                     choices=COMBINE),
     )
 
     def __init__(self, channels: int = 2048, frames: int = 8, height: int = 7, width: int = 7,

@@ -13,11 +13,27 @@ from click.testing import CliRunner
 
 import cli
 from align.checkpoints import CHECKPOINT_FORMAT, load_head, load_head_checkpoint
-from align.models import HEADS, build_head, check_head_options, parse_head_options
+from align.models import (
+    HEADS,
+    HeadConfig,
+    build_head,
+    build_head_from_config,
+    check_head_options,
+    parse_head_options,
+)
 from align.recipes import TrainConfig
-from align.sweep import RUN_FILE, RunSpec, SweepConfig, load_spec, plan_runs, run_state
+from align.sweep import (
+    RUN_FILE,
+    RunSpec,
+    SweepConfig,
+    load_spec,
+    parse_assignments,
+    plan_runs,
+    run_state,
+)
 from align.train import train
 from cache import UserError
+from cache.options import Declaration, NamedOption, Range, check_ranges
 from cache.torch_files import save_tensors
 
 SIZES = ("self", "channels", "frames", "height", "width", "shot")
@@ -72,8 +88,8 @@ def test_cli_text_is_parsed_by_the_declared_type():
     ("protonet", {"dim": "3"}, "protonet has no option 'dim'; its options: none"),
     ("ta2n", {"sc_mode": "box"}, "ta2n: option 'sc_mode' must be one of mask, grid, enumerate"),
     ("ta2n", {"ttm": "maybe"}, "ta2n: option 'ttm' must be true or false, got 'maybe'"),
-    ("arn", {"dim": "8"}, "arn: option 'dim' must be >= 16, got 8"),
-    ("trx", {"sets": "2,0"}, "trx: option 'sets' must be >= 1"),
+    ("arn", {"dim": "8"}, "arn: option 'dim' must be in [16, inf], not 8"),  # Range's words
+    ("trx", {"sets": "2,0"}, "trx: option 'sets' must be in [1, inf], not 0"),
     ("trx", {"sets": "two"}, "trx: option 'sets' must be integers separated by commas"),
     ("cmn", {"dim": "1.5"}, "cmn: option 'dim' must be an integer, got '1.5'"),
 ])
@@ -212,3 +228,67 @@ def test_a_run_written_before_head_options_resumes(tmp_path, make_synth):
         "ttm": True, "tc": True, "sc": False, "sc_mode": "mask"}
     resumed = train(None, resume=str(run), **QUIET)  # config.json and last.pt still agree
     assert resumed["epochs_done"] == 1
+
+
+# ------------------------------------------------------------------------------ one declaration
+REFUSED = [  # (head, option, as --head-option text, as a JSON value, the refusal)
+    ("arn", "dim", "8", 8, "arn: option 'dim' must be in [16, inf], not 8"),
+    ("trn", "tuples", "-1", -1, "trn: option 'tuples' must be in [0, inf], not -1"),
+    ("trx", "sets", "2,0", [2, 0], "trx: option 'sets' must be in [1, inf], not 0"),
+    ("ta2n", "sc_mode", "box", "box",
+     "ta2n: option 'sc_mode' must be one of mask, grid, enumerate"),
+]
+
+
+def refusals_at_every_entry_point(tmp_path, kind, name, text, value) -> dict:
+    """The one-line error each way of giving a head option produces for the same bad value."""
+    found = {}
+    cli_run = CliRunner().invoke(cli.cli, ["train-heads", "--head", kind, "--head-option",
+                                           f"{name}={text}"])
+    assert cli_run.exit_code != 0
+    found["--head-option"] = cli_run.output.strip().splitlines()[-1]
+    sweep_file = tmp_path / "s.toml"
+    sweep_file.write_text(f'[[run]]\nname = "a"\nhead = "{kind}"\n'
+                          f'head_options = {{{name} = {json.dumps(value)}}}\n')
+    found["sweep file"] = one_line(lambda: load_spec(str(sweep_file)))
+    sweep_file.write_text(f'[[run]]\nname = "a"\nhead = "{kind}"\n')
+    overrides = parse_assignments([f"head_options.{name}={json.dumps(value)}"])
+    found["--set"] = one_line(lambda: plan_runs(load_spec(str(sweep_file)),
+                                                SweepConfig(overrides=overrides),
+                                                str(tmp_path / "c.zarr"), tmp_path / "out"))
+    config = HeadConfig(kind=kind, channels=8, frames=4, height=4, width=4,
+                        options={name: value})
+    found["HeadConfig"] = one_line(lambda: build_head_from_config(config))
+    return found
+
+
+@pytest.mark.parametrize("kind, name, text, value, refusal", REFUSED, ids=[r[0] for r in REFUSED])
+def test_a_declared_range_or_choice_is_enforced_alike_at_every_entry_point(
+        tmp_path, kind, name, text, value, refusal):
+    found = refusals_at_every_entry_point(tmp_path, kind, name, text, value)
+    for where, message in found.items():  # each may only say where first ("s.toml: run 'a': ")
+        assert message.endswith(refusal), (where, message)
+
+
+def test_a_head_option_and_a_command_option_of_the_same_range_are_refused_alike():
+    """TrainConfig's --shots and TRN's dim are both declared Range(1): past the option's name,
+    the same words; so are a choice of each."""
+    command = one_line(lambda: check_ranges(TrainConfig, {"shot": 0}))
+    head = one_line(lambda: check_head_options("trn", {"dim": 0}))
+    assert command == "--shots must be in [1, inf], not 0"
+    assert head.removeprefix("trn: option 'dim'") == command.removeprefix("--shots")
+    command = one_line(lambda: check_ranges(TrainConfig, {"optimizer": "lbfgs"}))
+    head = one_line(lambda: check_head_options("trx", {"combine": "max"}))
+    assert command.removeprefix("--optimizer").startswith(" must be one of ")
+    assert head == "trx: option 'combine' must be one of mean, norm"
+
+
+def test_head_options_are_cache_options_declarations():
+    for kind, cls in HEADS.items():
+        for declared in cls.OPTIONS:
+            assert isinstance(declared, NamedOption), (kind, declared)
+            assert isinstance(declared.declared, Declaration), (kind, declared.name)
+    dim = next(o for o in HEADS["arn"].OPTIONS if o.name == "dim")
+    assert dim.declared.range == Range(16)
+    assert dim.describe() == ("dim=64 (int; >= 16): the encoder's width and the side of the "
+                              "pooled matrices")
