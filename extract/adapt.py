@@ -62,7 +62,7 @@ from extract.backbone import (
     sidecar_path,
     state_sha256,
 )
-from extract.backbones import BackboneSpec, parse_backbone
+from extract.backbones import BackboneSpec, check_adaptable, parse_backbone
 from extract.datasets import (
     VideoRecord,
     dataset_spec,
@@ -72,7 +72,7 @@ from extract.datasets import (
 )
 from extract.decode import DecodedVideo, DecodeFailure, DecodePool, DecodeTask
 from extract.options import (
-    BACKBONE_NAMES,
+    ADAPTABLE_BACKBONES,
     backbone_option,
     dataset_option,
     frames_option,
@@ -155,7 +155,7 @@ class AdaptConfig:
     limit: int | None = limit_option("Only the first N train videos found (for trying things).")
     out: str | None = option(
         None, help="Weights file.  [default: weights/<dataset>-<backbone>-base.pt]")
-    backbone: str = backbone_option(f"Backbone to train: {BACKBONE_NAMES}, or timm:<name>.")
+    backbone: str = backbone_option(f"Backbone to train: {ADAPTABLE_BACKBONES}.")
     weights: str = weights_option(
         "Initial weights: pretrained (ImageNet for the ResNets; 'imagenet' means the same), "
         "none (random), or a weights file.")
@@ -491,9 +491,7 @@ def prepare(config: AdaptConfig, device: torch.device, shard: Shard) -> Job:
     """Resolve sizes and the micro-batch, read the videos, build the classifier and optimizer,
     and load last.pt on --resume."""
     spec = parse_backbone(config.backbone)
-    if spec.library == "open_clip":
-        raise UserError("adapt-backbone trains torchvision and timm backbones; an open_clip "
-                        "weights file holds both towers, which this job does not train")
+    check_adaptable(spec)
     check_writable(config.out, "file", "--out")  # before the work, not after an epoch
     check_writable(config.run_dir, "folder", "--out's run folder")
     prep = spec.preprocessing()
@@ -790,11 +788,7 @@ def exported_state(job: Job) -> dict[str, torch.Tensor]:
     """The backbone's state dict in its library's own key names (what extract --weights
     loads); for torchvision ResNets with the base-class classifier as ``fc`` (a complete
     torchvision model with K classes, whose fc extract ignores)."""
-    state = job.model.trunk.state_dict()
-    if job.spec.library == "timm":
-        state = {k.removeprefix("model."): v for k, v in state.items()}
-    if job.spec.library == "torchvision":
-        state = {**state, "fc.weight": job.model.fc.weight, "fc.bias": job.model.fc.bias}
+    state = job.spec.family.exported_state(job.model.trunk, job.model.fc)
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
