@@ -11,7 +11,8 @@ A family recognises its names (plain ``names`` known up front, or a ``prefix``),
 against its library, reads its preprocessing without building anything, builds its module
 and loads its own published weights or a weights file. What every family shares lives here,
 once: ``parse_backbone`` (the one name check, its one-line error naming the accepted forms,
-``accepted_forms`` and ``backbone_help`` built from the registry) and ``BackboneSpec.load``
+``accepted_forms``, and ``plain_names`` / ``prefixed_forms`` / ``adaptable_forms`` for the
+--backbone help, all built from the registry) and ``BackboneSpec.load``
 (``--weights none`` / ``pretrained`` / a file: the seeded random init with its warning, the
 missing-file error, eval mode without gradients, the ``WeightsInfo`` record with its hashes and
 provenance). ``Backbone.prepare`` is what a run uses: the spec, its sizes resolved, its weights
@@ -166,11 +167,6 @@ def prefixed_forms() -> str:
     """Each prefixed family as ``<prefix>... <what it is>``, for --help."""
     return "; ".join(f"{family.prefix}... {family.about}" for family in families()
                      if family.prefix)
-
-
-def backbone_help(lead: str) -> str:
-    """--backbone's help: ``lead``, then every family's names and prefixes."""
-    return f"{lead}: {plain_names()}; {prefixed_forms()}."
 
 
 def adaptable_forms() -> str:

@@ -1,8 +1,11 @@
 """A backbone family is one module that registers itself: a family declared and registered
 here (``toy:<width>``, a small strided conv) is taken by ``parse_backbone``, named in the
-accepted-forms error and the registry's --backbone help, gets the shared ``--weights`` handling
-(seeded ``none`` with its warning, a file, the missing-file error), and ``extract`` runs with it
-end to end on generated videos. The fixture removes it again."""
+accepted-forms error and the registry's --backbone help text (``prefixed_forms``), gets the
+shared ``--weights`` handling (seeded ``none`` with its warning, a file, the missing-file error),
+and ``extract`` runs with it end to end on generated videos. The fixture removes it again.
+
+The CLI's --help text is built when ``cli`` is imported (click options are made then), so a family
+registered later shows in its errors, not in an already-built --help."""
 
 import subprocess
 import sys
@@ -21,8 +24,8 @@ from extract.backbones import (
     BackboneFamily,
     Loaded,
     accepted_forms,
-    backbone_help,
     parse_backbone,
+    prefixed_forms,
     register,
     seeded,
     unregister,
@@ -73,7 +76,7 @@ def toy():
 def test_a_registered_family_is_parsed_listed_and_removed(toy):
     spec = parse_backbone(" toy:4 ")
     assert (spec.family, spec.library, spec.arch, spec.name) == (toy, "toy", "4", "toy:4")
-    assert "toy:<width>" in accepted_forms() and "toy:... a strided conv" in backbone_help("B")
+    assert "toy:<width>" in accepted_forms() and "toy:... a strided conv" in prefixed_forms()
     with pytest.raises(UserError, match="use one of resnet18.*timm:.*clip:.*toy:<width>"):
         parse_backbone("vgg16")
     with pytest.raises(UserError, match="width must be a number"):
