@@ -40,10 +40,11 @@ from align.reports.configs import (  # noqa: E402
 )
 from align.sweep import SweepConfig  # noqa: E402
 from cache import FeatureCache, UserError, format_info  # noqa: E402
-from cache.options import options_from  # noqa: E402
+from cache.options import click_callback, options_from  # noqa: E402
 from classify.config import ClassifyConfig  # noqa: E402
 from demo import DemoConfig  # noqa: E402
 from extract.adapt import AdaptConfig  # noqa: E402
+from extract.backbones import parse_backbone  # noqa: E402
 from extract.plan import ExtractConfig  # noqa: E402
 from extract.toydata import ToyConfig  # noqa: E402
 
@@ -93,17 +94,6 @@ def info(cache_path, verify):
 
 
 # ------------------------------------------------------------------------------------ extract
-def _check_backbone(ctx, param, value):
-    """Validate --backbone against the registry before anything is built (one-line error)."""
-    from extract.backbones import parse_backbone
-
-    try:
-        parse_backbone(value)
-    except UserError as e:
-        raise click.BadParameter(e.message) from None
-    return value
-
-
 @cli.command()
 @options_from(ExtractConfig)
 @click.option("--splits", "split_list", default="train,val,test", show_default=True,
@@ -425,7 +415,8 @@ def visualize(device, **options):
 
 # ------------------------------------------------------------------------------------ classify
 def _check_optional_backbone(ctx, param, value):
-    return value if value is None else _check_backbone(ctx, param, value)
+    """classify's --backbone, checked by the registry as extract's is (None: not given)."""
+    return value if value is None else click_callback(parse_backbone)(ctx, param, value)
 
 
 @cli.command()

@@ -33,10 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.backbone import FeatureExtractor, load_backbone  # noqa: E402
+from extract.backbone import FeatureExtractor  # noqa: E402
 from extract.decode import DecodeTask, decode_task  # noqa: E402
 from extract.pipeline import run_extract  # noqa: E402
 from extract.plan import ExtractConfig, RunPlan, Shard  # noqa: E402
+from extract.resnet_backbone import load_backbone  # noqa: E402
 
 
 def write_videos(root: Path, count: int, frames: int, width: int, height: int) -> list[str]:

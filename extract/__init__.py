@@ -3,12 +3,13 @@
     datasets.py         split lists (vendored in splits/) -> video records; missing videos
     sampling.py         TSN frame indices; seeded crop / flip / frame choice of augmented views
     decode.py           decord (PyAV fallback, frame folders) in killable worker processes -> crops
-    backbones.py        the backbone registry: names -> builder, preprocessing, weights
-    backbone.py         torchvision ResNet trunk; what every backbone shares (weights records,
-                        the "none" weights and its warning, preprocessing, the runner that
-                        turns uint8 crops into maps)
-    timm_backbone.py    timm models as backbones (``timm:<name>``)
-    clip_backbone.py    open_clip image towers as backbones (``clip:<arch>/<tag>``)
+    backbones.py        the backbone registry: BackboneFamily, register, parse_backbone (the
+                        one name check), the one --weights none / pretrained / file logic
+    backbone.py         what every family shares: weights records and provenance,
+                        preprocessing, the runner that turns uint8 crops into maps
+    resnet_backbone.py  family: torchvision ResNets (``resnet18`` ... ``resnet152``)
+    timm_backbone.py    family: timm models (``timm:<name>[.<tag>]``)
+    clip_backbone.py    family: open_clip image towers (``clip:<arch>/<tag>``)
     producer.py         what extract and adapt-backbone share: the decode Producer thread,
                         the Batcher of forward batches, the Writers threads, default_workers
     plan.py             ExtractConfig (extract's options), Shard (this process's rows),

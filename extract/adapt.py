@@ -35,7 +35,7 @@ from cache import UserError
 from cache.datasets import DATASETS, video_datasets
 from cache.options import Range, option
 from extract.options import (
-    BACKBONE_NAMES,
+    ADAPTABLE_BACKBONES,
     backbone_option,
     dataset_option,
     frames_option,
@@ -100,7 +100,7 @@ class AdaptConfig:
     limit: int | None = limit_option("Only the first N train videos found (for trying things).")
     out: str | None = option(
         None, help="Weights file.  [default: weights/<dataset>-<backbone>-base.pt]")
-    backbone: str = backbone_option(f"Backbone to train: {BACKBONE_NAMES}, or timm:<name>.")
+    backbone: str = backbone_option(f"Backbone to train: {ADAPTABLE_BACKBONES}.")
     weights: str = weights_option(
         "Initial weights: pretrained (ImageNet for the ResNets; 'imagenet' means the same), "
         "none (random), or a weights file.")

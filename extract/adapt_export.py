@@ -24,11 +24,7 @@ def exported_state(job: Job) -> dict[str, torch.Tensor]:
     """The backbone's state dict in its library's own key names (what extract --weights
     loads); for torchvision ResNets with the base-class classifier as ``fc`` (a complete
     torchvision model with K classes, whose fc extract ignores)."""
-    state = job.model.trunk.state_dict()
-    if job.spec.library == "timm":
-        state = {k.removeprefix("model."): v for k, v in state.items()}
-    if job.spec.library == "torchvision":
-        state = {**state, "fc.weight": job.model.fc.weight, "fc.bias": job.model.fc.bias}
+    state = job.spec.family.exported_state(job.model.trunk, job.model.fc)
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 

@@ -39,7 +39,7 @@ from extract.adapt_model import (
     merge_batchnorm,
 )
 from extract.backbone import WeightsInfo, sidecar_path
-from extract.backbones import BackboneSpec, parse_backbone
+from extract.backbones import BackboneSpec, check_adaptable, parse_backbone
 from extract.datasets import VideoRecord
 from extract.decode import DecodedVideo, DecodeFailure
 from extract.plan import Shard
@@ -136,9 +136,7 @@ def prepare(config: AdaptConfig, device: torch.device, shard: Shard) -> Job:
     """Resolve sizes and the micro-batch, read the videos, build the classifier and optimizer,
     and load last.pt on --resume."""
     spec = parse_backbone(config.backbone)
-    if spec.library == "open_clip":
-        raise UserError("adapt-backbone trains torchvision and timm backbones; an open_clip "
-                        "weights file holds both towers, which this job does not train")
+    check_adaptable(spec)
     check_writable(config.out, "file", "--out")  # before the work, not after an epoch
     check_writable(config.run_dir, "folder", "--out's run folder")
     prep = spec.preprocessing()

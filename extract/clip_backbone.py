@@ -16,7 +16,11 @@ tower's image size; CLIP's eval transform resizes the short side to the crop siz
 1). The tag also decides QuickGELU (OpenAI's weights need it), for a ``--weights`` file too.
 Weights: ``pretrained`` - the tag's file through open_clip's download and cache; a file - loaded
 by open_clip (tensors only), position embeddings resized to the image size; ``none`` - seeded
-random initialisation. Only the image tower is kept.
+random initialisation (``extract.backbones``, as for every family). Only the image tower is kept;
+``adapt-backbone`` does not train it (an open_clip weights file holds both towers).
+
+open_clip is imported inside the functions that need it: this module registers the family
+whenever the registry is read (``--help`` included), and importing open_clip takes seconds.
 """
 
 from __future__ import annotations
@@ -24,21 +28,12 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 
-import open_clip
 import torch
-from open_clip.pretrained import download_pretrained
-from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from torch import nn
 
 from cache import UserError
-from extract.backbone import (
-    PRETRAINED,
-    Preprocessing,
-    WeightsInfo,
-    file_sha256,
-    random_init,
-    state_sha256,
-)
+from extract.backbone import Preprocessing, file_sha256
+from extract.backbones import BackboneFamily, BackboneSpec, Loaded, register, seeded
 
 
 class ClipFeatures(nn.Module):
@@ -62,6 +57,8 @@ def split_name(spec: str) -> tuple[str, str | None]:
 
 def check_name(arch: str, tag: str | None) -> None:
     """A one-line error unless open_clip knows the architecture and the tag."""
+    import open_clip
+
     if arch not in open_clip.list_models():
         raise UserError(f"open_clip has no model {arch!r} (open_clip.list_models() lists them)")
     if tag is not None and not open_clip.get_pretrained_cfg(arch, tag):
@@ -70,11 +67,16 @@ def check_name(arch: str, tag: str | None) -> None:
 
 
 def _tag_cfg(arch: str, tag: str | None) -> dict:
+    import open_clip
+
     return open_clip.get_pretrained_cfg(arch, tag) if tag else {}
 
 
 def clip_preprocessing(arch: str, tag: str | None) -> Preprocessing:
     """open_clip's eval preprocessing for this architecture and tag."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
     cfg = merge_preprocess_dict(asdict(PreprocessCfg()), _tag_cfg(arch, tag))
     size = open_clip.get_model_config(arch)["vision_cfg"].get("image_size", cfg["size"])
     size = size if isinstance(size, int) else int(size[-1])
@@ -88,16 +90,16 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _create(arch: str, tag: str | None, checkpoint: str | None, seed: int,
-            image_size: int) -> nn.Module:
-    """The image tower of open_clip ``arch``, with ``checkpoint`` loaded if given."""
+def _create(arch: str, tag: str | None, checkpoint: str | None, image_size: int) -> nn.Module:
+    """The image tower of open_clip ``arch``, with ``checkpoint`` loaded if given (its random
+    init drawn from the current generator: callers seed it)."""
+    import open_clip
+
     native = clip_preprocessing(arch, tag).input_size
-    with torch.random.fork_rng(devices=[]):  # the init draws from its own seeded generator
-        torch.manual_seed(seed)
-        model = open_clip.create_model(
-            arch, pretrained=checkpoint, pretrained_text=False,
-            force_quick_gelu=bool(_tag_cfg(arch, tag).get("quick_gelu", False)),
-            force_image_size=None if image_size == native else image_size)
+    model = open_clip.create_model(
+        arch, pretrained=checkpoint, pretrained_text=False,
+        force_quick_gelu=bool(_tag_cfg(arch, tag).get("quick_gelu", False)),
+        force_image_size=None if image_size == native else image_size)
     visual = model.visual
     if not hasattr(visual, "forward_intermediates"):
         raise UserError(f"open_clip's {arch} image tower has no forward_intermediates; "
@@ -107,6 +109,9 @@ def _create(arch: str, tag: str | None, checkpoint: str | None, seed: int,
 
 def _pretrained_file(arch: str, tag: str | None) -> str:
     """The tag's weights file through open_clip's download and cache (a one-line error offline)."""
+    import open_clip
+    from open_clip.pretrained import download_pretrained
+
     if tag is None:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
         raise UserError(f"--weights pretrained needs a tag: clip:{arch}/<tag> (tags: {tags})")
@@ -122,29 +127,54 @@ def _pretrained_file(arch: str, tag: str | None) -> str:
             "or $HF_HOME)") from None
 
 
-def load_clip(arch: str, tag: str | None, weights: str, seed: int,
-              image_size: int) -> tuple[nn.Module, WeightsInfo]:
-    """The frozen ``ClipFeatures`` of open_clip ``arch`` (eval, no gradients, on the CPU)."""
-    check_name(arch, tag)
-    warning, checkpoint = None, None
-    if weights == "none":
-        source, description, fmt, sha, warning = random_init(seed)
-    elif weights in PRETRAINED:
-        checkpoint = _pretrained_file(arch, tag)
-        source, fmt, sha = "pretrained", f"open_clip {arch}/{tag}", file_sha256(checkpoint)
-        description = f"open_clip {arch}/{tag} ({checkpoint})"
-    else:
-        if not os.path.isfile(weights):
-            raise UserError(f"--weights {weights}: no such file (use pretrained, none, or a file)")
-        checkpoint = os.path.abspath(weights)
-        source, fmt, sha, description = "file", "open_clip checkpoint", file_sha256(weights), \
-            checkpoint
+def _create_loaded(spec: BackboneSpec, checkpoint: str, seed: int, image_size: int,
+                   description: str) -> ClipFeatures:
+    """The tower with ``checkpoint`` loaded; open_clip's many error types for an unfitting file
+    become one line."""
     try:
-        visual = _create(arch, tag, checkpoint, seed, image_size)
+        visual = seeded(seed, lambda: _create(spec.arch, spec.tag, checkpoint, image_size))
     except UserError:
         raise
     except Exception as e:  # open_clip raises several types for unfitting files
-        raise UserError(f"{description} could not be loaded into open_clip {arch} "
+        raise UserError(f"{description} could not be loaded into open_clip {spec.arch} "
                         f"({_first_line(e)})") from None
-    features = ClipFeatures(visual).eval().requires_grad_(False)
-    return features, WeightsInfo(source, description, fmt, sha, state_sha256(features), warning)
+    return ClipFeatures(visual)
+
+
+class ClipFamily(BackboneFamily):
+    """An open_clip image tower, ``clip:<arch>/<pretrained-tag>``: its last-block map."""
+
+    library = "open_clip"
+    prefix = "clip:"
+    form = "clip:<arch>/<pretrained-tag>"
+    about = ("an open_clip image tower, clip:<arch>/<pretrained-tag> (patch tokens before the "
+             "projection)")
+    feature = ("visual.forward_intermediates: last block after the final norm, before the "
+               "projection (ViT: patch tokens, class token dropped; ResNet: layer4)")
+
+    def parse(self, name: str) -> tuple[str, str | None]:
+        arch, tag = split_name(name.removeprefix(self.prefix))
+        check_name(arch, tag)
+        return arch, tag
+
+    def preprocessing(self, spec: BackboneSpec) -> Preprocessing:
+        return clip_preprocessing(spec.arch, spec.tag)
+
+    def build(self, spec: BackboneSpec, image_size: int) -> ClipFeatures:
+        return ClipFeatures(_create(spec.arch, spec.tag, None, image_size))
+
+    def load_pretrained(self, spec: BackboneSpec, seed: int, image_size: int) -> Loaded:
+        checkpoint = _pretrained_file(spec.arch, spec.tag)
+        where = f"open_clip {spec.arch}/{spec.tag}"
+        description = f"{where} ({checkpoint})"
+        features = _create_loaded(spec, checkpoint, seed, image_size, description)
+        return Loaded(features, description, where, file_sha256(checkpoint))
+
+    def load_file(self, spec: BackboneSpec, path: str, seed: int,
+                  image_size: int) -> tuple[ClipFeatures, str]:
+        checkpoint = os.path.abspath(path)
+        return _create_loaded(spec, checkpoint, seed, image_size, checkpoint), \
+            "open_clip checkpoint"
+
+
+register(ClipFamily())

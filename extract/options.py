@@ -8,10 +8,12 @@ from dataclasses import MISSING
 
 from cache.datasets import video_datasets
 from cache.options import Range, option
-from extract.backbones import PREFIXES, REGISTERED, parse_backbone
+from extract.backbones import adaptable_forms, parse_backbone, plain_names, prefixed_forms
 
-BACKBONE_NAMES = ", ".join(REGISTERED)  # the registry's names, for --backbone's help
-BACKBONE_PREFIXES = "; ".join(f"{prefix}... {what}" for prefix, what in PREFIXES.items())
+# --backbone's help, read from the backbone registry (its families registered at import)
+BACKBONE_NAMES = plain_names()
+BACKBONE_PREFIXES = prefixed_forms()
+ADAPTABLE_BACKBONES = adaptable_forms()
 
 
 def dataset_option(help: str):
@@ -31,7 +33,7 @@ def limit_option(help: str):
 
 
 def backbone_option(help: str):
-    """--backbone, checked against the registry while parsing (one-line error)."""
+    """--backbone, checked by the registry's ``parse_backbone`` while parsing (one-line error)."""
     return option("resnet50", help=help, check=parse_backbone)
 
 

@@ -16,7 +16,11 @@ Weights (safetensors or torch files, tensors only): ``pretrained`` - timm's norm
 cache (Hugging Face hub or URL), checked by building the model again from another seed (a tensor
 that differs between the two builds was not loaded: one-line error); a file - read here
 (``cache.torch_files``, nothing executed) through the model's own checkpoint filter, every tensor
-required; ``none`` - seeded random initialisation.
+required; ``none`` - seeded random initialisation (``extract.backbones``, as for every family).
+``adapt-backbone`` trains these models and exports them in timm's own key names.
+
+timm is imported inside the functions that need it: this module registers the family whenever
+the registry is read (``--help`` included), and importing timm takes seconds.
 """
 
 from __future__ import annotations
@@ -25,21 +29,13 @@ import math
 import os
 import sys
 
-import timm
-import timm.data
 import torch
 from torch import nn
 
 from cache import UserError
 from cache.torch_files import load_tensors
-from extract.backbone import (
-    PRETRAINED,
-    Preprocessing,
-    WeightsInfo,
-    file_sha256,
-    random_init,
-    state_sha256,
-)
+from extract.backbone import Preprocessing, file_sha256
+from extract.backbones import BackboneFamily, BackboneSpec, Loaded, register, seeded
 
 
 class TimmFeatures(nn.Module):
@@ -73,6 +69,8 @@ def tokens_to_map(tokens: torch.Tensor, prefix: int, image_hw) -> torch.Tensor:
 
 def check_name(name: str) -> None:
     """A one-line error unless timm knows ``name`` (architecture and, if given, its tag)."""
+    import timm
+
     if not timm.is_model(name):
         raise UserError(f"timm has no model {name!r} (timm.list_models() lists them)")
     try:
@@ -83,6 +81,8 @@ def check_name(name: str) -> None:
 
 def timm_preprocessing(name: str) -> Preprocessing:
     """The model's own data config (the pretrained tag's, or the architecture's default tag's)."""
+    import timm.data
+
     cfg = timm.models.get_pretrained_cfg(name)
     data = timm.data.resolve_data_config({}, pretrained_cfg=cfg.to_dict() if cfg else None)
     source = f"timm pretrained_cfg of {name}" + (f" ({cfg.tag})" if cfg and cfg.tag else "")
@@ -90,21 +90,22 @@ def timm_preprocessing(name: str) -> Preprocessing:
                          int(data["input_size"][-1]), float(data["crop_pct"]), source)
 
 
-def _create(name: str, image_size: int, seed: int, **kwargs) -> nn.Module:
-    """timm.create_model without a classifier, at ``image_size`` if the model needs to know it."""
+def _create(name: str, image_size: int, **kwargs) -> nn.Module:
+    """timm.create_model without a classifier, at ``image_size`` if the model needs to know it
+    (its random init drawn from the current generator: callers seed it)."""
+    import timm
+
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is not None and cfg.fixed_input_size and image_size != cfg.input_size[-1]:
         kwargs["img_size"] = image_size
-    with torch.random.fork_rng(devices=[]):  # the init draws from its own seeded generator
-        torch.manual_seed(seed)
-        return timm.create_model(name, num_classes=0, **kwargs)
+    return timm.create_model(name, num_classes=0, **kwargs)
 
 
 def _check_loaded(model: nn.Module, name: str, image_size: int, seed: int, what: str,
                   **kwargs) -> None:
     """A one-line error unless every random-initialised tensor of ``model`` came from the weights:
     one built from another seed must be identical."""
-    other = _create(name, image_size, seed + 1, **kwargs).state_dict()
+    other = seeded(seed + 1, lambda: _create(name, image_size, **kwargs)).state_dict()
     kept = [key for key, value in model.state_dict().items()
             if value.is_floating_point() and not torch.equal(value, other[key])]
     if kept:
@@ -151,6 +152,8 @@ def _first_line(error: BaseException) -> str:
 
 def _pretrained_location(name: str) -> tuple[str, str | None]:
     """Where timm fetches the weights from (in words) and the cached file, if there is one."""
+    import timm
+
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None:
         return "nowhere (timm has no pretrained weights for it)", None
@@ -167,17 +170,33 @@ def _pretrained_location(name: str) -> tuple[str, str | None]:
     return url, cached if url and os.path.isfile(cached) else None
 
 
-def load_timm(name: str, weights: str, seed: int, image_size: int) -> tuple[nn.Module, WeightsInfo]:
-    """The frozen ``TimmFeatures`` of timm model ``name`` (eval, no gradients, on the CPU)."""
-    check_name(name)
-    warning = None
-    if weights == "none":
-        model = _create(name, image_size, seed, pretrained=False)
-        source, description, fmt, sha, warning = random_init(seed)
-    elif weights in PRETRAINED:
+class TimmFamily(BackboneFamily):
+    """Any timm model, ``timm:<name>[.<tag>]``: its ``forward_features`` as a map."""
+
+    library = "timm"
+    prefix = "timm:"
+    form = "timm:<name>[.<tag>]"
+    about = ("any timm model, timm:<name>[.<tag>] (CNNs: last feature map; ViTs: patch tokens)")
+    feature = ("forward_features: last feature map, or patch tokens (prefix tokens dropped) "
+               "after the final norm")
+    adaptable = True
+
+    def parse(self, name: str) -> tuple[str, None]:
+        arch = name.removeprefix(self.prefix)
+        check_name(arch)
+        return arch, None
+
+    def preprocessing(self, spec: BackboneSpec) -> Preprocessing:
+        return timm_preprocessing(spec.arch)
+
+    def build(self, spec: BackboneSpec, image_size: int) -> TimmFeatures:
+        return TimmFeatures(_create(spec.arch, image_size, pretrained=False))
+
+    def load_pretrained(self, spec: BackboneSpec, seed: int, image_size: int) -> Loaded:
+        name = spec.arch
         where, _ = _pretrained_location(name)
         try:
-            model = _create(name, image_size, seed, pretrained=True)
+            model = seeded(seed, lambda: _create(name, image_size, pretrained=True))
         except Exception as e:  # hub, URL and loading errors come in many types
             raise UserError(
                 f"could not get timm's pretrained weights for {name} ({_first_line(e)}); they "
@@ -187,15 +206,18 @@ def load_timm(name: str, weights: str, seed: int, image_size: int) -> tuple[nn.M
         _check_loaded(model, name, image_size, seed, "timm's pretrained weights",
                       pretrained=True)
         _, cached = _pretrained_location(name)
-        source, fmt = "pretrained", f"timm pretrained ({where})"
-        sha = file_sha256(cached) if cached else None
-        description = f"timm {name}" + (f" ({cached})" if cached else "")
-    else:
-        if not os.path.isfile(weights):
-            raise UserError(f"--weights {weights}: no such file (use pretrained, none, or a file)")
-        model = _create(name, image_size, seed)
-        _load_file_into(model, weights, name)
-        source, fmt, sha = "file", "timm checkpoint", file_sha256(weights)
-        description = os.path.abspath(weights)
-    features = TimmFeatures(model).eval().requires_grad_(False)
-    return features, WeightsInfo(source, description, fmt, sha, state_sha256(features), warning)
+        return Loaded(TimmFeatures(model), f"timm {name}" + (f" ({cached})" if cached else ""),
+                      f"timm pretrained ({where})", file_sha256(cached) if cached else None)
+
+    def load_file(self, spec: BackboneSpec, path: str, seed: int,
+                  image_size: int) -> tuple[TimmFeatures, str]:
+        model = seeded(seed, lambda: _create(spec.arch, image_size))
+        _load_file_into(model, path, spec.arch)
+        return TimmFeatures(model), "timm checkpoint"
+
+    def exported_state(self, trunk: nn.Module, classifier: nn.Linear) -> dict:
+        """The model's own keys (``TimmFeatures`` holds it as ``model``), no classifier."""
+        return {k.removeprefix("model."): v for k, v in trunk.state_dict().items()}
+
+
+register(TimmFamily())

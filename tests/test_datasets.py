@@ -20,7 +20,7 @@ from cache.options import options_from
 from extract.adapt import AdaptConfig, adaptation_recipe
 from extract.backbone import same_videos
 from extract.datasets import dataset_spec, find_videos
-from extract.pipeline import ExtractConfig
+from extract.plan import ExtractConfig
 
 # The values before the records: align/train.py's PAPER_COMMON + PAPER_RECIPES, and
 # extract/adapt.py's RECIPES.

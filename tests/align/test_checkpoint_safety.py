@@ -58,7 +58,7 @@ def test_every_command_refuses_it_in_one_line(tmp_path, monkeypatch, make_synth,
 
 
 def test_backbone_weights_that_would_run_code_are_refused(tmp_path):
-    from extract.backbone import load_backbone
+    from extract.resnet_backbone import load_backbone
 
     marker = tmp_path / "pwned"
     torch.save({"conv1.weight": torch.zeros(1), "evil": Payload(marker)}, tmp_path / "w.pt")

@@ -10,7 +10,8 @@ from extract_testing import random_resnet18
 from torchvision.transforms.v2 import functional as tvf
 
 from cache import UserError
-from extract.backbone import FeatureExtractor, load_backbone, state_sha256
+from extract.backbone import FeatureExtractor, state_sha256
+from extract.resnet_backbone import load_backbone
 
 
 @pytest.fixture(scope="module")
