@@ -71,10 +71,12 @@ from extract.datasets import (
     split_list_files,
 )
 from extract.decode import DecodedVideo, DecodeFailure, DecodePool, DecodeTask
+from extract.gpu_decode import choose_decoder
 from extract.options import (
     BACKBONE_NAMES,
     backbone_option,
     dataset_option,
+    decoder_option,
     frames_option,
     image_size_option,
     limit_option,
@@ -187,6 +189,7 @@ class AdaptConfig:
     workers: int | None = workers_option(
         "Decode processes (0: decode in the main process).  [default: as extract]")
     timeout: float = timeout_option("Seconds one video may take to decode.")
+    decoder: str = decoder_option()
     resume: bool = False
     overwrite: bool = False
 
@@ -293,8 +296,9 @@ class OrderedViews:
     """Decodes tasks ahead in worker processes (extract's pool and producer thread) and hands
     the results back in task order."""
 
-    def __init__(self, tasks: list[ViewTask], workers: int, timeout: float, nice: int):
-        pool = DecodePool(workers=workers, timeout=timeout, nice=nice)
+    def __init__(self, tasks: list[ViewTask], workers: int, timeout: float, nice: int,
+                 decoder: str = "cpu"):
+        pool = DecodePool(workers=workers, timeout=timeout, nice=nice, decoder=decoder)
         self.producer = Producer(pool, tasks, capacity=max(8, 4 * max(workers, 1)))
         self.waiting: dict[int, DecodedVideo | DecodeFailure] = {}
         self.next = 0
@@ -573,6 +577,8 @@ def run_adapt(config: AdaptConfig, device: torch.device, shard: Shard | None = N
     if owns_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
+        config = replace(config, decoder=choose_decoder(  # config.json records the one used
+            config.decoder, echo if shard.rank == 0 else lambda line: None))
         job = prepare(config, device, shard)
         return _train(job, echo, stop_after)
     finally:
@@ -693,10 +699,10 @@ def _train_epoch(job: Job, net: nn.Module, epoch: int) -> tuple[EpochStats, int]
     return stats, int(frames)
 
 
-def _plan_workers(config: AdaptConfig, device: torch.device) -> tuple[int, float, int]:
-    """(decode processes, timeout, niceness), as extract decides them."""
+def _plan_workers(config: AdaptConfig, device: torch.device) -> tuple[int, float, int, str]:
+    """(decode processes, timeout, niceness, decoder), as extract decides them."""
     workers = default_workers(device) if config.workers is None else config.workers
-    return workers, config.timeout, 0 if device.type == "cuda" else 10
+    return workers, config.timeout, 0 if device.type == "cuda" else 10, config.decoder
 
 
 def _forward_backward(job: Job, net: nn.Module, results: list, accumulation: int):

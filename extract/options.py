@@ -9,6 +9,7 @@ from dataclasses import MISSING
 from cache.options import Range, option
 from extract.backbones import PREFIXES, REGISTERED, parse_backbone
 from extract.datasets import DATASETS
+from extract.gpu_decode import DECODERS
 
 BACKBONE_NAMES = ", ".join(REGISTERED)  # the registry's names, for --backbone's help
 BACKBONE_PREFIXES = "; ".join(f"{prefix}... {what}" for prefix, what in PREFIXES.items())
@@ -61,3 +62,12 @@ def workers_option(help: str):
 
 def timeout_option(help: str):
     return option(60.0, help=help, range=Range(0, low_open=True))
+
+
+def decoder_option():
+    """--decoder: which video decoder reads the files (extract.gpu_decode.choose_decoder)."""
+    return option("cpu", choices=DECODERS, help=(
+        "Video decoder: cpu (decord, then PyAV), gpu (NVIDIA's NVDEC through PyNvVideoCodec, "
+        "pip install 'ta2n-cache[gpu]'; refused when unusable; untested on hardware) or auto "
+        "(gpu when usable, else cpu; says which). A clip the GPU rejects is decoded on the "
+        "CPU."))

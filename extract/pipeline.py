@@ -75,11 +75,13 @@ from extract.datasets import (
     find_videos,
 )
 from extract.decode import DecodeFailure, DecodePool, DecodeTask
+from extract.gpu_decode import choose_decoder
 from extract.options import (
     BACKBONE_NAMES,
     BACKBONE_PREFIXES,
     backbone_option,
     dataset_option,
+    decoder_option,
     frames_option,
     image_size_option,
     limit_option,
@@ -162,6 +164,7 @@ class ExtractConfig:
     timeout: float = timeout_option(
         "Seconds one video may take to decode before its worker is killed (decord, then PyAV "
         "is tried).")
+    decoder: str = decoder_option()
     overwrite: bool = False
     verify: bool = False  # read and check every done row before resuming
     wait_timeout: float = 900.0  # how long ranks > 0 wait for rank 0's cache
@@ -472,6 +475,7 @@ class RunPlan:
     writers: int  # threads writing rows
     nice: int  # niceness of the decode processes
     timeout: float  # seconds per video and decoder
+    decoder: str = "cpu"  # the video decoder tried first ("gpu": NVDEC)
     partial_batches: bool = True  # run what is decoded rather than wait for a full batch
 
     @classmethod
@@ -487,6 +491,7 @@ class RunPlan:
         # A CPU backbone keeps every core busy: niced workers decode in the gaps instead of
         # stalling its OpenMP threads (a descheduled thread holds up the whole forward pass).
         return cls(batch_size, workers, prefetch, writers, 0 if cuda else 10, config.timeout,
+                   config.decoder,
                    partial_batches=cuda or workers == 0)  # inline decoding: no waiting
 
 
@@ -514,6 +519,8 @@ def _run_extract(config: ExtractConfig, device: torch.device, shard: Shard,
     for warning in found.warnings if shard.rank == 0 else []:
         echo(f"warning: {warning}")
     config, backbone = prepare_backbone(config, device)
+    config = replace(config, decoder=choose_decoder(  # recorded in extract_config: the one used
+        config.decoder, echo if shard.rank == 0 else lambda line: None))
     check_not_adapted_on(config.weights, backbone.weights, config.dataset, config.root,
                          found.records)
     if backbone.weights.warning:
@@ -608,7 +615,8 @@ def _finish(config: ExtractConfig, shard: Shard, summary: ExtractSummary) -> Non
 def _extract(tasks: list[DecodeTask], cache: FeatureCache, extractor: FeatureExtractor,
              plan: RunPlan, summary: ExtractSummary) -> None:
     """Decode ``tasks`` in parallel, run the backbone on batches, write the rows."""
-    pool = DecodePool(workers=plan.workers, timeout=plan.timeout, nice=plan.nice)
+    pool = DecodePool(workers=plan.workers, timeout=plan.timeout, nice=plan.nice,
+                      decoder=plan.decoder)
     producer = Producer(pool, tasks, capacity=plan.prefetch)
     rank = f" rank {summary.rank}" if summary.world_size > 1 else ""
     progress = tqdm(total=len(tasks), desc=f"extract{rank}", unit="video", dynamic_ncols=True)
