@@ -514,13 +514,13 @@ def run_extract(config: ExtractConfig, device: torch.device, shard: Shard | None
 
 def _run_extract(config: ExtractConfig, device: torch.device, shard: Shard,
                  echo) -> ExtractSummary:
+    config = replace(config, decoder=choose_decoder(  # recorded in extract_config: the one used
+        config.decoder, echo if shard.rank == 0 else lambda line: None))
     found = find_videos(config.dataset, config.root, splits=config.splits,
                         split_dir=config.split_dir, limit=config.limit)
     for warning in found.warnings if shard.rank == 0 else []:
         echo(f"warning: {warning}")
     config, backbone = prepare_backbone(config, device)
-    config = replace(config, decoder=choose_decoder(  # recorded in extract_config: the one used
-        config.decoder, echo if shard.rank == 0 else lambda line: None))
     check_not_adapted_on(config.weights, backbone.weights, config.dataset, config.root,
                          found.records)
     if backbone.weights.warning:
