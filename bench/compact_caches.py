@@ -3,10 +3,13 @@
     python bench/compact_caches.py                         # C = 32 synthetic cache, small budget
     python bench/compact_caches.py --cache caches/demo.zarr --episodes 1000 --set epochs=10
     python bench/compact_caches.py --store-dtypes int8 --seeds 0,1,2
+    python bench/compact_caches.py --cache f16.zarr --compare int8=i8.zarr --compare bfloat16=b.zarr
 
 The source cache (default: a synthetic one it makes, ``--channels`` C) is copied with
 ``cache.recode`` to every ``--store-dtypes`` (same rows, labels and splits, so every sweep draws
-identical episodes per seed). ``python cli.py sweep heads`` then trains and tests the same heads
+identical episodes per seed); ``--compare NAME=PATH`` takes an existing cache instead (e.g. one
+made by ``extract --store-dtype``: it must hold the same videos in the same order, checked).
+``python cli.py sweep heads`` then trains and tests the same heads
 and seeds on each cache (``--set`` options for every run: the training budget), and this script
 pairs every compact run with the source's run of the same head and seed: the mean accuracy
 difference in points (reports give percent) over all seeds' episodes, its 95% t-interval and p
@@ -55,12 +58,24 @@ def sweep(cache: Path, out: Path, args) -> dict[tuple[str, int], np.ndarray]:
     return accuracy
 
 
+def check_same_videos(source: Path, other: Path) -> None:
+    """Refuse a comparison cache whose videos, labels or splits differ from the source's (the
+    episodes would then differ, and the paired test would pair unrelated episodes)."""
+    with FeatureCache.open(source) as a, FeatureCache.open(other) as b:
+        for field in ("video_ids", "labels", "splits"):
+            if not np.array_equal(np.asarray(getattr(a, field)), np.asarray(getattr(b, field))):
+                sys.exit(f"{other}: its {field} differ from {source}'s: not the same videos")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", default=None,
                         help="Source cache (default: a synthetic one of --channels C).")
     parser.add_argument("--channels", type=int, default=32)
     parser.add_argument("--store-dtypes", default="int8,bfloat16")
+    parser.add_argument("--compare", action="append", default=[], metavar="NAME=PATH",
+                        help="An existing cache to compare with the source instead of a recoded "
+                             "copy (same videos, same order); replaces --store-dtypes.")
     parser.add_argument("--heads", default="ta2n,protonet,otam")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--shot", type=int, default=1)
@@ -83,8 +98,14 @@ def main() -> None:
         if not args.cache:
             generate_synthetic(str(source), SynthConfig(channels=args.channels), progress=False)
         caches = {"source": source}
-        for name in args.store_dtypes.split(","):
-            caches[name] = Path(recode(source, work / f"{name}.zarr", store_dtype=name))
+        if args.compare:
+            for given in args.compare:
+                name, path = given.split("=", 1)
+                caches[name] = Path(path)
+                check_same_videos(source, caches[name])
+        else:
+            for name in args.store_dtypes.split(","):
+                caches[name] = Path(recode(source, work / f"{name}.zarr", store_dtype=name))
         sizes = {}
         for name, path in caches.items():
             with FeatureCache.open(path) as cache:

@@ -3,6 +3,7 @@
     python bench/extract_throughput.py                       # 40 videos, resnet50, 224, on auto
     python bench/extract_throughput.py --device cuda --videos 200
     python bench/extract_throughput.py --backbone resnet18 --videos 16   # a quick look
+    python bench/extract_throughput.py --device cuda --decoder gpu      # NVDEC decoding
 
 It writes its own input videos (H.264, 320x240, ``--video-frames`` each) into a temporary
 folder, and uses a randomly initialised backbone (no download). Then it measures
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extract.backbone import FeatureExtractor  # noqa: E402
 from extract.decode import DecodeTask, decode_task  # noqa: E402
+from extract.gpu_decode import choose_decoder  # noqa: E402
 from extract.pipeline import run_extract  # noqa: E402
 from extract.plan import ExtractConfig, RunPlan, Shard  # noqa: E402
 from extract.resnet_backbone import load_backbone  # noqa: E402
@@ -87,6 +89,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--decoder", default="cpu", choices=["auto", "cpu", "gpu"],
+                        help="extract --decoder of the pipeline run (the bare rate's frames are "
+                             "always decoded by decord)")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -103,7 +108,8 @@ def main() -> None:
             dataset="custom", root=str(tmp / "root"), split_dir=str(tmp / "splits"),
             out=str(tmp / "bench.zarr"), backbone=args.backbone, weights="none",
             frames=args.frames, image_size=args.image_size, resize=args.resize,
-            batch_size=args.batch_size, workers=args.workers)
+            batch_size=args.batch_size, workers=args.workers,
+            decoder=choose_decoder(args.decoder))  # says which, once; the runs then agree
         plan = RunPlan.make(config, device)
 
         # Pre-decoded inputs for the bare backbone: the same frames the pipeline will take.
@@ -140,6 +146,8 @@ def main() -> None:
     print(f"bare        {bare:8.1f} frames/s  (before {before:.1f}, after {after:.1f})")
     print(f"pipeline    {pipeline:8.1f} frames/s  ({summary.extracted} videos in "
           f"{summary.seconds:.1f} s; {wall:.1f} s with set-up)")
+    print(f"decoder     {config.decoder}: {len(summary.fallbacks)} videos fell back to the CPU "
+          f"decoders, {len(summary.failed)} failed")
     print(f"ratio       {pipeline / bare:8.3f}  (goal >= {0.9 if device.type == 'cuda' else 0.85})")
     if args.json:
         Path(args.json).write_text(json.dumps({
@@ -147,7 +155,9 @@ def main() -> None:
             "frames": args.frames, "image_size": args.image_size, "batch": plan.batch_size,
             "workers": plan.workers, "bare_frames_per_s": round(bare, 1),
             "pipeline_frames_per_s": round(pipeline, 1), "ratio": round(pipeline / bare, 3),
-            "wall_s": round(wall, 1)}, indent=1) + "\n")
+            "wall_s": round(wall, 1), "decoder": config.decoder,
+            "fallbacks": len(summary.fallbacks), "failed": len(summary.failed)},
+            indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@
 # 3.12, manylinux x86_64. That machine already has torch, torchvision, numpy, h5py, click, joblib,
 # matplotlib, tqdm, scipy, scikit-learn, timm, safetensors, filelock (see the device tool's
 # KINDS.md); it lacks zarr and its codecs, decord and PyAV. Extra `name==version` lines can be
-# listed in bench/gpu_wheels.txt for runs that need them (e.g. open_clip for clip: backbones);
-# gpu_all.sh itself needs only the list below (about 50 MB, inside the 64 MiB a device call takes).
+# listed in bench/gpu_wheels.txt for runs that need them (e.g. open_clip for clip: backbones;
+# PyNvVideoCodec, 27 MB, for gpu_all.sh's `--decoder gpu` part: with the base list that is about
+# 77 MB, over the 64 MiB one device call carries; without it that part fails in its row with
+# extract's one-line refusal and the other parts still run);
+# gpu_all.sh's other parts need only the list below (about 50 MB).
 #   bash bench/fetch_gpu_wheels.sh            # the base list
 #   bash bench/fetch_gpu_wheels.sh --extra    # plus bench/gpu_wheels.txt
 set -eu

@@ -27,6 +27,7 @@ if [ $DRY = 1 ]; then
   SPEED=(--channels 16 --size 4 --train-episodes 1 --eval-episodes 4 --batch-episodes 4
          --test-episodes 5000)
   STAGES=(--small --baseline)
+  DECODER=auto  # no CUDA here: picks the CPU decoders and says so (the same code path)
   LIMIT=300
 else
   DEVICE=cuda
@@ -35,6 +36,7 @@ else
          --batch-episodes 64 --test-episodes 5000)
   # UCF101-like clips (175 frames); each stage alone and the whole pipeline, before and after
   STAGES=(--setups resnet50@224:320 --video-frames 175 --rounds 1 --baseline)
+  DECODER=gpu  # NVDEC (PyNvVideoCodec from bench/gpu_wheels.txt; untested on hardware so far)
   LIMIT=300
 fi
 
@@ -54,6 +56,8 @@ print(json.dumps({"gpu": gpu, "torch": torch.__version__, "python": platform.pyt
 PYEOF
 part extract "$PY" bench/extract_throughput.py --device $DEVICE "${EXTRACT[@]}" \
   --json "$OUT/extract.json"
+part extract_gpudec "$PY" bench/extract_throughput.py --device $DEVICE "${EXTRACT[@]}" \
+  --decoder $DECODER --json "$OUT/extract_gpudec.json"
 part stages "$PY" bench/extract_stages.py --device $DEVICE "${STAGES[@]}" \
   --json "$OUT/stages.json"
 part speed "$PY" bench/train_eval_speed.py --device $DEVICE "${SPEED[@]}" \

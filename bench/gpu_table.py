@@ -33,6 +33,14 @@ def rows(out: Path) -> list[tuple[str, str, str]]:
         ]
     else:
         table.append(("extraction", status(out, "extract"), ""))
+    dec = read(out, "extract_gpudec")
+    if dec:
+        table.append((f"extraction, whole pipeline, --decoder {dec['decoder']}",
+                      f"{dec['pipeline_frames_per_s']:.0f} frames/s: {dec['ratio']:.3f} of bare",
+                      f"{dec['fallbacks']} videos fell back to the CPU decoders, "
+                      f"{dec['failed']} failed"))
+    else:
+        table.append(("extraction, --decoder gpu", status(out, "extract_gpudec"), ""))
     stages = read(out, "stages")
     for setup in (stages or {}).get("setups", []):
         rates = setup["stage_frames_per_s"]

@@ -38,6 +38,7 @@ from extract.options import (
     ADAPTABLE_BACKBONES,
     backbone_option,
     dataset_option,
+    decoder_option,
     frames_option,
     image_size_option,
     limit_option,
@@ -132,6 +133,7 @@ class AdaptConfig:
     workers: int | None = workers_option(
         "Decode processes (0: decode in the main process).  [default: as extract]")
     timeout: float = timeout_option("Seconds one video may take to decode.")
+    decoder: str = decoder_option()
     resume: bool = False
     overwrite: bool = False
 

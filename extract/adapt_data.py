@@ -103,8 +103,9 @@ class OrderedViews:
     """Decodes tasks ahead in worker processes (extract's pool and producer thread) and hands
     the results back in task order."""
 
-    def __init__(self, tasks: list[ViewTask], workers: int, timeout: float, nice: int):
-        pool = DecodePool(workers=workers, timeout=timeout, nice=nice)
+    def __init__(self, tasks: list[ViewTask], workers: int, timeout: float, nice: int,
+                 decoder: str = "cpu"):
+        pool = DecodePool(workers=workers, timeout=timeout, nice=nice, decoder=decoder)
         self.producer = Producer(pool, tasks, capacity=max(8, 4 * max(workers, 1)))
         self.waiting: dict[int, DecodedVideo | DecodeFailure] = {}
         self.next = 0

@@ -42,6 +42,7 @@ from extract.backbone import WeightsInfo, sidecar_path
 from extract.backbones import BackboneSpec, check_adaptable, parse_backbone
 from extract.datasets import VideoRecord
 from extract.decode import DecodedVideo, DecodeFailure
+from extract.gpu_decode import choose_decoder
 from extract.plan import Shard
 from extract.producer import default_workers
 
@@ -216,6 +217,8 @@ def run_adapt(config: AdaptConfig, device: torch.device, shard: Shard | None = N
     if owns_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
+        config = replace(config, decoder=choose_decoder(  # config.json records the one used
+            config.decoder, echo if shard.rank == 0 else lambda line: None))
         job = prepare(config, device, shard)
         return _train(job, echo, stop_after)
     finally:
@@ -336,10 +339,10 @@ def _train_epoch(job: Job, net: nn.Module, epoch: int) -> tuple[EpochStats, int]
     return stats, int(frames)
 
 
-def _plan_workers(config: AdaptConfig, device: torch.device) -> tuple[int, float, int]:
-    """(decode processes, timeout, niceness), as extract decides them."""
+def _plan_workers(config: AdaptConfig, device: torch.device) -> tuple[int, float, int, str]:
+    """(decode processes, timeout, niceness, decoder), as extract decides them."""
     workers = default_workers(device) if config.workers is None else config.workers
-    return workers, config.timeout, 0 if device.type == "cuda" else 10
+    return workers, config.timeout, 0 if device.type == "cuda" else 10, config.decoder
 
 
 def _forward_backward(job: Job, net: nn.Module, results: list, accumulation: int):

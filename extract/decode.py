@@ -12,7 +12,9 @@ the smallest arrays through the pipes.
 timeout: decord is known to hang forever on files whose container over-reports the frame count,
 so a worker past its deadline is killed and replaced. A video that decord fails on (error, hang,
 crash) is retried with PyAV; one that PyAV fails on too is reported as a ``DecodeFailure``.
-Frame folders are read with PIL (no fallback).
+Frame folders are read with PIL (no fallback). With ``decoder="gpu"`` (``--decoder``,
+``extract.gpu_decode``) a video file goes to NVIDIA's hardware decoder first, and on to decord,
+then PyAV, if the GPU rejects it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as tvf
 
 from extract.datasets import FRAME_EXTENSIONS, natural_key
+from extract.gpu_decode import read_gpu
 from extract.sampling import ViewPlan, plan_views
 
 
@@ -152,7 +155,9 @@ def _check_regular(path: str) -> None:
         raise ValueError(f"{path} is not a regular file (a named pipe, device or socket)")
 
 
-READERS = {"decord": _read_decord, "pyav": _read_pyav, "frames": _read_frames}
+READERS = {"gpu": read_gpu, "decord": _read_decord, "pyav": _read_pyav, "frames": _read_frames}
+# The method a video file goes to when the one before failed on it.
+NEXT_METHOD = {"gpu": "decord", "decord": "pyav"}
 
 
 # ------------------------------------------------------------------------------ preprocessing
@@ -179,7 +184,7 @@ def crop_views(frames: Frames, plans: list[ViewPlan], *, resize: int, image_size
 
 
 def decode_task(task: DecodeTask, method: str) -> DecodedVideo:
-    """Decode one video with ``method`` ("decord", "pyav" or "frames") into its views' crops."""
+    """Decode one video with ``method`` (a ``READERS`` key) into its views' crops."""
     plans: list[ViewPlan] = []
 
     def pick(n: int) -> list[int]:
@@ -194,8 +199,11 @@ def decode_task(task: DecodeTask, method: str) -> DecodedVideo:
     return DecodedVideo(task.row, task.video_id, views, n, method)
 
 
-def first_method(task: DecodeTask) -> str:
-    return "frames" if task.kind == "frames" else "decord"
+def first_method(task: DecodeTask, decoder: str = "cpu") -> str:
+    """The first reader of ``task``: frame folders read with PIL, files with ``decoder``'s."""
+    if task.kind == "frames":
+        return "frames"
+    return "gpu" if decoder == "gpu" else "decord"
 
 
 # ------------------------------------------------------------------------------ worker processes
@@ -296,21 +304,24 @@ class _Worker:
 
 
 class DecodePool:
-    """Decode many videos in worker processes, each video under a timeout, PyAV after decord.
+    """Decode many videos in worker processes, each video under a timeout, PyAV after decord
+    (and decord after the GPU's decoder with ``decoder="gpu"``).
 
     Args:
         workers: number of worker processes; 0 decodes in the calling thread (no timeout).
         timeout: seconds one video may take in one method before its worker is killed.
         decode_fn: ``(task, method) -> DecodedVideo``, picklable (module level).
         nice: niceness added to the workers (a CPU backbone's threads should win the cores).
+        decoder: "cpu" (decord first) or "gpu" (NVDEC first; ``gpu_decode.choose_decoder``).
     """
 
     startup_grace = 120.0  # a worker that does not even acknowledge its task in this time is hung
 
     def __init__(self, workers: int = 1, timeout: float = 60.0,
                  decode_fn: Callable[[DecodeTask, str], DecodedVideo] = decode_task,
-                 nice: int = 0):
+                 nice: int = 0, decoder: str = "cpu"):
         self.workers = int(workers)
+        self.decoder = decoder
         self.nice = int(nice)
         self.timeout = float(timeout)
         self.decode_fn = decode_fn
@@ -367,7 +378,7 @@ class DecodePool:
                 task = next(source, None)
                 if task is None:
                     continue
-                job = _Job(task, first_method(task))
+                job = _Job(task, first_method(task, self.decoder))
             try:
                 worker.send(job, self.startup_grace)
             except OSError:  # it died while idle: a fresh worker takes the job
@@ -413,16 +424,17 @@ class DecodePool:
 
     @staticmethod
     def _next_step(job: _Job, reason: str) -> _Job | DecodeFailure:
-        """After ``job`` failed: PyAV's turn if decord failed, else the video's failure."""
-        if job.method == "decord":
-            return _Job(job.task, "pyav", f"decord: {reason}")
+        """After ``job`` failed: the next method's turn (``NEXT_METHOD``), else the video's
+        failure; the reasons of every method tried are kept, in order."""
         reason = f"{job.method}: {reason}"
-        return DecodeFailure(job.task.row, job.task.video_id,
-                             f"{job.earlier}; {reason}" if job.earlier else reason)
+        reasons = f"{job.earlier}; {reason}" if job.earlier else reason
+        if job.method in NEXT_METHOD:
+            return _Job(job.task, NEXT_METHOD[job.method], reasons)
+        return DecodeFailure(job.task.row, job.task.video_id, reasons)
 
     def _inline(self, tasks: Iterable[DecodeTask]) -> Iterator[DecodedVideo | DecodeFailure]:
         for task in tasks:
-            job = _Job(task, first_method(task))
+            job = _Job(task, first_method(task, self.decoder))
             while isinstance(job, _Job):
                 try:
                     result = self.decode_fn(job.task, job.method)

@@ -9,6 +9,7 @@ from dataclasses import MISSING
 from cache.datasets import video_datasets
 from cache.options import Range, option
 from extract.backbones import adaptable_forms, parse_backbone, plain_names, prefixed_forms
+from extract.gpu_decode import DECODERS
 
 # --backbone's help, read from the backbone registry (its families registered at import)
 BACKBONE_NAMES = plain_names()
@@ -63,3 +64,12 @@ def workers_option(help: str):
 
 def timeout_option(help: str):
     return option(60.0, help=help, range=Range(0, low_open=True))
+
+
+def decoder_option():
+    """--decoder: which video decoder reads the files (extract.gpu_decode.choose_decoder)."""
+    return option("cpu", choices=DECODERS, help=(
+        "Video decoder: cpu (decord, then PyAV), gpu (NVIDIA's NVDEC through PyNvVideoCodec, "
+        "pip install 'ta2n-cache[gpu]'; refused when unusable; untested on hardware) or auto "
+        "(gpu when usable, else cpu; says which). A clip the GPU rejects is decoded on the "
+        "CPU."))

@@ -56,6 +56,7 @@ from extract.backbone import FeatureExtractor, check_not_adapted_on
 from extract.backbones import Backbone
 from extract.datasets import VideoLocator, dataset_spec, explain_missing, find_videos
 from extract.decode import DecodeFailure, DecodePool, DecodeTask
+from extract.gpu_decode import choose_decoder
 from extract.output import LEGACY, build_attrs, open_cache, write_rank_errors
 from extract.plan import ExtractConfig, ExtractSummary, RunPlan, Shard
 from extract.producer import END, Batcher, Producer, Writers, video_maps
@@ -88,6 +89,8 @@ def run_extract(config: ExtractConfig, device: torch.device, shard: Shard | None
 
 def _run_extract(config: ExtractConfig, device: torch.device, shard: Shard,
                  echo) -> ExtractSummary:
+    config = replace(config, decoder=choose_decoder(  # recorded in extract_config: the one used
+        config.decoder, echo if shard.rank == 0 else lambda line: None))
     found = find_videos(config.dataset, config.root, splits=config.splits,
                         split_dir=config.split_dir, limit=config.limit)
     for warning in found.warnings if shard.rank == 0 else []:
@@ -187,7 +190,8 @@ def _finish(config: ExtractConfig, shard: Shard, summary: ExtractSummary) -> Non
 def _extract(tasks: list[DecodeTask], cache: FeatureCache, extractor: FeatureExtractor,
              plan: RunPlan, summary: ExtractSummary) -> None:
     """Decode ``tasks`` in parallel, run the backbone on batches, write the rows."""
-    pool = DecodePool(workers=plan.workers, timeout=plan.timeout, nice=plan.nice)
+    pool = DecodePool(workers=plan.workers, timeout=plan.timeout, nice=plan.nice,
+                      decoder=plan.decoder)
     producer = Producer(pool, tasks, capacity=plan.prefetch)
     rank = f" rank {summary.rank}" if summary.world_size > 1 else ""
     progress = tqdm(total=len(tasks), desc=f"extract{rank}", unit="video", dynamic_ncols=True)

@@ -23,6 +23,7 @@ from extract.options import (
     BACKBONE_PREFIXES,
     backbone_option,
     dataset_option,
+    decoder_option,
     frames_option,
     image_size_option,
     limit_option,
@@ -80,8 +81,8 @@ class ExtractConfig:
                         choices=("float16", "float32"))
     store_dtype: str | None = option(
         None, help="How rows are stored: int8 (one scale per video and channel) or bfloat16 "
-        "halve float16's size; every reader gets --dtype rows back (see README 'Compact "
-        "caches' for the accuracy cost).  [default: --dtype]", choices=STORE_DTYPES)
+        "halve float16's size; every reader gets --dtype rows back (accuracy cost: "
+        "docs/results.md, 'Compact caches').  [default: --dtype]", choices=STORE_DTYPES)
     codec: str | None = option(
         None, help="Row compressor (zarr; hdf5 takes gzip).  [default: zstd for zarr]",
         choices=CODECS)
@@ -97,6 +98,7 @@ class ExtractConfig:
     timeout: float = timeout_option(
         "Seconds one video may take to decode before its worker is killed (decord, then PyAV "
         "is tried).")
+    decoder: str = decoder_option()
     overwrite: bool = False
     verify: bool = False  # read and check every done row before resuming
     wait_timeout: float = 900.0  # how long ranks > 0 wait for rank 0's cache
@@ -160,6 +162,7 @@ class RunPlan:
     writers: int  # threads writing rows
     nice: int  # niceness of the decode processes
     timeout: float  # seconds per video and decoder
+    decoder: str = "cpu"  # the video decoder tried first ("gpu": NVDEC)
     partial_batches: bool = True  # run what is decoded rather than wait for a full batch
 
     @classmethod
@@ -175,6 +178,7 @@ class RunPlan:
         # A CPU backbone keeps every core busy: niced workers decode in the gaps instead of
         # stalling its OpenMP threads (a descheduled thread holds up the whole forward pass).
         return cls(batch_size, workers, prefetch, writers, 0 if cuda else 10, config.timeout,
+                   config.decoder,
                    partial_batches=cuda or workers == 0)  # inline decoding: no waiting
 
 

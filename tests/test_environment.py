@@ -5,10 +5,16 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Extras for hardware a CPU machine lacks: neither the conda environment nor `make test` installs
+# them (the `gpu` extra's NVDEC decoder is faked in tests/extract/test_gpu_decode.py).
+HARDWARE_EXTRAS = {"gpu"}
 
 
 def extras() -> dict[str, list[str]]:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    """The optional extras a CPU machine installs (all but HARDWARE_EXTRAS)."""
+    every = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert HARDWARE_EXTRAS <= set(every)
+    return {name: pins for name, pins in every.items() if name not in HARDWARE_EXTRAS}
 
 
 def pyproject_pins() -> set[str]:

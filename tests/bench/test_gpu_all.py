@@ -18,9 +18,10 @@ def test_gpu_script_dry_run_prints_every_row(tmp_path):
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     table = (tmp_path / "table.md").read_text()
-    for row in ("extraction, bare backbone", "pipeline / bare", "extraction stages, resnet18@64",
+    for row in ("extraction, bare backbone", "pipeline / bare",
+                "extraction, whole pipeline, --decoder cpu", "extraction stages, resnet18@64",
                 "pipeline / serial, resnet18@64", "training, 5-way 1-shot",
                 "evaluation, 5-way 5-shot", "paper-length UCF101 run, 5-shot"):
         assert f"| {row}" in table, table
     assert [(tmp_path / f"{part}.rc").read_text().strip()
-            for part in ("extract", "stages", "speed")] == ["0", "0", "0"]
+            for part in ("extract", "extract_gpudec", "stages", "speed")] == ["0"] * 4
